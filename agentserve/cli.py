@@ -1,0 +1,152 @@
+"""The `agentserve` command line: `serve` the OpenAI API on a vLLM engine; `models` lists / builds
+the locally built models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from agentserve.engine.settings import DEFAULT_BLOCK_SIZE, DEFAULT_DTYPE, EngineSettings
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Options that describe the engine: shared by every subcommand that starts one."""
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default="tiny",
+        help="built-in model name (tiny, bench, tiny-qwen2: built locally on first use and cached "
+        "under $AGENTSERVE_CACHE or ~/.cache/agentserve) or a HuggingFace model directory (default: tiny)",
+    )
+    g.add_argument(
+        "--kv-tokens",
+        type=_positive_int,
+        default=16384,
+        help="KV cache budget in tokens, exact: rounded up to whole blocks and given to vLLM as a "
+        "block count and byte size (default: 16384)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"KV block size in tokens, a multiple of 32 on CPU; prefix caching reuses whole blocks "
+        f"only (default: {DEFAULT_BLOCK_SIZE})",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="longest prompt + output in tokens; longer requests get a 400 "
+        "(default: the smaller of --kv-tokens and the model's context length)",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=64,
+        help="most requests the engine runs in one batch (default: 64)",
+    )
+    g.add_argument(
+        "--dtype",
+        default=DEFAULT_DTYPE,
+        choices=["float32", "bfloat16", "float16"],
+        help=f"weight and KV dtype; float32 is fastest on AVX2 CPUs (default: {DEFAULT_DTYPE})",
+    )
+    g.add_argument("--seed", type=int, default=0, help="engine sampling seed (default: 0)")
+
+
+def engine_settings_from(args: argparse.Namespace) -> EngineSettings:
+    return EngineSettings(
+        model=args.model,
+        kv_tokens=args.kv_tokens,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentserve",
+        description="Serving layer for agent programs on vLLM: program-level scheduling, KV pins "
+        "across tool calls, KV sharing, trace replay.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API on one vLLM engine",
+        description="Start a vLLM engine and serve /v1/chat/completions, /v1/completions, "
+        "/v1/models, /health and /metrics (vLLM's own OpenAI serving code). Usage reports "
+        "usage.prompt_tokens_details.cached_tokens, the prefix-cache hit of each request.",
+    )
+    add_engine_options(serve)
+    s = serve.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    s.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="agentserve log level (default: info)",
+    )
+
+    models = sub.add_parser(
+        "models",
+        help="list the built-in models, or build them into the cache",
+        description="List the built-in models with their cache directories; --build builds them now "
+        "(otherwise they are built on first use).",
+    )
+    models.add_argument("--build", action="store_true", help="build every listed model that is missing")
+    models.add_argument("names", nargs="*", help="models to list or build (default: all)")
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agentserve.server.app import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = engine_settings_from(args)
+    asyncio.run(serve(settings, host=args.host, port=args.port))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from agentserve.models.build import ensure_model, model_dir
+    from agentserve.models.catalog import CATALOG, get_spec
+
+    names = args.names or sorted(CATALOG)
+    for name in names:
+        spec = get_spec(name)
+        path = ensure_model(name) if args.build else model_dir(name)
+        state = "built" if (path / "config.json").exists() else "not built"
+        print(f"{name:12s} {spec.architecture:6s} {spec.description}  [{state}: {path}]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "models":
+            return cmd_models(args)
+    except ValueError as e:  # bad settings: say what, no traceback
+        print(f"agentserve: error: {e}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

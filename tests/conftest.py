@@ -1,0 +1,29 @@
+"""Shared fixtures. One agentserve server (and so one vLLM engine) per test session: engine start
+costs ~20-40 s on this machine."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# A small KV budget so tests can fill it; a max model length that over-long prompts can exceed.
+TEST_KV_TOKENS = 8192
+TEST_MAX_MODEL_LEN = 2048
+
+
+@pytest.fixture(scope="session")
+def server():
+    from agentserve.server.process import ServerProcess
+
+    args = ["--model", "tiny", "--kv-tokens", str(TEST_KV_TOKENS), "--max-model-len", str(TEST_MAX_MODEL_LEN)]
+    with ServerProcess(args, env={"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}) as srv:
+        yield srv
+        assert srv.alive(), f"server died during the tests:\n{srv.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)

@@ -1,0 +1,34 @@
+"""The command line: every option explained, bad values refused before any engine starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from agentserve.cli import build_parser, main
+
+
+def test_serve_help_explains_every_option():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    for action in serve._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_help_runs_as_a_console_command():
+    out = subprocess.run([sys.executable, "-m", "agentserve.cli", "serve", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for opt in ("--model", "--kv-tokens", "--port", "--block-size", "--max-model-len"):
+        assert opt in out
+
+
+@pytest.mark.parametrize("argv", [["serve", "--kv-tokens", "0"], ["serve", "--kv-tokens", "x"]])
+def test_bad_numbers_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+
+
+def test_bad_settings_exit_2_with_a_message(capsys):
+    assert main(["serve", "--model", "no-such-model", "--port", "1"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
