@@ -93,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    pr = serve.add_argument_group("programs")
+    pr.add_argument(
+        "--policy",
+        default="agentserve",
+        choices=["vllm", "continuum", "fixed", "agentserve"],
+        help="KV pin policy across tool calls: vllm = stock vLLM (plugin off, no pins, FCFS); "
+        "continuum = Continuum's published rule (2 s pin for short tools) with program FCFS; "
+        "fixed = --fixed-ttl for every turn; agentserve = the Continuum paper's optimal TTL from the "
+        "measured reload cost and learned tool durations (default: agentserve)",
+    )
+    pr.add_argument("--fixed-ttl", type=float, default=2.0, help="TTL in seconds of --policy fixed (default: 2)")
+    pr.add_argument("--max-ttl", type=float, default=60.0,
+                    help="no pin is held longer than this many seconds, whatever the policy (default: 60)")
+    pr.add_argument("--pin-cap", type=float, default=0.5,
+                    help="largest share of the KV budget that pins may hold, 0..1 (default: 0.5)")
+    pr.add_argument("--idle-timeout", type=float, default=600.0,
+                    help="seconds after which a silent program is abandoned and its pin released (default: 600)")
     s.add_argument(
         "--log-level",
         default="info",
@@ -114,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from agentserve.server.app import serve
+    from agentserve.server.app import ProgramOptions, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = engine_settings_from(args)
-    asyncio.run(serve(settings, host=args.host, port=args.port))
+    options = ProgramOptions(policy=args.policy, fixed_ttl_s=args.fixed_ttl, max_ttl_s=args.max_ttl,
+                             pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout)
+    asyncio.run(serve(settings, host=args.host, port=args.port, options=options))
     return 0
 
 

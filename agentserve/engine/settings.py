@@ -37,6 +37,7 @@ class EngineSettings(msgspec.Struct, kw_only=True):
     scheduling_policy: str = "fcfs"  # or "priority"
     scheduler_cls: str | None = None  # "module.Class" of a vLLM v1 Scheduler subclass
     kv_transfer_config: dict | None = None
+    additional_config: dict | None = None  # vLLM's plugin config; agentserve's scheduler reads "agentserve"
     served_model_name: str | None = None  # default: the catalog name or the directory's name
     extra_vllm_args: list[str] = []
 
@@ -109,6 +110,8 @@ def vllm_cli_args(s: EngineSettings) -> list[str]:
     ]
     if s.scheduler_cls:
         args += ["--scheduler-cls", s.scheduler_cls]
+    if s.additional_config:
+        args += ["--additional-config", msgspec.json.encode(s.additional_config).decode()]
     if s.kv_transfer_config:
         args += ["--kv-transfer-config", msgspec.json.encode(s.kv_transfer_config).decode()]
     return args + list(s.extra_vllm_args)

@@ -3,63 +3,125 @@
 We reuse vLLM's FastAPI app (`build_app` + `init_app_state`) instead of writing OpenAI routes by hand:
 it already implements `/v1/chat/completions` (streaming too), `/v1/completions`, `/v1/models`,
 `/health`, `/metrics` (Prometheus), request validation with 400s, 404 for unknown models and the
-context-length check, and it stays byte-compatible with `vllm serve` as vLLM evolves. We add only
-what agentserve needs on top, as extra routers and middleware (`extensions`), so a request without
-agentserve fields is served exactly as stock vLLM serves it. `ray.serve.llm` wraps the same vLLM code
-for the Ray path, so both front ends behave alike.
+context-length check, and it stays byte-compatible with `vllm serve` as vLLM evolves. agentserve adds
+its program layer on top (`program_layer.py`: middleware, engine-client wrapper, program routes), so a
+request without agentserve fields is served exactly as stock vLLM serves it. `ray.serve.llm` wraps
+the same vLLM code for the Ray path, so both front ends behave alike.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
 
-from agentserve.engine.settings import EngineSettings, engine_args, vllm_namespace
+import msgspec
+
+from agentserve.engine.settings import EngineSettings, vllm_namespace
 
 log = logging.getLogger("agentserve.server")
 
-# An extension gets the app and the engine client before the server starts accepting requests.
-Extension = Callable[["object", "object"], None]
+POLICIES = ("vllm", "continuum", "fixed", "agentserve")
+SCHEDULER_CLS = "agentserve.engine.scheduler.ProgramScheduler"
 
 
-async def serve(
-    settings: EngineSettings,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    extensions: Sequence[Extension] = (),
-) -> None:
-    """Start the engine, then serve the OpenAI API on host:port until SIGINT/SIGTERM."""
+class ProgramOptions(msgspec.Struct, kw_only=True):
+    """How the program layer behaves. `policy="vllm"` = stock vLLM scheduling, no pins."""
+
+    policy: str = "agentserve"
+    fixed_ttl_s: float = 2.0  # the TTL of policy "fixed"
+    max_ttl_s: float = 60.0  # no pin is held longer, whatever the policy says
+    pin_cap_share: float = 0.5  # share of the KV budget pins may hold
+    idle_timeout_s: float = 600.0  # a program silent this long is abandoned (its pin released)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not 0 <= self.pin_cap_share <= 1:
+            raise ValueError(f"pin_cap_share must be in [0, 1], got {self.pin_cap_share}")
+        if self.fixed_ttl_s < 0 or self.max_ttl_s < 0 or self.idle_timeout_s <= 0:
+            raise ValueError("TTLs must be >= 0 s and the idle timeout > 0 s")
+
+
+def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> EngineSettings:
+    """The engine settings with the scheduler plugin on (any policy but `vllm`)."""
+    if options.policy == "vllm":
+        return settings
+    extra = dict(settings.additional_config or {})
+    extra["agentserve"] = {"pin_cap_share": options.pin_cap_share}
+    return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy="priority",
+                                   additional_config=extra)
+
+
+async def build_control(engine, options: ProgramOptions, max_model_len: int):
+    from agentserve.engine.profiling import measure_reload_profile
+    from agentserve.programs.control import ProgramControl
+    from agentserve.programs.tracker import ProgramTracker
+    from agentserve.server import metrics
+    from agentserve.ttl.policy import OnlineBenefit, make_policy
+    from agentserve.ttl.predictor import ToolDurationPredictor
+
+    predictor = ToolDurationPredictor()
+    benefit = OnlineBenefit()
+    policy, link = None, None
+    if options.policy != "vllm":
+        reload = None
+        if options.policy == "agentserve":
+            reload = await measure_reload_profile(engine, max_tokens=min(max_model_len - 1, 8192))
+            log.info("reload profile: %s", reload)
+        policy = make_policy(options.policy, predictor=predictor, reload=reload, benefit=benefit,
+                             fixed_ttl_s=options.fixed_ttl_s, max_ttl_s=options.max_ttl_s)
+
+        async def link(command: str, payload: dict) -> dict:
+            return await engine.engine_core.call_utility_async("agentserve_control", command, payload)
+
+    return ProgramControl(ProgramTracker(options.idle_timeout_s), predictor, policy, link, benefit,
+                          on_event=metrics.record_event)
+
+
+async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int = 8000,
+                options: ProgramOptions | None = None) -> None:
+    """Start the engine, then serve the OpenAI API and the program routes until SIGINT/SIGTERM."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client_from_engine_args
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
-    ns = vllm_namespace(settings, host=host, port=port)
+    from agentserve.server.program_layer import (AgentFieldsMiddleware, ProgramEngineClient,
+                                                 add_program_routes, tick_loop)
+
+    options = options or ProgramOptions()
+    ns = vllm_namespace(engine_settings_for(settings, options), host=host, port=port)
     # Bind before the engine starts, as `vllm serve` does, so a busy port fails fast.
     listen_address, sock = setup_server(ns, reuse_port=False)
     async with build_async_engine_client_from_engine_args(AsyncEngineArgs.from_cli_args(ns)) as engine:
+        control = await build_control(engine, options, engine.model_config.max_model_len)
+        client = ProgramEngineClient(engine, control)
         tasks = await engine.get_supported_tasks()
         app = build_app(ns, tasks, engine.model_config)
-        for extend in extensions:
-            extend(app, engine)
-        await init_app_state(engine, app.state, ns, tasks)
-        log.info("agentserve serving %s on %s", ns.served_model_name, listen_address)
-        shutdown = await serve_http(
-            app,
-            sock=sock,
-            host=host,
-            port=port,
-            log_level=ns.uvicorn_log_level,
-            access_log=not ns.disable_uvicorn_access_log,
-            h11_max_incomplete_event_size=ns.h11_max_incomplete_event_size,
-            h11_max_header_count=ns.h11_max_header_count,
-        )
+        app.middleware_stack = None  # vLLM's bootstrap built it already; rebuilt at start-up with ours
+        app.add_middleware(AgentFieldsMiddleware)
+        add_program_routes(app, control)
+        await init_app_state(client, app.state, ns, tasks)
+        ticker = asyncio.create_task(tick_loop(control))
+        log.info("agentserve serving %s on %s, policy %s", ns.served_model_name, listen_address, options.policy)
+        try:
+            shutdown = await serve_http(
+                app,
+                sock=sock,
+                host=host,
+                port=port,
+                log_level=ns.uvicorn_log_level,
+                access_log=not ns.disable_uvicorn_access_log,
+                h11_max_incomplete_event_size=ns.h11_max_incomplete_event_size,
+                h11_max_header_count=ns.h11_max_header_count,
+            )
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(control.shutdown(), 5)  # graceful: no pin outlives the server
     try:
         await shutdown
     finally:
         sock.close()
-
-
-__all__ = ["serve", "engine_args"]

@@ -1,0 +1,68 @@
+"""The waiting queue of program-level scheduling, as a vLLM `RequestQueue`.
+
+Order (Continuum's paper, with its missing first key restored): preempted requests first, then
+requests of programs that hold a pin (their KV is waiting for them), then by program arrival (program
+FCFS: the earliest program's turns go before a later program's), then by request arrival. The class
+key depends on pin state, which changes outside the queue: the owner calls `reorder()` then.
+Starvation-free for finitely many programs: a later program waits only for earlier ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+
+from vllm.v1.core.sched.request_queue import RequestQueue
+from vllm.v1.request import Request
+
+QueueKey = tuple
+
+
+class ProgramQueue(RequestQueue):
+    def __init__(self, key: Callable[[Request], QueueKey]):
+        self._key = key
+        self._heap: list[tuple[QueueKey, int, Request]] = []
+        self._seq = itertools.count()  # ties: insertion order, and requests never get compared
+
+    def add_request(self, request: Request) -> None:
+        heapq.heappush(self._heap, (self._key(request), next(self._seq), request))
+
+    def pop_request(self) -> Request:
+        if not self._heap:
+            raise IndexError("pop from empty queue")
+        return heapq.heappop(self._heap)[2]
+
+    def peek_request(self) -> Request:
+        if not self._heap:
+            raise IndexError("peek from empty queue")
+        return self._heap[0][2]
+
+    def prepend_request(self, request: Request) -> None:
+        self.add_request(request)  # position comes from the key (a preempted request sorts first)
+
+    def prepend_requests(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self.add_request(request)
+
+    def remove_request(self, request: Request) -> None:
+        self.remove_requests((request,))
+
+    def remove_requests(self, requests: Iterable[Request]) -> None:
+        drop = {id(r) for r in requests}
+        self._heap = [e for e in self._heap if id(e[2]) not in drop]
+        heapq.heapify(self._heap)
+
+    def reorder(self) -> None:
+        """Recompute every key (after a pin was created or released)."""
+        self._heap = [(self._key(r), s, r) for _, s, r in self._heap]
+        heapq.heapify(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (e[2] for e in sorted(self._heap, key=lambda e: (e[0], e[1])))

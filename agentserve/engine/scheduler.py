@@ -1,0 +1,217 @@
+"""agentserve's vLLM scheduler plugin (`SchedulerConfig.scheduler_cls`): KV pins and program FCFS.
+
+A thin adapter: which pins exist is decided by `agentserve.ttl.pins.PinTable`, how long by the
+frontend's TTL policy (it arrives per request in `SamplingParams.extra_args`), the queue order by
+`ProgramQueue`. This class only moves blocks:
+
+- pin: when a non-final turn of a program finishes, `block_pool.touch` its full (prefix-cached) blocks
+  before vLLM frees the request, so their reference count stays > 0 and LRU cannot evict them; the next
+  turn hits them through ordinary prefix caching. Unpin = `block_pool.free_blocks`.
+- unpin when the program's next turn is admitted (its hit holds the blocks now), at expiry (checked at
+  every step and every control tick, skipped while a request of the program waits), on program end,
+  abort, and under memory pressure: `allocate_slots` is wrapped so that, before vLLM preempts or leaves
+  a request waiting for lack of blocks, pins are released latest program first.
+- program FCFS: every request gets `priority` = its program's arrival rank (vLLM's priority policy then
+  preempts the latest program first), and the waiting queue is a `ProgramQueue`.
+
+Why a scheduler subclass rather than a KV connector's delayed free: the connector sees the finish but
+not admission or allocation failure, so "unpin when the next turn is admitted" and "release before
+preempting" would need the scheduler anyway; the connector slot stays free for KV sharing.
+
+The frontend talks to it through `EngineCore.agentserve_control` (a vLLM utility call, installed below):
+end / release / set_ttl / tick (expire + report counters and events).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from agentserve.engine.program_queue import ProgramQueue
+from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
+from agentserve.ttl.pins import Pin, PinTable, Release
+
+# Share of the KV budget pins may hold at most; the rest always serves running work.
+DEFAULT_PIN_CAP_SHARE = 0.5
+MAX_EVENTS = 4096  # events kept between two ticks (the frontend ticks ~5x per second)
+
+
+def program_of(request: Request) -> str | None:
+    extra = request.sampling_params.extra_args if request.sampling_params else None
+    return extra.get(XARG_PROGRAM) if extra else None
+
+
+class ProgramScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        conf = (self.vllm_config.additional_config or {}).get("agentserve", {})
+        total = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus the null block
+        self.pins = PinTable(cap_blocks=int(total * float(conf.get("pin_cap_share", DEFAULT_PIN_CAP_SHARE))))
+        self.block_size = self.cache_config.block_size
+        self._ranks: dict[str, int] = {}  # program -> arrival rank, until the program ends
+        self._rank_seq = itertools.count()
+        self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
+        self.counters: Counter[str] = Counter()
+        self.events: list[dict[str, Any]] = []
+        self.waiting = ProgramQueue(self._queue_key)
+        self._allocate = self.kv_cache_manager.allocate_slots
+        self.kv_cache_manager.allocate_slots = self._allocate_or_release_pins
+
+    # ---- ordering --------------------------------------------------------------------------
+    def _queue_key(self, request: Request) -> tuple:
+        if request.num_preemptions > 0:
+            cls = 0
+        elif (p := program_of(request)) is not None and p in self.pins:
+            cls = 1
+        else:
+            cls = 2
+        return (cls, request.priority, request.arrival_time)
+
+    def add_request(self, request: Request) -> None:
+        program = program_of(request)
+        if program is None:
+            request.priority = next(self._rank_seq)  # a lone request is a one-turn program
+        else:
+            if program not in self._ranks:
+                self._ranks[program] = next(self._rank_seq)
+            else:
+                self._returning.add(request.request_id)
+            request.priority = self._ranks[program]
+        super().add_request(request)
+
+    # ---- pin / unpin ------------------------------------------------------------------------
+    def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        program = program_of(request)
+        self._returning.discard(request.request_id)
+        if program is not None:
+            if request.status == RequestStatus.FINISHED_ABORTED:
+                self._release(self.pins.release(program, "abort"))
+            else:
+                self._maybe_pin(request, program)
+        return super()._free_request(request, delay_free_blocks)
+
+    def _maybe_pin(self, request: Request, program: str) -> None:
+        extra = request.sampling_params.extra_args
+        ttl = float(extra.get(XARG_TTL, 0.0) or 0.0)
+        if extra.get(XARG_IS_LAST) or ttl <= 0:
+            self._release(self.pins.release(program, "replaced"))
+            return
+        blocks = [b for group in self.kv_cache_manager.get_blocks(request.request_id).blocks
+                  for b in group if b.block_hash is not None and not b.is_null]
+        now = time.monotonic()
+        pin = Pin(program, blocks, len(blocks) * self.block_size, self._ranks.get(program, 0), now, now + ttl)
+        inserted, releases = self.pins.add(pin)
+        for r in releases:
+            self._release(r)
+        if inserted:
+            self.kv_cache_manager.block_pool.touch(blocks)
+            self.counters["pins_created"] += 1
+            self._event("pin", program, blocks=len(blocks), ttl_s=ttl)
+            self.waiting.reorder()
+        else:
+            self.counters["pins_refused"] += 1
+            self._event("pin_refused", program, blocks=len(blocks))
+
+    def _release(self, release: Release | None) -> None:
+        if release is None:
+            return
+        # Tail first: if the blocks are evicted later, the end of the context goes before its start.
+        self.kv_cache_manager.block_pool.free_blocks(reversed(release.pin.blocks))
+        self.counters[f"pins_released_{release.reason}"] += 1
+        self._event("unpin", release.pin.program_id, reason=release.reason, blocks=release.pin.num_blocks,
+                    held_s=time.monotonic() - release.pin.created_at)
+        if release.reason != "consumed":
+            self.waiting.reorder()
+
+    def _allocate_or_release_pins(self, request: Request, *args, **kwargs):
+        blocks = self._allocate(request, *args, **kwargs)
+        own = program_of(request)
+        while blocks is None and len(self.pins):
+            victim = self.pins.latest_program_pin()
+            if victim.program_id == own:  # its own pin goes last: it holds this request's prefix
+                others = [p for p in self.pins.pins.values() if p.program_id != own]
+                if others:
+                    victim = max(others, key=lambda p: (p.program_rank, p.created_at))
+            self._release(self.pins.release(victim.program_id, "pressure"))
+            blocks = self._allocate(request, *args, **kwargs)
+        return blocks
+
+    # ---- per step ---------------------------------------------------------------------------
+    def schedule(self, *args, **kwargs):
+        self._expire()
+        output = super().schedule(*args, **kwargs)
+        for new in output.scheduled_new_reqs:
+            request = self.requests.get(new.req_id)
+            program = program_of(request) if request else None
+            if program is None:
+                continue
+            cached = new.num_computed_tokens  # the prefix hit at admission
+            release = self.pins.release(program, "consumed")
+            if release is not None:
+                self.counters["pinned_tokens_served"] += min(cached, release.pin.tokens)
+                self._release(release)
+            elif new.req_id in self._returning:
+                self._event("admit_unpinned", program, queue_s=time.time() - request.arrival_time,
+                            cached=cached, prompt=request.num_prompt_tokens)
+            self._returning.discard(new.req_id)
+        return output
+
+    def _expire(self) -> None:
+        nxt = self.pins.next_expiry()
+        if nxt is None or nxt > time.monotonic():
+            return
+        busy = {program_of(r) for r in self.waiting}
+        for r in self.pins.expire(time.monotonic(), busy):
+            self._release(r)
+
+    def _event(self, kind: str, program: str, **fields: Any) -> None:
+        if len(self.events) < MAX_EVENTS:
+            self.events.append({"kind": kind, "program": program, "t": time.time(), **fields})
+
+    # ---- control (frontend -> engine core) ---------------------------------------------------
+    def agentserve_control(self, command: str, payload: dict) -> dict:
+        program = payload.get("program_id")
+        if command == "end":
+            self._release(self.pins.release(program, "program_end"))
+            self._ranks.pop(program, None)
+        elif command == "release":
+            self._release(self.pins.release(program, payload.get("reason", "program_end")))
+        elif command == "release_all":
+            for r in self.pins.release_all(payload.get("reason", "program_end")):
+                self._release(r)
+        elif command == "set_ttl":
+            pin = self.pins.get(program)
+            if pin is not None:
+                pin.expires_at = pin.created_at + max(0.0, float(payload["ttl_s"]))
+        elif command != "tick":
+            raise ValueError(f"unknown agentserve control command {command!r}")
+        self._expire()
+        events, self.events = self.events, []
+        return {
+            "pins": len(self.pins),
+            "pinned_blocks": self.pins.pinned_blocks,
+            "pin_cap_blocks": self.pins.cap_blocks,
+            "programs": len(self._ranks),
+            "counters": dict(self.counters),
+            "events": events,
+        }
+
+
+def _install_control_utility() -> None:
+    """Make `agentserve_control` callable as a vLLM utility (`call_utility_async`) on the engine core."""
+    from vllm.v1.engine.core import EngineCore
+
+    def agentserve_control(self, command: str, payload: dict) -> dict:
+        if not isinstance(self.scheduler, ProgramScheduler):
+            raise RuntimeError("the engine does not run agentserve's ProgramScheduler")
+        return self.scheduler.agentserve_control(command, payload)
+
+    EngineCore.agentserve_control = agentserve_control
+
+
+_install_control_utility()

@@ -1,0 +1,108 @@
+"""The program control plane: tracker, tool-duration predictor and TTL policy behind one small API.
+
+The front end (HTTP server, later the Ray Serve ingress) calls it at every program event; it decides
+each turn's TTL and tells the engine (`EngineLink`: the scheduler plugin's control utility) what to
+release. It holds no engine objects, so it is tested with a fake link. With `--policy vllm` the link is
+None: programs are still tracked (the API is the same) but nothing is pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agentserve.programs.fields import XARG_TTL, ProgramFields, to_xargs
+from agentserve.programs.tracker import ProgramTracker
+from agentserve.ttl.policy import OnlineBenefit, TTLPolicy
+from agentserve.ttl.predictor import ToolDurationPredictor
+
+log = logging.getLogger("agentserve.programs")
+
+# A returning turn that found less than this share of its prompt cached lost its KV: its queueing
+# delay feeds T of the TTL rule.
+EVICTED_HIT_SHARE = 0.5
+# engine control: (command, payload) -> stats dict (see ProgramScheduler.agentserve_control)
+EngineLink = Callable[[str, dict], Awaitable[dict]]
+
+
+class ProgramControl:
+    def __init__(self, tracker: ProgramTracker, predictor: ToolDurationPredictor, policy: TTLPolicy | None,
+                 link: EngineLink | None, benefit: OnlineBenefit | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None):
+        self.tracker = tracker
+        self.predictor = predictor
+        self.policy = policy
+        self.link = link
+        self.benefit = benefit or OnlineBenefit()
+        self.on_event = on_event or (lambda kind, data: None)
+        self.last_stats: dict = {}
+
+    @property
+    def pins_enabled(self) -> bool:
+        return self.policy is not None and self.link is not None
+
+    def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> dict:
+        """An LLM call of a program arrives: track it, decide the TTL its pin will get.
+        Returns the extra_args to attach to the engine request."""
+        turn, gap, gap_tool = self.tracker.llm_start(fields.program_id, turn=fields.turn, tool=fields.tool,
+                                                     parent=fields.parent_program_id)
+        if gap is not None:
+            self.predictor.observe(gap_tool, gap, client_measured=False)
+        xargs = to_xargs(fields)
+        if self.pins_enabled and not fields.is_last_turn:
+            program = self.tracker.programs[fields.program_id]
+            tool = fields.tool or program.last_tool
+            ttl = self.policy.ttl(tool, prompt_tokens + max_tokens)
+            xargs[XARG_TTL] = float(ttl)
+            predicted = self.predictor.predict_mean(tool)
+            self.on_event("ttl", {"program": fields.program_id, "turn": turn, "tool": tool, "ttl_s": ttl,
+                                  "predicted_tool_s": predicted})
+        return xargs
+
+    def end_call(self, program_id: str, context_tokens: int) -> None:
+        self.tracker.llm_end(program_id, context_tokens=context_tokens)
+
+    def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None) -> float | None:
+        if event == "start":
+            self.tracker.tool_start(program_id, name)
+            return None
+        duration, client = self.tracker.tool_end(program_id, name, duration_s)
+        predicted = self.predictor.predict_mean(name)
+        self.predictor.observe(name, duration, client_measured=client)
+        self.on_event("tool", {"program": program_id, "tool": name, "actual_s": duration,
+                               "predicted_s": predicted})
+        return duration
+
+    async def end_program(self, program_id: str, reason: str = "program_end") -> None:
+        program = self.tracker.end(program_id)
+        self.benefit.observe_finished_program(program.llm_calls)
+        await self._send("end", {"program_id": program_id})
+        self.on_event("program_end", {"program": program_id, "reason": reason, "turns": program.llm_calls})
+
+    async def abort_call(self, program_id: str) -> None:
+        await self._send("release", {"program_id": program_id, "reason": "abort"})
+
+    async def tick(self) -> dict:
+        """Periodic: end abandoned programs, expire pins in an idle engine, fetch engine stats."""
+        for program in self.tracker.reap():
+            self.benefit.observe_finished_program(program.llm_calls)
+            await self._send("end", {"program_id": program.program_id})
+            self.on_event("program_end", {"program": program.program_id, "reason": "abandoned",
+                                          "turns": program.llm_calls})
+        return await self._send("tick", {})
+
+    async def shutdown(self) -> dict:
+        return await self._send("release_all", {"reason": "program_end"})
+
+    async def _send(self, command: str, payload: dict) -> dict:
+        if not self.pins_enabled:
+            return {}
+        stats = await self.link(command, payload)
+        self.last_stats = stats
+        for ev in stats.get("events", ()):
+            if ev["kind"] == "admit_unpinned" and ev["cached"] < EVICTED_HIT_SHARE * ev["prompt"]:
+                # Queueing delay of a turn that found its KV gone: the T of the TTL rule.
+                self.benefit.observe_evicted_queue_delay(ev["queue_s"])
+            self.on_event("engine_" + ev["kind"], ev)
+        return stats

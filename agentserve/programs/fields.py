@@ -1,0 +1,55 @@
+"""The wire contract of a program: what an LLM request and a tool event carry (msgspec structs).
+
+An LLM request of a program carries, next to the OpenAI body, `"agentserve": {...}` (`ProgramFields`;
+with the openai client: `extra_body={"agentserve": {...}}`). Only `program_id` is required; the
+server infers the rest. Inside the engine the fields travel as `SamplingParams.extra_args` under the
+`XARG_*` keys (vLLM's `vllm_xargs`: scalar values only).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+ID = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+XARG_PROGRAM = "agentserve_program_id"
+XARG_TURN = "agentserve_turn"
+XARG_IS_LAST = "agentserve_is_last_turn"
+XARG_TOOL = "agentserve_tool"
+XARG_PARENT = "agentserve_parent_program_id"
+XARG_TTL = "agentserve_ttl_s"
+
+
+class ProgramFields(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    program_id: ID
+    turn: Annotated[int, msgspec.Meta(ge=0)] | None = None  # default: LLM calls of the program so far
+    is_last_turn: bool = False  # unmarked last turns just let their pin expire
+    tool: Annotated[str, msgspec.Meta(max_length=256)] | None = None  # the tool this call's answer runs
+    parent_program_id: ID | None = None  # set on a sub-agent's first call: a DAG edge from the parent
+
+
+class ToolEvent(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /v1/programs/{id}/tool`: a tool call started or ended (client clock, or server's)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    event: Literal["start", "end"]
+    # Client-measured duration, sent with "end": preferred over the server's start/end gap.
+    duration_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] | None = None
+
+
+def decode_fields(raw: object) -> ProgramFields:
+    """Validate the `agentserve` object of a request; raises msgspec.ValidationError naming the field."""
+    return msgspec.convert(raw, ProgramFields)
+
+
+def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
+    out: dict[str, str | int | bool] = {XARG_PROGRAM: f.program_id, XARG_IS_LAST: f.is_last_turn}
+    if f.turn is not None:
+        out[XARG_TURN] = f.turn
+    if f.tool is not None:
+        out[XARG_TOOL] = f.tool
+    if f.parent_program_id is not None:
+        out[XARG_PARENT] = f.parent_program_id
+    return out

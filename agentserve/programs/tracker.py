@@ -1,0 +1,143 @@
+"""The program tracker: each live agent program as a networkx DAG of LLM-call and tool-call nodes.
+
+Nodes: `llm:K` (K-th LLM call) and `tool:K` (the tool call after LLM call K); edges follow time
+(llm:K -> tool:K -> llm:K+1). A sub-agent is its own program with an edge parent -> child in the
+program forest (`children`). Lifecycle: a program begins at its first request and ends on an explicit
+end, or when idle longer than `idle_timeout_s` (abandoned). Memory is bounded: an ended program leaves
+nothing behind (`programs` holds live programs only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+# A program silent this long is abandoned: an agent harness that crashed never says goodbye.
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+
+
+class ProgramError(Exception):
+    """A client error about a program (unknown id, tool end with no start, ...): a 4xx."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Program:
+    program_id: str
+    started_at: float
+    parent: str | None = None
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    children: set[str] = field(default_factory=set)
+    llm_calls: int = 0
+    active_calls: int = 0
+    last_activity: float = 0.0
+    last_llm_end: float | None = None
+    last_node: str | None = None
+    last_tool: str | None = None
+    open_tool: tuple[str, float] | None = None  # (name, started) of a tool running now
+    tool_reported_since_llm: bool = False
+
+
+class ProgramTracker:
+    def __init__(self, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, clock: Callable[[], float] = time.monotonic):
+        self.idle_timeout_s = idle_timeout_s
+        self.clock = clock
+        self.programs: dict[str, Program] = {}
+
+    def __len__(self) -> int:
+        return len(self.programs)
+
+    def get(self, program_id: str) -> Program:
+        p = self.programs.get(program_id)
+        if p is None:
+            raise ProgramError(404, f"unknown program {program_id!r} (never started, or already ended)")
+        return p
+
+    def _touch(self, program_id: str, parent: str | None) -> Program:
+        now = self.clock()
+        p = self.programs.get(program_id)
+        if p is None:
+            p = self.programs[program_id] = Program(program_id, started_at=now, parent=parent)
+            if parent is not None and parent in self.programs:
+                self.programs[parent].children.add(program_id)
+        p.last_activity = now
+        return p
+
+    def llm_start(self, program_id: str, *, turn: int | None = None, tool: str | None = None,
+                  parent: str | None = None) -> tuple[int, float | None, str | None]:
+        """Record an LLM call; returns (turn, server-side tool gap since the previous call or None,
+        the tool that gap belongs to)."""
+        p = self._touch(program_id, parent)
+        k = p.llm_calls if turn is None else turn
+        node = f"llm:{p.llm_calls}"
+        p.graph.add_node(node, kind="llm", turn=k, start=p.last_activity, tool=tool)
+        if p.last_node is not None:
+            p.graph.add_edge(p.last_node, node)
+        gap = None
+        if p.last_llm_end is not None and p.active_calls == 0 and not p.tool_reported_since_llm:
+            gap = max(0.0, p.last_activity - p.last_llm_end)
+        gap_tool = p.last_tool
+        p.last_node = node
+        p.llm_calls += 1
+        p.active_calls += 1
+        p.tool_reported_since_llm = False
+        if tool is not None:
+            p.last_tool = tool
+        return k, gap, gap_tool
+
+    def llm_end(self, program_id: str, *, context_tokens: int) -> None:
+        p = self.programs.get(program_id)
+        if p is None:
+            return  # ended while the call ran
+        now = self.clock()
+        p.active_calls = max(0, p.active_calls - 1)
+        p.last_activity = p.last_llm_end = now
+        p.graph.nodes[p.last_node]["end"] = now
+        p.graph.nodes[p.last_node]["context_tokens"] = context_tokens
+
+    def tool_start(self, program_id: str, name: str) -> None:
+        p = self.get(program_id)
+        p.last_activity = now = self.clock()
+        p.open_tool = (name, now)
+        node = f"tool:{p.llm_calls - 1}:{name}"
+        p.graph.add_node(node, kind="tool", name=name, start=now)
+        if p.last_node is not None:
+            p.graph.add_edge(p.last_node, node)
+        p.last_node = node
+        p.last_tool = name
+
+    def tool_end(self, program_id: str, name: str, duration_s: float | None = None) -> tuple[float, bool]:
+        """Returns (duration, measured by the client?)."""
+        p = self.get(program_id)
+        if p.open_tool is None or p.open_tool[0] != name:
+            running = p.open_tool[0] if p.open_tool else "none"
+            raise ProgramError(409, f"tool {name!r} of program {program_id!r} ended but was not started "
+                                    f"(running tool: {running})")
+        p.last_activity = now = self.clock()
+        started = p.open_tool[1]
+        p.open_tool = None
+        p.tool_reported_since_llm = True
+        if p.last_node is not None:
+            p.graph.nodes[p.last_node]["end"] = now
+        return (duration_s, True) if duration_s is not None else (now - started, True)
+
+    def end(self, program_id: str) -> Program:
+        p = self.programs.pop(program_id, None)
+        if p is None:
+            raise ProgramError(404, f"unknown program {program_id!r} (never started, or already ended)")
+        if p.parent is not None and p.parent in self.programs:
+            self.programs[p.parent].children.discard(program_id)
+        return p
+
+    def reap(self) -> list[Program]:
+        """End every program idle longer than the timeout, with no call in flight."""
+        now = self.clock()
+        idle = [pid for pid, p in self.programs.items()
+                if p.active_calls == 0 and now - p.last_activity > self.idle_timeout_s]
+        return [self.end(pid) for pid in idle]

@@ -1,0 +1,62 @@
+"""agentserve's Prometheus metrics, served on `/metrics` next to vLLM's (same default registry).
+
+Every pin decision is counted: created / refused, released by reason (consumed, expired, pressure,
+program_end, abort, replaced, cap), pinned blocks now, tokens served from pinned KV, TTLs chosen, and
+predicted vs actual tool durations.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_TIME_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
+
+PINS_CREATED = Counter("agentserve_pins_created", "KV pins created (a program's turn finished, TTL > 0)")
+PINS_REFUSED = Counter("agentserve_pins_refused", "KV pins refused (pin cap held by earlier programs)")
+PINS_RELEASED = Counter("agentserve_pins_released", "KV pins released, by reason", ["reason"])
+PINNED_BLOCKS = Gauge("agentserve_pinned_blocks", "KV blocks held by pins now")
+PINS_NOW = Gauge("agentserve_pins", "Pins outstanding now")
+PINNED_TOKENS_SERVED = Counter("agentserve_pinned_tokens_served", "Prompt tokens served from pinned KV")
+PROGRAMS_LIVE = Gauge("agentserve_programs_live", "Programs being tracked now")
+PROGRAMS_ENDED = Counter("agentserve_programs_ended", "Programs ended, by reason", ["reason"])
+TTL_CHOSEN = Histogram("agentserve_ttl_seconds", "TTL chosen for a turn's pin", buckets=(0,) + _TIME_BUCKETS)
+TOOL_ACTUAL = Histogram("agentserve_tool_actual_seconds", "Reported tool-call durations", buckets=_TIME_BUCKETS)
+TOOL_PREDICTED = Histogram("agentserve_tool_predicted_seconds", "Predicted (mean) duration of each reported "
+                           "tool call, before it was observed", buckets=_TIME_BUCKETS)
+TOOL_ABS_ERROR = Histogram("agentserve_tool_prediction_abs_error_seconds",
+                           "|predicted - actual| tool-call duration", buckets=_TIME_BUCKETS)
+
+_last_engine_counters: dict[str, float] = {}
+
+
+def record_event(kind: str, data: dict) -> None:
+    if kind == "ttl":
+        TTL_CHOSEN.observe(data["ttl_s"])
+    elif kind == "tool":
+        TOOL_ACTUAL.observe(data["actual_s"])
+        if data.get("predicted_s") is not None:
+            TOOL_PREDICTED.observe(data["predicted_s"])
+            TOOL_ABS_ERROR.observe(abs(data["predicted_s"] - data["actual_s"]))
+    elif kind == "program_end":
+        PROGRAMS_ENDED.labels(data["reason"]).inc()
+
+
+def record_engine_stats(stats: dict) -> None:
+    """Fold the scheduler plugin's cumulative counters into the Prometheus counters."""
+    if not stats:
+        return
+    PINNED_BLOCKS.set(stats["pinned_blocks"])
+    PINS_NOW.set(stats["pins"])
+    for name, value in stats["counters"].items():
+        delta = value - _last_engine_counters.get(name, 0)
+        _last_engine_counters[name] = value
+        if delta <= 0:
+            continue
+        if name == "pins_created":
+            PINS_CREATED.inc(delta)
+        elif name == "pins_refused":
+            PINS_REFUSED.inc(delta)
+        elif name == "pinned_tokens_served":
+            PINNED_TOKENS_SERVED.inc(delta)
+        elif name.startswith("pins_released_"):
+            PINS_RELEASED.labels(name.removeprefix("pins_released_")).inc(delta)

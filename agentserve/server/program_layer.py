@@ -1,0 +1,197 @@
+"""The program layer of the HTTP server: agentserve's additions around vLLM's OpenAI app.
+
+- `AgentFieldsMiddleware` (ASGI): takes the `agentserve` object out of a chat / completion body,
+  validates it (400 naming the bad field) and passes it to vLLM as `vllm_xargs`. Bodies without it
+  are not touched, so such requests are served exactly as stock vLLM serves them.
+- `ProgramEngineClient`: wraps vLLM's engine client; every program request's `generate` goes through
+  `ProgramControl` (turn tracking, TTL decision) and reports its end (or abort) back.
+- routes: `POST /v1/programs/{id}/tool`, `POST /v1/programs/{id}/end`, `GET /v1/programs/{id}`,
+  `GET /v1/agentserve/stats`.
+- a tick task: ends abandoned programs, expires pins while the engine is idle, refreshes metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from agentserve.programs.control import ProgramControl
+from agentserve.programs.fields import XARG_PROGRAM, ProgramFields, ToolEvent, decode_fields
+from agentserve.programs.tracker import ProgramError
+from agentserve.server import metrics
+
+log = logging.getLogger("agentserve.server")
+
+TICK_S = 0.2  # pin expiry resolution while the engine is idle; an engine step also expires pins
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body larger than this is refused (413)
+_PROGRAM_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = {400: "BadRequestError", 404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLarge"}
+    return JSONResponse({"error": {"message": message, "type": kind.get(status, "Error"), "param": param,
+                                   "code": status}}, status_code=status)
+
+
+class AgentFieldsMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in _PROGRAM_ROUTES:
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                return await error_response(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        body, error = rewrite_body(body)
+        if error is not None:
+            return await error(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def rewrite_body(body: bytes) -> tuple[bytes, JSONResponse | None]:
+    """Move `agentserve` into `vllm_xargs`. Bodies that are not JSON objects pass through (vLLM
+    answers them with its own 400)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body, None
+    if not isinstance(data, dict) or "agentserve" not in data:
+        return body, None
+    raw = data.pop("agentserve")
+    try:
+        fields = decode_fields(raw)
+    except msgspec.ValidationError as e:
+        return body, error_response(400, f"invalid agentserve object: {e}", "agentserve" + _error_path(str(e)))
+    xargs = data.get("vllm_xargs") or {}
+    if not isinstance(xargs, dict):
+        return body, error_response(400, "vllm_xargs must be an object", "vllm_xargs")
+    xargs.update({XARG_PROGRAM: fields.program_id, "agentserve_fields": msgspec.json.encode(fields).decode()})
+    data["vllm_xargs"] = xargs
+    return json.dumps(data).encode(), None
+
+
+def _error_path(message: str) -> str:
+    """The field a msgspec validation message names: `... - at `$.turn`` or `... field `name``."""
+    if " - at `$" in message:
+        return message.rpartition(" - at `$")[2].rstrip("`")
+    if "field `" in message:
+        return "." + message.rpartition("field `")[2].rstrip("`")
+    return ""
+
+
+class ProgramEngineClient:
+    """vLLM's engine client, with program requests routed through `ProgramControl`."""
+
+    def __init__(self, engine, control: ProgramControl):
+        self._engine = engine
+        self.control = control
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        extra = sampling_params.extra_args or {}
+        raw = extra.pop("agentserve_fields", None)
+        if raw is None:
+            async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
+                yield out
+            return
+        fields = msgspec.json.decode(raw, type=ProgramFields)
+        tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        xargs = self.control.begin_call(fields, len(tokens or ()), sampling_params.max_tokens or 0)
+        sampling_params.extra_args = {**extra, **xargs}
+        out, finished = None, False
+        try:
+            async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
+                finished = out.finished
+                yield out
+        finally:
+            context = (len(out.prompt_token_ids or ()) + sum(len(o.token_ids) for o in out.outputs)) if out else 0
+            self.control.end_call(fields.program_id, context)
+            if not finished:  # client disconnect or abort: the engine drops the pin too
+                asyncio.ensure_future(self._safe(self.control.abort_call(fields.program_id)))
+
+    @staticmethod
+    async def _safe(coro) -> None:
+        try:
+            await coro
+        except Exception:  # noqa: BLE001 - a failed release is logged, never raised into a request
+            log.exception("agentserve control call failed")
+
+
+def add_program_routes(app: FastAPI, control: ProgramControl) -> None:
+    @app.post("/v1/programs/{program_id}/tool")
+    async def tool_event(program_id: str, request: Request):
+        try:
+            event = msgspec.json.decode(await request.body(), type=ToolEvent)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            return error_response(400, f"invalid tool event: {e}", "body")
+        try:
+            duration = control.tool_event(program_id, event.name, event.event, event.duration_s)
+        except ProgramError as e:
+            return error_response(e.status, str(e), "program_id")
+        return {"program_id": program_id, "tool": event.name, "event": event.event, "duration_s": duration}
+
+    @app.post("/v1/programs/{program_id}/end")
+    async def end_program(program_id: str):
+        try:
+            await control.end_program(program_id)
+        except ProgramError as e:
+            return error_response(e.status, str(e), "program_id")
+        return {"program_id": program_id, "ended": True}
+
+    @app.get("/v1/programs/{program_id}")
+    async def get_program(program_id: str):
+        try:
+            p = control.tracker.get(program_id)
+        except ProgramError as e:
+            return error_response(e.status, str(e), "program_id")
+        return {"program_id": p.program_id, "llm_calls": p.llm_calls, "active_calls": p.active_calls,
+                "parent_program_id": p.parent, "children": sorted(p.children), "last_tool": p.last_tool,
+                "nodes": [{"id": n, **{k: v for k, v in d.items()}} for n, d in p.graph.nodes(data=True)],
+                "edges": [list(e) for e in p.graph.edges]}
+
+    @app.get("/v1/agentserve/stats")
+    async def stats():
+        live = await control.tick() if control.pins_enabled else {}
+        metrics.record_engine_stats(live)
+        return {"policy": control.policy.name if control.policy else "vllm",
+                "programs": len(control.tracker),
+                "engine": {k: v for k, v in live.items() if k != "events"}}
+
+
+async def tick_loop(control: ProgramControl) -> None:
+    while True:
+        await asyncio.sleep(TICK_S)
+        try:
+            metrics.record_engine_stats(await control.tick())
+            metrics.PROGRAMS_LIVE.set(len(control.tracker))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - keep ticking; the failure is in the log
+            log.exception("agentserve tick failed")

@@ -1,0 +1,139 @@
+"""TTL policies: how long to pin a program's KV after a turn, given the tool it calls and its context.
+
+One small interface, one class per policy (as vLLM's request queues):
+- `FixedTTL`: always the same TTL (a baseline).
+- `ContinuumDemoTTL` (`continuum`): Continuum's published behaviour: 2 s when the tool's mean duration
+  is at most 2 s (or the tool is unseen), else no pin.
+- `OptimalTTL` (`agentserve`): the Continuum paper's rule
+      tau* = argmax_tau  P(tau, tool) * (T * eta + reload(ctx)) - tau
+  over tau in {0} U {observed durations of the tool}, where P is the tool's empirical CDF, reload(ctx)
+  the measured re-prefill time of the context, T the mean queueing delay suffered by requests whose KV
+  was evicted and eta = -Corr(turns served, turns left) over finished programs (both learned online).
+  Before a distribution exists it assumes Exp(mean=DEFAULT_TOOL_MEAN_S) tool times, whose optimum is
+  tau = mu * ln(B / mu) for B > mu, else 0.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import deque
+
+from agentserve.ttl.predictor import ToolDurationPredictor
+from agentserve.ttl.reload import ReloadProfile
+
+# Continuum demo: pin for 2 s if the tool is short (mean <= 2 s) or unseen.
+CONTINUUM_TTL_S = 2.0
+CONTINUUM_SHORT_TOOL_S = 2.0
+# Cold-start model of tool time: Exp with this mean (SWE bash tools are ~0.5-1 s).
+DEFAULT_TOOL_MEAN_S = 1.0
+# Sliding windows for the online estimates of T and eta.
+QUEUE_DELAY_WINDOW = 256
+ETA_WINDOW = 256
+
+
+class TTLPolicy(ABC):
+    name: str
+
+    @abstractmethod
+    def ttl(self, tool: str | None, context_tokens: int) -> float:
+        """Seconds to keep the program's KV pinned after this turn (0 = do not pin)."""
+
+
+class FixedTTL(TTLPolicy):
+    name = "fixed"
+
+    def __init__(self, ttl_s: float):
+        if ttl_s < 0:
+            raise ValueError(f"fixed TTL must be >= 0 s, got {ttl_s}")
+        self.ttl_s = ttl_s
+
+    def ttl(self, tool: str | None, context_tokens: int) -> float:
+        return self.ttl_s
+
+
+class ContinuumDemoTTL(TTLPolicy):
+    name = "continuum"
+
+    def __init__(self, predictor: ToolDurationPredictor):
+        self.predictor = predictor
+
+    def ttl(self, tool: str | None, context_tokens: int) -> float:
+        mean = self.predictor.predict_mean(tool)
+        return CONTINUUM_TTL_S if mean is None or mean <= CONTINUUM_SHORT_TOOL_S else 0.0
+
+
+class OnlineBenefit:
+    """T (queueing delay of evicted requests) and eta (turn-count predictability), learned online."""
+
+    def __init__(self):
+        self._delays: deque[float] = deque(maxlen=QUEUE_DELAY_WINDOW)
+        self._turns: deque[tuple[int, int]] = deque(maxlen=ETA_WINDOW)  # (served k, left N-k)
+
+    def observe_evicted_queue_delay(self, seconds: float) -> None:
+        self._delays.append(max(0.0, seconds))
+
+    def observe_finished_program(self, num_turns: int) -> None:
+        self._turns.extend((k, num_turns - k) for k in range(1, num_turns + 1))
+
+    @property
+    def T(self) -> float:
+        return sum(self._delays) / len(self._delays) if self._delays else 0.0
+
+    @property
+    def eta(self) -> float:
+        if len(self._turns) < 2:
+            return 0.0
+        ks = [k for k, _ in self._turns]
+        ls = [left for _, left in self._turns]
+        mk, ml = sum(ks) / len(ks), sum(ls) / len(ls)
+        cov = sum((k - mk) * (v - ml) for k, v in zip(ks, ls))
+        vk = sum((k - mk) ** 2 for k in ks)
+        vl = sum((v - ml) ** 2 for v in ls)
+        if vk == 0 or vl == 0:
+            return 0.0
+        return max(0.0, min(1.0, -cov / math.sqrt(vk * vl)))
+
+
+class OptimalTTL(TTLPolicy):
+    name = "agentserve"
+
+    def __init__(self, predictor: ToolDurationPredictor, reload: ReloadProfile, benefit: OnlineBenefit,
+                 max_ttl_s: float = 60.0):
+        self.predictor = predictor
+        self.reload = reload
+        self.benefit = benefit
+        self.max_ttl_s = max_ttl_s
+
+    def gain(self, context_tokens: int) -> float:
+        """B = T * eta + reload(ctx): seconds a hit saves the program's next turn."""
+        return self.benefit.T * self.benefit.eta + self.reload.seconds(context_tokens)
+
+    def ttl(self, tool: str | None, context_tokens: int) -> float:
+        b = self.gain(context_tokens)
+        dist = self.predictor.distribution(tool)
+        if not len(dist):
+            mu = DEFAULT_TOOL_MEAN_S
+            return min(self.max_ttl_s, mu * math.log(b / mu)) if b > mu else 0.0
+        best_tau, best = 0.0, 0.0
+        for tau in dist.values:  # sorted; duplicates are harmless
+            if tau > self.max_ttl_s:
+                break
+            value = dist.cdf(tau) * b - tau
+            if value > best:
+                best_tau, best = tau, value
+        return best_tau
+
+
+def make_policy(name: str, *, predictor: ToolDurationPredictor, reload: ReloadProfile | None,
+                benefit: OnlineBenefit | None = None, fixed_ttl_s: float = CONTINUUM_TTL_S,
+                max_ttl_s: float = 60.0) -> TTLPolicy:
+    if name == "fixed":
+        return FixedTTL(fixed_ttl_s)
+    if name == "continuum":
+        return ContinuumDemoTTL(predictor)
+    if name == "agentserve":
+        if reload is None:
+            raise ValueError("the agentserve policy needs a reload profile measured on the engine")
+        return OptimalTTL(predictor, reload, benefit or OnlineBenefit(), max_ttl_s)
+    raise ValueError(f"unknown TTL policy {name!r} (fixed, continuum, agentserve)")

@@ -1,0 +1,133 @@
+"""Program tracker (networkx DAG, lifecycle), wire fields, body rewriting and the control plane."""
+
+import asyncio
+import json
+
+import pytest
+
+from agentserve.programs.control import ProgramControl
+from agentserve.programs.fields import XARG_PROGRAM, XARG_TTL, ProgramFields
+from agentserve.programs.tracker import ProgramError, ProgramTracker
+from agentserve.server.program_layer import rewrite_body
+from agentserve.ttl.policy import FixedTTL
+from agentserve.ttl.predictor import ToolDurationPredictor
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_dag_records_llm_and_tool_nodes_in_order():
+    clock = Clock()
+    tr = ProgramTracker(clock=clock)
+    tr.llm_start("p")
+    tr.llm_end("p", context_tokens=100)
+    tr.tool_start("p", "bash")
+    clock.t = 1.5
+    assert tr.tool_end("p", "bash") == (1.5, True)
+    turn, gap, _ = tr.llm_start("p")
+    assert turn == 1 and gap is None  # the tool was reported: no server-side gap
+    g = tr.get("p").graph
+    assert list(g.edges) == [("llm:0", "tool:0:bash"), ("tool:0:bash", "llm:1")]
+    import networkx as nx
+    assert nx.is_directed_acyclic_graph(g)
+
+
+def test_server_gap_when_the_client_reports_no_tool():
+    clock = Clock()
+    tr = ProgramTracker(clock=clock)
+    tr.llm_start("p", tool="bash")
+    tr.llm_end("p", context_tokens=10)
+    clock.t = 0.7
+    turn, gap, tool = tr.llm_start("p")
+    assert (turn, gap, tool) == (1, pytest.approx(0.7), "bash")
+
+
+def test_client_errors_are_4xx():
+    tr = ProgramTracker()
+    with pytest.raises(ProgramError) as e:
+        tr.tool_start("nope", "bash")
+    assert e.value.status == 404
+    tr.llm_start("p")
+    with pytest.raises(ProgramError) as e:
+        tr.tool_end("p", "bash")
+    assert e.value.status == 409
+    tr.end("p")
+    with pytest.raises(ProgramError):
+        tr.end("p")
+
+
+def test_subagents_and_abandonment_leave_nothing_behind():
+    clock = Clock()
+    tr = ProgramTracker(idle_timeout_s=10, clock=clock)
+    tr.llm_start("parent")
+    tr.llm_start("child", parent="parent")
+    assert tr.get("parent").children == {"child"}
+    tr.llm_end("parent", context_tokens=1)
+    tr.llm_end("child", context_tokens=1)
+    clock.t = 11
+    assert sorted(p.program_id for p in tr.reap()) == ["child", "parent"]
+    assert len(tr) == 0
+
+
+def test_in_flight_program_is_not_reaped():
+    clock = Clock()
+    tr = ProgramTracker(idle_timeout_s=1, clock=clock)
+    tr.llm_start("p")
+    clock.t = 100
+    assert tr.reap() == []
+
+
+def test_rewrite_body_moves_fields_to_vllm_xargs():
+    body = json.dumps({"model": "m", "messages": [], "agentserve": {"program_id": "p", "turn": 2}}).encode()
+    out, err = rewrite_body(body)
+    assert err is None
+    data = json.loads(out)
+    assert "agentserve" not in data and data["vllm_xargs"][XARG_PROGRAM] == "p"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"turn": 1}, "agentserve.program_id"),
+    ("p", "agentserve"),
+    ({"program_id": 5}, "agentserve.program_id"),
+    ({"program_id": "p", "turn": -1}, "agentserve.turn"),
+    ({"program_id": "p", "colour": "red"}, "agentserve.colour"),
+])
+def test_rewrite_body_names_the_bad_field(fields, param):
+    _, err = rewrite_body(json.dumps({"model": "m", "agentserve": fields}).encode())
+    assert err.status_code == 400
+    payload = json.loads(err.body)
+    assert payload["error"]["param"] == param
+
+
+def test_bodies_without_agentserve_pass_untouched():
+    for body in (b"{not json", b"[1,2]", b'{"model": "m"}'):
+        assert rewrite_body(body) == (body, None)
+
+
+def test_control_plane_with_a_fake_engine_link():
+    sent = []
+
+    async def link(command, payload):
+        sent.append((command, payload))
+        return {"pins": 0, "pinned_blocks": 0, "counters": {}, "events": [
+            {"kind": "admit_unpinned", "program": "p", "queue_s": 2.0, "cached": 0, "prompt": 100}]}
+
+    clock = Clock()
+    control = ProgramControl(ProgramTracker(idle_timeout_s=5, clock=clock), ToolDurationPredictor(),
+                             FixedTTL(3.0), link)
+    xargs = control.begin_call(ProgramFields(program_id="p"), prompt_tokens=100, max_tokens=10)
+    assert xargs[XARG_TTL] == 3.0 and xargs[XARG_PROGRAM] == "p"
+    last = control.begin_call(ProgramFields(program_id="q", is_last_turn=True), 10, 1)
+    assert XARG_TTL not in last  # a last turn is never pinned
+    control.end_call("p", 110)
+    control.end_call("q", 11)
+    clock.t = 10
+    asyncio.run(control.tick())
+    assert [c for c, _ in sent] == ["end", "end", "tick"]  # both abandoned programs ended
+    assert control.benefit.T == pytest.approx(2.0)
+    assert len(control.tracker) == 0
