@@ -1,11 +1,12 @@
-"""An agent program against agentserve's OpenAI API, the way mini-swe-agent drives an LLM.
+"""An agent program on agentserve's SDK, the way mini-swe-agent drives an LLM.
 
 Each turn sends the whole conversation so far, gets the model's answer, runs a real shell tool call
 and appends its output as the next user message (the observation). The served model here has random
 weights, so the agent follows a fixed tool plan instead of parsing commands from the answer; the
 traffic (growing prompts, tool pauses between turns) is what a real coding agent sends.
 
-Prints one row per turn with the prompt size, the tokens served from the prefix cache and the
+The SDK marks the calls as one program and times each tool call, so the server keeps the program's
+KV pinned across the tool call. Prints one row per turn with the prompt size, the tokens served from the prefix cache and the
 latency, so you can watch prefix reuse across turns.
 
     python examples/agent_program.py                      # starts its own server on the tiny model
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from openai import OpenAI
+from agentserve.sdk import AgentServe
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL_PLAN = [
@@ -37,39 +38,47 @@ SYSTEM = (
 )
 
 
-def run_tool(cmd: str) -> tuple[str, float]:
-    t0 = time.perf_counter()
+def run_tool(cmd: str) -> str:
     proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=60)
-    out = f"<returncode>{proc.returncode}</returncode>\n<output>\n{(proc.stdout + proc.stderr)[:4000]}</output>"
-    return out, time.perf_counter() - t0
+    return f"<returncode>{proc.returncode}</returncode>\n<output>\n{(proc.stdout + proc.stderr)[:4000]}</output>"
 
 
-def run_program(client: OpenAI, model: str, turns: int, max_tokens: int) -> list[dict]:
+def run_program(client: AgentServe, model: str, turns: int, max_tokens: int) -> list[dict]:
     messages = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": "Find where the engine settings are defined and summarise them."},
     ]
     rows = []
-    for turn in range(turns):
-        t0 = time.perf_counter()
-        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
-        latency = time.perf_counter() - t0
-        answer = resp.choices[0].message.content or ""
-        cmd = TOOL_PLAN[turn % len(TOOL_PLAN)]
-        messages.append({"role": "assistant", "content": f"{answer}\n```bash\n{cmd}\n```"})
-        observation, tool_s = run_tool(cmd)
-        messages.append({"role": "user", "content": observation})
-        details = resp.usage.prompt_tokens_details
-        rows.append({
-            "turn": turn,
-            "prompt_tokens": resp.usage.prompt_tokens,
-            "cached_tokens": (details.cached_tokens or 0) if details else 0,
-            "completion_tokens": resp.usage.completion_tokens,
-            "llm_s": latency,
-            "tool": cmd.split()[0],
-            "tool_s": tool_s,
-        })
+    with client.program() as program:
+        for turn in range(turns):
+            cmd = TOOL_PLAN[turn % len(TOOL_PLAN)]
+            last = turn == turns - 1
+            t0 = time.perf_counter()
+            resp = program.chat(model=model, messages=messages, max_tokens=max_tokens, last=last,
+                                tool=None if last else "bash")
+            latency = time.perf_counter() - t0
+            answer = resp.choices[0].message.content or ""
+            messages.append({"role": "assistant", "content": f"{answer}\n```bash\n{cmd}\n```"})
+            t1 = time.perf_counter()
+            with program.tool("bash"):
+                observation = run_tool(cmd)
+            tool_s = time.perf_counter() - t1
+            messages.append({"role": "user", "content": observation})
+            rows.append(_row(turn, resp, latency, cmd, tool_s))
     return rows
+
+
+def _row(turn, resp, latency, cmd, tool_s) -> dict:
+    details = resp.usage.prompt_tokens_details
+    return {
+        "turn": turn,
+        "prompt_tokens": resp.usage.prompt_tokens,
+        "cached_tokens": (details.cached_tokens or 0) if details else 0,
+        "completion_tokens": resp.usage.completion_tokens,
+        "llm_s": latency,
+        "tool": cmd.split()[0],
+        "tool_s": tool_s,
+    }
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -92,15 +101,13 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.base_url:
-        print_rows(run_program(OpenAI(base_url=args.base_url + "/v1", api_key="none"), args.model,
-                               args.turns, args.max_tokens))
+        print_rows(run_program(AgentServe(args.base_url), args.model, args.turns, args.max_tokens))
         return 0
     from agentserve.server.process import ServerProcess
 
     print(f"starting agentserve serve --model {args.model} --kv-tokens {args.kv_tokens} ...", flush=True)
     with ServerProcess(["--model", args.model, "--kv-tokens", str(args.kv_tokens)]) as srv:
-        client = OpenAI(base_url=srv.base_url + "/v1", api_key="none")
-        print_rows(run_program(client, args.model, args.turns, args.max_tokens))
+        print_rows(run_program(AgentServe(srv.base_url), args.model, args.turns, args.max_tokens))
     return 0
 
 

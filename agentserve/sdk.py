@@ -1,0 +1,169 @@
+"""agentserve's Python SDK for agent frameworks, sync (`AgentServe`) and async (`AsyncAgentServe`).
+
+    client = AgentServe("http://127.0.0.1:8000")
+    with client.program() as prog:                 # ends the program on exit, also on exception
+        r = prog.chat(model="tiny", messages=msgs)   # the OpenAI call, with the program's fields added
+        with prog.tool("bash"):                      # times the tool, reports start and end
+            run(...)
+        sub = prog.spawn()                           # a sub-agent: a program with a parent edge
+
+`chat` takes exactly the arguments of `openai`'s `chat.completions.create` and returns its result.
+Any server that speaks OpenAI works for the chat part; the program fields make agentserve keep the
+program's KV across its tool calls.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import httpx
+
+TIMEOUT_S = 600.0
+
+
+def _new_id() -> str:
+    return f"prog-{uuid.uuid4().hex[:16]}"
+
+
+class _ProgramState:
+    """What sync and async programs share: identity, turn counting, request fields."""
+
+    def __init__(self, program_id: str | None, parent: str | None):
+        self.program_id = program_id or _new_id()
+        self.parent = parent
+        self.turn = 0
+        self.ended = False
+
+    def chat_kwargs(self, kwargs: dict[str, Any], tool: str | None, last: bool) -> dict[str, Any]:
+        fields: dict[str, Any] = {"program_id": self.program_id, "turn": self.turn, "is_last_turn": last}
+        if tool is not None:
+            fields["tool"] = tool
+        if self.parent is not None and self.turn == 0:
+            fields["parent_program_id"] = self.parent
+        extra_body = dict(kwargs.pop("extra_body", None) or {})
+        extra_body["agentserve"] = fields
+        self.turn += 1
+        return {**kwargs, "extra_body": extra_body}
+
+    def tool_url(self) -> str:
+        return f"/v1/programs/{self.program_id}/tool"
+
+    def end_url(self) -> str:
+        return f"/v1/programs/{self.program_id}/end"
+
+
+def _check(r: httpx.Response) -> dict:
+    if r.status_code >= 400:
+        raise AgentServeError(r.status_code, r.text)
+    return r.json()
+
+
+class AgentServeError(Exception):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"agentserve answered {status}: {body}")
+        self.status = status
+
+
+class Program(_ProgramState):
+    def __init__(self, client: "AgentServe", program_id: str | None = None, parent: str | None = None):
+        super().__init__(program_id, parent)
+        self.client = client
+
+    def chat(self, *, tool: str | None = None, last: bool = False, **kwargs):
+        """`chat.completions.create(**kwargs)` as a turn of this program. `tool`: the tool this turn's
+        answer will run, if known; `last`: this is the program's last LLM call (no pin after it)."""
+        return self.client.openai.chat.completions.create(**self.chat_kwargs(kwargs, tool, last))
+
+    @contextmanager
+    def tool(self, name: str):
+        _check(self.client.http.post(self.tool_url(), json={"name": name, "event": "start"}))
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _check(self.client.http.post(self.tool_url(), json={
+                "name": name, "event": "end", "duration_s": time.perf_counter() - t0}))
+
+    def spawn(self, program_id: str | None = None) -> "Program":
+        return Program(self.client, program_id, parent=self.program_id)
+
+    def end(self) -> None:
+        if not self.ended and self.turn > 0:  # a program the server never saw has nothing to end
+            _check(self.client.http.post(self.end_url()))
+        self.ended = True
+
+    def __enter__(self) -> "Program":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()
+
+
+class AsyncProgram(_ProgramState):
+    def __init__(self, client: "AsyncAgentServe", program_id: str | None = None, parent: str | None = None):
+        super().__init__(program_id, parent)
+        self.client = client
+
+    async def chat(self, *, tool: str | None = None, last: bool = False, **kwargs):
+        return await self.client.openai.chat.completions.create(**self.chat_kwargs(kwargs, tool, last))
+
+    @asynccontextmanager
+    async def tool(self, name: str):
+        _check(await self.client.http.post(self.tool_url(), json={"name": name, "event": "start"}))
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _check(await self.client.http.post(self.tool_url(), json={
+                "name": name, "event": "end", "duration_s": time.perf_counter() - t0}))
+
+    def spawn(self, program_id: str | None = None) -> "AsyncProgram":
+        return AsyncProgram(self.client, program_id, parent=self.program_id)
+
+    async def end(self) -> None:
+        if not self.ended and self.turn > 0:
+            _check(await self.client.http.post(self.end_url()))
+        self.ended = True
+
+    async def __aenter__(self) -> "AsyncProgram":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.end()
+
+
+class AgentServe:
+    def __init__(self, base_url: str, api_key: str = "none", timeout_s: float = TIMEOUT_S):
+        from openai import OpenAI
+
+        self.base_url = base_url.rstrip("/")
+        self.openai = OpenAI(base_url=self.base_url + "/v1", api_key=api_key, timeout=timeout_s)
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s,
+                                 headers={"Authorization": f"Bearer {api_key}"})
+
+    def program(self, program_id: str | None = None) -> Program:
+        return Program(self, program_id)
+
+    def close(self) -> None:
+        self.http.close()
+        self.openai.close()
+
+
+class AsyncAgentServe:
+    def __init__(self, base_url: str, api_key: str = "none", timeout_s: float = TIMEOUT_S):
+        from openai import AsyncOpenAI
+
+        self.base_url = base_url.rstrip("/")
+        self.openai = AsyncOpenAI(base_url=self.base_url + "/v1", api_key=api_key, timeout=timeout_s)
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s,
+                                      headers={"Authorization": f"Bearer {api_key}"})
+
+    def program(self, program_id: str | None = None) -> AsyncProgram:
+        return AsyncProgram(self, program_id)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.openai.close()

@@ -1,0 +1,73 @@
+"""The SDK against a real server: turns, tool timing, sub-agents, end on exit and on exception."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from agentserve.sdk import AgentServe, AgentServeError, AsyncAgentServe
+
+pytestmark = pytest.mark.slow
+
+MSG = [{"role": "user", "content": "List the files, then run the tests."}]
+
+
+def program_info(server, pid):
+    return httpx.get(f"{server.base_url}/v1/programs/{pid}")
+
+
+def test_sync_program_turns_tools_and_end(server):
+    client = AgentServe(server.base_url)
+    with client.program() as prog:
+        r = prog.chat(model="tiny", messages=MSG, max_tokens=4)
+        assert r.choices[0].message.content is not None
+        with prog.tool("bash"):
+            pass
+        prog.chat(model="tiny", messages=MSG, max_tokens=4, last=True)
+        info = program_info(server, prog.program_id).json()
+        assert info["llm_calls"] == 2
+        kinds = [n["id"].split(":")[0] for n in info["nodes"]]
+        assert kinds == ["llm", "tool", "llm"]
+    assert program_info(server, prog.program_id).status_code == 404  # ended on exit
+    client.close()
+
+
+def test_program_ends_on_exception_and_subagents_have_parent_edges(server):
+    client = AgentServe(server.base_url)
+    with pytest.raises(RuntimeError):
+        with client.program() as prog:
+            prog.chat(model="tiny", messages=MSG, max_tokens=2)
+            child = prog.spawn()
+            child.chat(model="tiny", messages=MSG, max_tokens=2)
+            assert program_info(server, prog.program_id).json()["children"] == [child.program_id]
+            assert program_info(server, child.program_id).json()["parent_program_id"] == prog.program_id
+            child.end()
+            raise RuntimeError("the agent crashed")
+    assert program_info(server, prog.program_id).status_code == 404
+    client.close()
+
+
+def test_tool_errors_surface_as_agentserve_errors(server):
+    client = AgentServe(server.base_url)
+    prog = client.program("never-started")
+    with pytest.raises(AgentServeError) as e:
+        with prog.tool("bash"):
+            pass
+    assert e.value.status == 404
+    client.close()
+
+
+def test_async_program(server):
+    async def run():
+        client = AsyncAgentServe(server.base_url)
+        async with client.program() as prog:
+            await prog.chat(model="tiny", messages=MSG, max_tokens=3)
+            async with prog.tool("editor"):
+                await asyncio.sleep(0.01)
+            await prog.chat(model="tiny", messages=MSG, max_tokens=3)
+            assert program_info(server, prog.program_id).json()["last_tool"] == "editor"
+        await client.close()
+        return prog.program_id
+
+    pid = asyncio.run(run())
+    assert program_info(server, pid).status_code == 404
