@@ -1,0 +1,1 @@
+"""agentserve: the serving layer for agent programs on vLLM."""

@@ -1,0 +1,1 @@
+"""Trace adapters (SWE-bench, BFCL, ...) into a neutral schema, and the replay driver: not built yet."""

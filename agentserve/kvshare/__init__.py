@@ -1,0 +1,1 @@
+"""KV sharing across agents (KVCOMM) and across models (DroidSpeak): not built yet."""
