@@ -28,7 +28,7 @@ def test_dag_records_llm_and_tool_nodes_in_order():
     tr.llm_end("p", context_tokens=100)
     tr.tool_start("p", "bash")
     clock.t = 1.5
-    assert tr.tool_end("p", "bash") == (1.5, True)
+    assert tr.tool_end("p", "bash") == 1.5
     turn, gap, _ = tr.llm_start("p")
     assert turn == 1 and gap is None  # the tool was reported: no server-side gap
     g = tr.get("p").graph

@@ -132,12 +132,7 @@ class ProgramScheduler(Scheduler):
         blocks = self._allocate(request, *args, **kwargs)
         own = program_of(request)
         while blocks is None and len(self.pins):
-            victim = self.pins.latest_program_pin()
-            if victim.program_id == own:  # its own pin goes last: it holds this request's prefix
-                others = [p for p in self.pins.pins.values() if p.program_id != own]
-                if others:
-                    victim = max(others, key=lambda p: (p.program_rank, p.created_at))
-            self._release(self.pins.release(victim.program_id, "pressure"))
+            self._release(self.pins.release_for_pressure(spare=own))
             blocks = self._allocate(request, *args, **kwargs)
         return blocks
 

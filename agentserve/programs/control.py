@@ -67,9 +67,9 @@ class ProgramControl:
         if event == "start":
             self.tracker.tool_start(program_id, name)
             return None
-        duration, client = self.tracker.tool_end(program_id, name, duration_s)
+        duration = self.tracker.tool_end(program_id, name, duration_s)
         predicted = self.predictor.predict_mean(name)
-        self.predictor.observe(name, duration, client_measured=client)
+        self.predictor.observe(name, duration, client_measured=True)
         self.on_event("tool", {"program": program_id, "tool": name, "actual_s": duration,
                                "predicted_s": predicted})
         return duration

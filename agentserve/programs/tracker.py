@@ -112,8 +112,9 @@ class ProgramTracker:
         p.last_node = node
         p.last_tool = name
 
-    def tool_end(self, program_id: str, name: str, duration_s: float | None = None) -> tuple[float, bool]:
-        """Returns (duration, measured by the client?)."""
+    def tool_end(self, program_id: str, name: str, duration_s: float | None = None) -> float:
+        """Returns the tool's duration: the client's measurement, else the gap between its start and
+        end events (both reported by the client, so either is client-side evidence)."""
         p = self.get(program_id)
         if p.open_tool is None or p.open_tool[0] != name:
             running = p.open_tool[0] if p.open_tool else "none"
@@ -125,7 +126,7 @@ class ProgramTracker:
         p.tool_reported_since_llm = True
         if p.last_node is not None:
             p.graph.nodes[p.last_node]["end"] = now
-        return (duration_s, True) if duration_s is not None else (now - started, True)
+        return duration_s if duration_s is not None else now - started
 
     def end(self, program_id: str) -> Program:
         p = self.programs.pop(program_id, None)

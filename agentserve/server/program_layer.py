@@ -173,7 +173,7 @@ def add_program_routes(app: FastAPI, control: ProgramControl) -> None:
             return error_response(e.status, str(e), "program_id")
         return {"program_id": p.program_id, "llm_calls": p.llm_calls, "active_calls": p.active_calls,
                 "parent_program_id": p.parent, "children": sorted(p.children), "last_tool": p.last_tool,
-                "nodes": [{"id": n, **{k: v for k, v in d.items()}} for n, d in p.graph.nodes(data=True)],
+                "nodes": [{"id": n, **d} for n, d in p.graph.nodes(data=True)],
                 "edges": [list(e) for e in p.graph.edges]}
 
     @app.get("/v1/agentserve/stats")

@@ -94,10 +94,14 @@ class PinTable:
             return None
         return max(self.pins.values(), key=lambda p: (p.program_rank, p.created_at))
 
-    def release_for_pressure(self) -> Release | None:
-        """Release the pin of the latest-arriving program, if any (memory pressure)."""
-        victim = self.latest_program_pin()
-        return None if victim is None else self._drop(victim, "pressure")
+    def release_for_pressure(self, spare: str | None = None) -> Release | None:
+        """Release the pin of the latest-arriving program, if any (memory pressure). The pin of
+        program `spare` (the one asking for memory: its pin holds its own prefix) goes last."""
+        others = [p for p in self.pins.values() if p.program_id != spare]
+        pool = others or list(self.pins.values())
+        if not pool:
+            return None
+        return self._drop(max(pool, key=lambda p: (p.program_rank, p.created_at)), "pressure")
 
     def release_all(self, reason: str) -> list[Release]:
         return [self._drop(p, reason) for p in list(self.pins.values())]
