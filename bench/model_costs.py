@@ -1,7 +1,7 @@
 """Measure what a turn costs on this machine for a built-in model: re-prefill of a context, decode of
 an output, so `bench`'s size can be checked against the GPU ratios it stands in for (docs/models.md).
 
-    python bench/model_costs.py --model bench --context 4096 --output 69
+    python bench/model_costs.py --models tiny,bench --context 4096 --output 69
 """
 
 from __future__ import annotations
@@ -50,16 +50,20 @@ async def measure(model: str, context: int, output: int, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="bench")
+    ap.add_argument("--models", default="tiny,bench", help="comma-separated models, measured in one run")
     ap.add_argument("--context", type=int, default=4096, help="context tokens to re-prefill")
     ap.add_argument("--output", type=int, default=69, help="output tokens to decode")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    r = asyncio.run(measure(args.model, args.context, args.output, args.repeats))
-    decode_turn = r["decode_s_per_token"] * args.output
+    for model in args.models.split(","):
+        report(asyncio.run(measure(model, args.context, args.output, args.repeats)), args.output)
+
+
+def report(r: dict, output: int) -> None:
+    decode_turn = r["decode_s_per_token"] * output
     print(f"model={r['model']} context={r['context']}: prefill {r['prefill_s']:.3f} s "
           f"({r['prefill_tok_s']:.0f} tok/s), decode {1000 * r['decode_s_per_token']:.1f} ms/token, "
-          f"{args.output}-token output {decode_turn:.3f} s, prefill/decode per turn "
+          f"{output}-token output {decode_turn:.3f} s, prefill/decode per turn "
           f"{r['prefill_s'] / decode_turn:.2f}")
 
 
