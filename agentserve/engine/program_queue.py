@@ -64,5 +64,9 @@ class ProgramQueue(RequestQueue):
     def __len__(self) -> int:
         return len(self._heap)
 
+    def unordered(self) -> Iterator[Request]:
+        """The waiting requests in heap order: O(n), for membership questions."""
+        return (e[2] for e in self._heap)
+
     def __iter__(self) -> Iterator[Request]:
         return (e[2] for e in sorted(self._heap, key=lambda e: (e[0], e[1])))

@@ -130,8 +130,10 @@ class ProgramScheduler(Scheduler):
 
     def _allocate_or_release_pins(self, request: Request, *args, **kwargs):
         blocks = self._allocate(request, *args, **kwargs)
+        if blocks is not None or not self.pins:  # the hot path: called per running request per step
+            return blocks
         own = program_of(request)
-        while blocks is None and len(self.pins):
+        while blocks is None and self.pins:
             self._release(self.pins.release_for_pressure(spare=own))
             blocks = self._allocate(request, *args, **kwargs)
         return blocks
@@ -160,7 +162,7 @@ class ProgramScheduler(Scheduler):
         nxt = self.pins.next_expiry()
         if nxt is None or nxt > time.monotonic():
             return
-        busy = {program_of(r) for r in self.waiting}
+        busy = {program_of(r) for r in self.waiting.unordered()}
         for r in self.pins.expire(time.monotonic(), busy):
             self._release(r)
 
