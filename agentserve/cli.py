@@ -1,5 +1,5 @@
-"""The `agentserve` command line: `serve` the OpenAI API on a vLLM engine; `models` lists / builds
-the locally built models."""
+"""The `agentserve` command line: `serve` the OpenAI API on a vLLM engine; `replay` an agent trace
+against several policies side by side; `models` lists / builds the locally built models."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 
 from agentserve.engine.settings import DEFAULT_BLOCK_SIZE, DEFAULT_DTYPE, EngineSettings
+from workloads import DEFAULT_TRACE
 
 
 def _positive_int(text: str) -> int:
@@ -108,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no pin is held longer than this many seconds, whatever the policy (default: 60)")
     pr.add_argument("--pin-cap", type=float, default=0.5,
                     help="largest share of the KV budget that pins may hold, 0..1 (default: 0.5)")
+    pr.add_argument("--max-wait", type=float, default=2.0,
+                    help="seconds a request may wait behind earlier programs' turns before it is served "
+                    "in arrival order (bounds program FCFS's TTFT tail; 0 = no bound; default: 2)")
+    pr.add_argument("--pin-mode", default="soft", choices=["soft", "ordered"],
+                    help="under memory pressure, soft: any request frees pins (latest program first), so pins "
+                    "never delay anything; ordered: a waiting request frees only later programs' pins and "
+                    "otherwise waits, until --max-wait; running work always may (default: soft)")
     pr.add_argument("--idle-timeout", type=float, default=600.0,
                     help="seconds after which a silent program is abandoned and its pin released (default: 600)")
     s.add_argument(
@@ -116,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="agentserve log level (default: info)",
     )
+
+    add_replay_parser(sub)
 
     models = sub.add_parser(
         "models",
@@ -128,6 +138,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _csv(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def add_replay_parser(sub) -> None:
+    from workloads.formats import FORMATS
+    from workloads.replay import POLICIES
+
+    rp = sub.add_parser(
+        "replay",
+        help="replay an agent trace against several policies on one engine; compare JCT, TTFT, cache hits",
+        description="Replay agent programs from a trace (SWE-bench mini-swe-agent, OpenHands, SWE-agent, "
+        "Continuum, BFCL, or agentserve's own schema) against each policy in turn: a fresh server per "
+        "policy, the same model, KV budget and arrival plan. Writes OUT/results.json, records.json, "
+        "jct_cdf.png and timeline.png and prints the side-by-side table.",
+    )
+    rp.add_argument("--trace", default=str(DEFAULT_TRACE),
+                    help="trace file or directory, or bfcl:CATEGORY (base, long_context, miss_func, miss_param) "
+                    "(default: the embedded 16-program mini-swe-agent SWE-bench sample)")
+    rp.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="trace format (default: auto)")
+    rp.add_argument("--policies", type=_csv, default=["vllm", "continuum", "agentserve", "oracle"],
+                    help=f"comma-separated, run in this order, from {','.join(POLICIES)}; a plugin policy "
+                    "may carry its own serve options as +KEY=VALUE (pin-mode, max-wait, pin-cap, fixed-ttl, "
+                    "max-ttl), e.g. agentserve+pin-mode=ordered+max-wait=0 "
+                    "(default: vllm,continuum,agentserve,oracle)")
+    rp.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
+                    help="also replay against a running OpenAI-compatible server (e.g. a stock vllm serve "
+                    "of the same model), with plain OpenAI requests; repeatable")
+    rp.add_argument("--programs", type=_positive_int, default=8, help="programs to replay (default: 8)")
+    load = rp.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, default=None, help="Poisson program arrivals per second (default: 0.5)")
+    load.add_argument("--concurrency", type=_positive_int, default=None, help="run this many programs at once instead")
+    rp.add_argument("--token-scale", type=float, default=0.25, help="multiply every token count (default: 0.25)")
+    rp.add_argument("--time-scale", type=float, default=1.0, help="multiply every tool duration (default: 1)")
+    rp.add_argument("--max-turns", type=_positive_int, default=10, help="LLM calls per program at most (default: 10)")
+    rp.add_argument("--seed", type=int, default=0, help="program sample, arrivals, tool times (default: 0)")
+    rp.add_argument("--out", default="replay-out", help="output directory (default: replay-out)")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = rp.add_argument_group("engine (the same for every policy)")
+    g.add_argument("--model", default="tiny", help="built-in model or model directory (default: tiny)")
+    g.add_argument("--kv-tokens", type=_positive_int, default=8192, help="KV budget in tokens (default: 8192)")
+    g.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="context length; turns that would not fit are cut (default: min(kv-tokens, 8192))")
+    g.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE)
+    g.add_argument("--max-num-seqs", type=_positive_int, default=64)
+    g.add_argument("--fixed-ttl", type=float, default=2.0, help="TTL of policy fixed (default: 2)")
+    g.add_argument("--pin-cap", type=float, default=0.5, help="share of the KV budget pins may hold (default: 0.5)")
+    g.add_argument("--max-wait", type=float, default=2.0,
+                   help="wait bound of program FCFS, see `agentserve serve --help` (default: 2)")
+    g.add_argument("--pin-mode", default="soft", choices=["soft", "ordered"],
+                   help="who may free pins under pressure, see `agentserve serve --help` (default: soft)")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workloads.plan import ReplayConfig
+    from workloads.replay import EngineSetup, parse_endpoints, replay
+    from workloads.report import table
+
+    rate = args.rate if args.rate is not None or args.concurrency is not None else 0.5
+    cfg = ReplayConfig(programs=args.programs, rate=rate, concurrency=args.concurrency,
+                       token_scale=args.token_scale, time_scale=args.time_scale, max_turns=args.max_turns,
+                       seed=args.seed)
+    setup = EngineSetup(model=args.model, kv_tokens=args.kv_tokens, max_model_len=args.max_model_len,
+                        block_size=args.block_size, max_num_seqs=args.max_num_seqs, fixed_ttl_s=args.fixed_ttl,
+                        pin_cap_share=args.pin_cap, max_wait_s=args.max_wait, pin_mode=args.pin_mode)
+    results = replay(args.trace, fmt=args.format, policies=args.policies, cfg=cfg, setup=setup,
+                     out_dir=Path(args.out), endpoints=parse_endpoints(args.endpoint),
+                     progress=not args.no_progress)
+    print(table(results))
+    print(f"\nwritten: {args.out}/results.json, records.json, jct_cdf.png, timeline.png")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -136,7 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = engine_settings_from(args)
     options = ProgramOptions(policy=args.policy, fixed_ttl_s=args.fixed_ttl, max_ttl_s=args.max_ttl,
-                             pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout)
+                             pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout,
+                             max_wait_s=args.max_wait, pin_mode=args.pin_mode)
     asyncio.run(serve(settings, host=args.host, port=args.port, options=options))
     return 0
 
@@ -161,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "replay":
+            return cmd_replay(args)
     except ValueError as e:  # bad settings: say what, no traceback
         print(f"agentserve: error: {e}", file=sys.stderr)
         return 2

@@ -18,9 +18,9 @@ import random
 import statistics
 import time
 
-import torch
-
-from agentserve.engine.settings import EngineSettings, engine_args
+from agentserve.engine.offline import build_scheduler
+from agentserve.engine.offline import step as engine_step
+from agentserve.engine.settings import EngineSettings
 from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
 
 SIDES = {
@@ -30,32 +30,15 @@ SIDES = {
 
 
 def build(side: str, args):
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.utils.import_utils import resolve_obj_by_qualname
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
-
     cls_name, policy = SIDES[side]
     settings = EngineSettings(model=args.model, kv_tokens=args.kv_tokens, scheduling_policy=policy,
                               max_model_len=args.max_model_len, scheduler_cls=cls_name,
                               additional_config={"agentserve": {"pin_cap_share": 0.5}})
-    config = engine_args(settings).create_engine_config()
-    config.cache_config.num_gpu_blocks = settings.num_blocks
-    spec = FullAttentionSpec(block_size=settings.block_size, num_kv_heads=1, head_size=64, dtype=torch.float32)
-    kv = KVCacheConfig(num_blocks=settings.num_blocks, kv_cache_tensors=[],
-                       kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-    scheduler = resolve_obj_by_qualname(cls_name)(
-        vllm_config=config, kv_cache_config=kv, structured_output_manager=StructuredOutputManager(config),
-        block_size=settings.block_size, log_stats=True)
-    hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
-    init_none_hash(hash_fn)
-    return scheduler, get_request_block_hasher(settings.block_size, hash_fn)
+    return build_scheduler(settings)
 
 
 def run_side(side: str, args) -> dict:
     from vllm import SamplingParams
-    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
     scheduler, hasher = build(side, args)
@@ -73,28 +56,20 @@ def run_side(side: str, args) -> dict:
                 XARG_PROGRAM: f"p{p}", XARG_IS_LAST: last, XARG_TTL: 0.0 if last else 60.0})
             scheduler.add_request(Request(f"p{p}-{turn[p]}", list(tokens[p]), params, None,
                                           arrival_time=time.time(), block_hasher=hasher))
-        out = scheduler.schedule()
-        ids = list(out.num_scheduled_tokens)
-        sampled = [[rng.randrange(10, 4000)] if scheduler.requests[r].num_computed_tokens
-                   >= scheduler.requests[r].num_tokens else [] for r in ids]
-        result = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                                   sampled_token_ids=sampled)
-        for outputs in scheduler.update_from_output(out, result).values():
-            for o in outputs.outputs:
-                if o.finish_reason is None:
-                    continue
-                p = int(o.request_id.split("-")[0][1:])
-                tokens[p] += [rng.randrange(10, 4000) for _ in range(args.output + args.grow)]
-                turn[p] += 1
-                if turn[p] < args.turns:
-                    due.append((step + 1 + int(rng.expovariate(1 / args.pause_steps)), p))
-                else:
-                    done += 1
-                    if side == "agentserve":
-                        scheduler.agentserve_control("end", {"program_id": f"p{p}"})
-                    if started < args.programs:
-                        due.append((step + 1, started))
-                        started += 1
+        _, finished = engine_step(scheduler, lambda: rng.randrange(10, 4000))
+        for request_id in finished:
+            p = int(request_id.split("-")[0][1:])
+            tokens[p] += [rng.randrange(10, 4000) for _ in range(args.output + args.grow)]
+            turn[p] += 1
+            if turn[p] < args.turns:
+                due.append((step + 1 + int(rng.expovariate(1 / args.pause_steps)), p))
+            else:
+                done += 1
+                if side == "agentserve":
+                    scheduler.agentserve_control("end", {"program_id": f"p{p}"})
+                if started < args.programs:
+                    due.append((step + 1, started))
+                    started += 1
         step += 1
     times = scheduler.take_step_times()
     counters = dict(getattr(scheduler, "counters", {}))

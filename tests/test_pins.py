@@ -100,3 +100,12 @@ def test_expiry_skips_programs_with_a_waiting_request():
 def test_empty_pin_is_not_inserted():
     t = PinTable(cap_blocks=10)
     assert t.add(pin("a", 0, 0)) == (False, [])
+
+
+def test_release_for_pressure_junior_to_spares_earlier_programs():
+    t = PinTable(cap_blocks=100)
+    for rank, name in enumerate("abc"):
+        t.add(Pin(name, [object()] * 10, 320, rank, 0.0, 10.0))
+    assert t.release_for_pressure(spare="b", junior_to=1).pin.program_id == "c"  # later than b: may go
+    assert t.release_for_pressure(spare="b", junior_to=1) is None  # only a (earlier) and b's own are left
+    assert len(t) == 2

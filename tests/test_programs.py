@@ -9,7 +9,8 @@ from agentserve.programs.control import ProgramControl
 from agentserve.programs.fields import XARG_PROGRAM, XARG_TTL, ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.server.program_layer import rewrite_body
-from agentserve.ttl.policy import FixedTTL
+from agentserve.ttl.policy import FixedTTL, OnlineBenefit
+from agentserve.ttl.reload import ReloadProfile
 from agentserve.ttl.predictor import ToolDurationPredictor
 
 
@@ -114,8 +115,7 @@ def test_control_plane_with_a_fake_engine_link():
 
     async def link(command, payload):
         sent.append((command, payload))
-        return {"pins": 0, "pinned_blocks": 0, "counters": {}, "events": [
-            {"kind": "admit_unpinned", "program": "p", "queue_s": 2.0, "cached": 0, "prompt": 100}]}
+        return {"pins": 0, "pinned_blocks": 0, "counters": {}, "events": []}
 
     clock = Clock()
     control = ProgramControl(ProgramTracker(idle_timeout_s=5, clock=clock), ToolDurationPredictor(),
@@ -129,5 +129,17 @@ def test_control_plane_with_a_fake_engine_link():
     clock.t = 10
     asyncio.run(control.tick())
     assert [c for c, _ in sent] == ["end", "end", "tick"]  # both abandoned programs ended
-    assert control.benefit.T == pytest.approx(2.0)
     assert len(control.tracker) == 0
+
+
+def test_evicted_returning_turns_feed_T():
+    control = ProgramControl(ProgramTracker(idle_timeout_s=60), ToolDurationPredictor(), FixedTTL(1.0), None)
+    control.first_token("p", 0, ttft_s=5.0, prompt_tokens=100, cached_tokens=0)  # a first turn: no KV to lose
+    control.first_token("p", 1, ttft_s=5.0, prompt_tokens=100, cached_tokens=90)  # a hit
+    assert control.benefit.T == 0
+    control.first_token("p", 2, ttft_s=2.5, prompt_tokens=100, cached_tokens=10)  # evicted: 2.5 s
+    control.first_token("p", 3, ttft_s=1.5, prompt_tokens=100, cached_tokens=None)  # server says nothing
+    assert control.benefit.T == pytest.approx(2.5)  # FixedTTL has no reload profile: nothing to subtract
+    benefit = OnlineBenefit()
+    benefit.observe_evicted_turn(2.0, 1000, ReloadProfile(a=0.0, b=0.001, c=0.0, max_tokens=4096))
+    assert benefit.T == pytest.approx(1.0)  # 2 s to first token, 1 s of it the idle re-prefill

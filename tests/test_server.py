@@ -82,3 +82,15 @@ def test_malformed_bodies_get_400_naming_the_problem_and_server_stays_up(server,
     assert r.status_code == 400, r.text
     assert field in r.text.lower()
     assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_openapi_spec_documents_the_wire_contract(server):
+    spec = httpx.get(server.base_url + "/openapi.json", timeout=30).json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["ProgramFields"]["required"] == ["program_id"]
+    assert set(schemas["ProgramFields"]["properties"]) == {"program_id", "turn", "is_last_turn", "tool",
+                                                           "parent_program_id"}
+    assert schemas["ChatCompletionRequest"]["properties"]["agentserve"]["$ref"].endswith("/ProgramFields")
+    tool_route = spec["paths"]["/v1/programs/{program_id}/tool"]["post"]
+    assert tool_route["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ToolEvent")
+    assert "/v1/programs/{program_id}/end" in spec["paths"]

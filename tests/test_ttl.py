@@ -1,10 +1,12 @@
 """Tool-duration predictor, reload profile fit and the TTL policies, without an engine."""
 
 import math
+import random
 
 import pytest
 
-from agentserve.ttl.policy import (CONTINUUM_TTL_S, DEFAULT_TOOL_MEAN_S, ContinuumDemoTTL, FixedTTL,
+from agentserve.ttl.policy import (CONTINUUM_TTL_S, DEFAULT_TOOL_MEAN_S, ETA_MIN_PROGRAMS, ETA_PRIOR,
+                                   ContinuumDemoTTL, FixedTTL,
                                    OnlineBenefit, OptimalTTL, make_policy)
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
@@ -83,12 +85,19 @@ def test_optimal_ttl_cold_start_is_exponential_optimum():
 
 def test_online_benefit_learns_T_and_eta():
     b = OnlineBenefit()
-    assert b.T == 0 and b.eta == 0
-    for _ in range(3):
+    assert b.T == 0 and b.eta == ETA_PRIOR  # no finished program yet: the fixed-turn-count prior
+    for _ in range(ETA_MIN_PROGRAMS):
         b.observe_finished_program(10)  # fixed turn counts: eta = 1
     b.observe_evicted_queue_delay(2.0)
     b.observe_evicted_queue_delay(4.0)
     assert b.eta == pytest.approx(1.0) and b.T == pytest.approx(3.0)
+    geometric, rng = OnlineBenefit(), random.Random(0)
+    for _ in range(300):  # geometric turn counts: turns left unrelated to turns served, eta ~ 0
+        n = 1
+        while rng.random() < 0.8:
+            n += 1
+        geometric.observe_finished_program(n)
+    assert geometric.eta < 0.2
 
 
 def test_make_policy_validates():

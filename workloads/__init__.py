@@ -1,1 +1,9 @@
-"""Trace adapters (SWE-bench, BFCL, ...) into a neutral schema, and the replay driver: not built yet."""
+"""Agent workloads: trace adapters into a neutral schema, the tool-time model, and the replay driver.
+
+    from workloads.formats import load_trace      # any supported trace format -> schema.Trace
+    agentserve replay --trace PATH --policies vllm,continuum,agentserve,oracle
+"""
+
+from pathlib import Path
+
+DEFAULT_TRACE = Path(__file__).parent / "data" / "swe_minisweagent_16.jsonl"

@@ -10,9 +10,11 @@ frontend's TTL policy (it arrives per request in `SamplingParams.extra_args`), t
 - unpin when the program's next turn is admitted (its hit holds the blocks now), at expiry (checked at
   every step and every control tick, skipped while a request of the program waits), on program end,
   abort, and under memory pressure: `allocate_slots` is wrapped so that, before vLLM preempts or leaves
-  a request waiting for lack of blocks, pins are released latest program first.
+  a request waiting for lack of blocks, pins are released latest program first (pin mode "soft"; in
+  mode "ordered" a waiting request frees only later programs' pins until it is past the wait bound).
 - program FCFS: every request gets `priority` = its program's arrival rank (vLLM's priority policy then
-  preempts the latest program first), and the waiting queue is a `ProgramQueue`.
+  preempts the latest program first), and the waiting queue is a `ProgramQueue`; a request that has
+  waited longer than `max_wait_s` is served with the preempted ones (a bound on program FCFS's tail).
 
 Why a scheduler subclass rather than a KV connector's delayed free: the connector sees the finish but
 not admission or allocation failure, so "unpin when the next turn is admitted" and "release before
@@ -38,6 +40,16 @@ from agentserve.ttl.pins import Pin, PinTable, Release
 
 # Share of the KV budget pins may hold at most; the rest always serves running work.
 DEFAULT_PIN_CAP_SHARE = 0.5
+# Program FCFS lets a later program's turn wait behind every earlier program's turns; under overload
+# that pushes the TTFT tail onto the latest programs. A request waiting longer than this joins the
+# preempted class (served before program order), which bounds the wait; 0 turns the bound off.
+DEFAULT_MAX_WAIT_S = 2.0
+AGING_CHECK_S = 0.05
+# Who may free a pin under memory pressure. "soft": any request (pins never delay anything). "ordered":
+# a waiting request frees only later programs' pins and otherwise waits, until it is past max_wait_s;
+# running work frees any pin before vLLM would preempt it.
+PIN_MODES = ("soft", "ordered")
+DEFAULT_PIN_MODE = "soft"  # how often the waiting queue is scanned for requests past the bound
 MAX_EVENTS = 4096  # events kept between two ticks (the frontend ticks ~5x per second)
 
 
@@ -53,6 +65,10 @@ class ProgramScheduler(Scheduler):
         total = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus the null block
         self.pins = PinTable(cap_blocks=int(total * float(conf.get("pin_cap_share", DEFAULT_PIN_CAP_SHARE))))
         self.block_size = self.cache_config.block_size
+        self.max_wait_s = float(conf.get("max_wait_s", DEFAULT_MAX_WAIT_S))
+        self.ordered_pins = conf.get("pin_mode", DEFAULT_PIN_MODE) == "ordered"
+        self._next_aging_check = 0.0
+        self._aged: set[str] = set()  # waiting requests already re-keyed as overdue
         self._ranks: dict[str, int] = {}  # program -> arrival rank, until the program ends
         self._rank_seq = itertools.count()
         self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
@@ -64,13 +80,30 @@ class ProgramScheduler(Scheduler):
 
     # ---- ordering --------------------------------------------------------------------------
     def _queue_key(self, request: Request) -> tuple:
-        if request.num_preemptions > 0:
+        if request.num_preemptions > 0 or self._overdue(request, time.time()):
             cls = 0
         elif (p := program_of(request)) is not None and p in self.pins:
             cls = 1
         else:
             cls = 2
         return (cls, request.priority, request.arrival_time)
+
+    def _overdue(self, request: Request, now: float) -> bool:
+        return self.max_wait_s > 0 and now - request.arrival_time > self.max_wait_s
+
+    def _age_waiting(self) -> None:
+        """Re-key the queue when a request has crossed the wait bound since the last scan."""
+        now = time.time()
+        if self.max_wait_s <= 0 or now < self._next_aging_check or not self.waiting:
+            return
+        self._next_aging_check = now + AGING_CHECK_S
+        horizon = now - self.max_wait_s
+        newly = [r.request_id for r in self.waiting.unordered()
+                 if r.arrival_time < horizon and r.request_id not in self._aged]
+        if newly:
+            self._aged.update(newly)
+            self.counters["requests_aged"] += len(newly)
+            self.waiting.reorder()
 
     def add_request(self, request: Request) -> None:
         program = program_of(request)
@@ -88,6 +121,7 @@ class ProgramScheduler(Scheduler):
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         program = program_of(request)
         self._returning.discard(request.request_id)
+        self._aged.discard(request.request_id)
         if program is not None:
             if request.status == RequestStatus.FINISHED_ABORTED:
                 self._release(self.pins.release(program, "abort"))
@@ -133,14 +167,26 @@ class ProgramScheduler(Scheduler):
         if blocks is not None or not self.pins:  # the hot path: called per running request per step
             return blocks
         own = program_of(request)
+        junior_to = request.priority if self.ordered_pins and not self._may_take_any_pin(request) else None
         while blocks is None and self.pins:
-            self._release(self.pins.release_for_pressure(spare=own))
+            release = self.pins.release_for_pressure(spare=own, junior_to=junior_to)
+            if release is None:  # only earlier programs' pins left: wait for them (TTL, max_wait)
+                self.counters["pin_waits"] += 1
+                break
+            self._release(release)
             blocks = self._allocate(request, *args, **kwargs)
         return blocks
+
+    def _may_take_any_pin(self, request: Request) -> bool:
+        """Running work (else it is preempted), preempted requests and requests past the wait bound
+        may free any pin; other waiting requests only those of later programs (ordered pins)."""
+        return (request.status == RequestStatus.RUNNING or request.num_preemptions > 0
+                or self._overdue(request, time.time()))
 
     # ---- per step ---------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
         self._expire()
+        self._age_waiting()
         output = super().schedule(*args, **kwargs)
         for new in output.scheduled_new_reqs:
             request = self.requests.get(new.req_id)

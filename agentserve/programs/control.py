@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agentserve.programs.fields import XARG_TTL, ProgramFields, to_xargs
+from agentserve.programs.fields import XARG_TTL, XARG_TURN, ProgramFields, to_xargs
 from agentserve.programs.tracker import ProgramTracker
 from agentserve.ttl.policy import OnlineBenefit, TTLPolicy
 from agentserve.ttl.predictor import ToolDurationPredictor
@@ -50,6 +50,7 @@ class ProgramControl:
         if gap is not None:
             self.predictor.observe(gap_tool, gap, client_measured=False)
         xargs = to_xargs(fields)
+        xargs[XARG_TURN] = turn  # the server's count when the client did not say
         if self.pins_enabled and not fields.is_last_turn:
             program = self.tracker.programs[fields.program_id]
             tool = fields.tool or program.last_tool
@@ -59,6 +60,17 @@ class ProgramControl:
             self.on_event("ttl", {"program": fields.program_id, "turn": turn, "tool": tool, "ttl_s": ttl,
                                   "predicted_tool_s": predicted})
         return xargs
+
+    def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
+                    cached_tokens: int | None) -> None:
+        """A program's call produced its first token. A returning turn that found most of its prompt
+        gone feeds T of the TTL rule (see OnlineBenefit)."""
+        if turn == 0 or cached_tokens is None or cached_tokens >= EVICTED_HIT_SHARE * prompt_tokens:
+            return
+        reload = getattr(self.policy, "reload", None)
+        self.benefit.observe_evicted_turn(ttft_s, prompt_tokens - cached_tokens, reload)
+        self.on_event("evicted_turn", {"program": program_id, "turn": turn, "ttft_s": ttft_s,
+                                       "prompt": prompt_tokens, "cached": cached_tokens})
 
     def end_call(self, program_id: str, context_tokens: int) -> None:
         self.tracker.llm_end(program_id, context_tokens=context_tokens)
@@ -101,8 +113,5 @@ class ProgramControl:
         stats = await self.link(command, payload)
         self.last_stats = stats
         for ev in stats.get("events", ()):
-            if ev["kind"] == "admit_unpinned" and ev["cached"] < EVICTED_HIT_SHARE * ev["prompt"]:
-                # Queueing delay of a turn that found its KV gone: the T of the TTL rule.
-                self.benefit.observe_evicted_queue_delay(ev["queue_s"])
             self.on_event("engine_" + ev["kind"], ev)
         return stats

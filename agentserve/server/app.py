@@ -32,14 +32,18 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
     fixed_ttl_s: float = 2.0  # the TTL of policy "fixed"
     max_ttl_s: float = 60.0  # no pin is held longer, whatever the policy says
     pin_cap_share: float = 0.5  # share of the KV budget pins may hold
+    max_wait_s: float = 2.0  # a request waiting longer is served ahead of program order (0: no bound)
+    pin_mode: str = "soft"  # who may free a pin under pressure: "soft" (anyone) or "ordered"
     idle_timeout_s: float = 600.0  # a program silent this long is abandoned (its pin released)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.pin_mode not in ("soft", "ordered"):
+            raise ValueError(f"pin_mode must be 'soft' or 'ordered', not {self.pin_mode!r}")
         if not 0 <= self.pin_cap_share <= 1:
             raise ValueError(f"pin_cap_share must be in [0, 1], got {self.pin_cap_share}")
-        if self.fixed_ttl_s < 0 or self.max_ttl_s < 0 or self.idle_timeout_s <= 0:
+        if self.fixed_ttl_s < 0 or self.max_ttl_s < 0 or self.idle_timeout_s <= 0 or self.max_wait_s < 0:
             raise ValueError("TTLs must be >= 0 s and the idle timeout > 0 s")
 
 
@@ -48,7 +52,8 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> En
     if options.policy == "vllm":
         return settings
     extra = dict(settings.additional_config or {})
-    extra["agentserve"] = {"pin_cap_share": options.pin_cap_share}
+    extra["agentserve"] = {"pin_cap_share": options.pin_cap_share, "max_wait_s": options.max_wait_s,
+                           "pin_mode": options.pin_mode}
     return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy="priority",
                                    additional_config=extra)
 

@@ -17,6 +17,8 @@ PINS_RELEASED = Counter("agentserve_pins_released", "KV pins released, by reason
 PINNED_BLOCKS = Gauge("agentserve_pinned_blocks", "KV blocks held by pins now")
 PINS_NOW = Gauge("agentserve_pins", "Pins outstanding now")
 PINNED_TOKENS_SERVED = Counter("agentserve_pinned_tokens_served", "Prompt tokens served from pinned KV")
+REQUESTS_AGED = Counter("agentserve_requests_aged", "Requests that waited past --max-wait behind earlier "
+                        "programs and were then served in arrival order")
 PROGRAMS_LIVE = Gauge("agentserve_programs_live", "Programs being tracked now")
 PROGRAMS_ENDED = Counter("agentserve_programs_ended", "Programs ended, by reason", ["reason"])
 TTL_CHOSEN = Histogram("agentserve_ttl_seconds", "TTL chosen for a turn's pin", buckets=(0,) + _TIME_BUCKETS)
@@ -58,5 +60,7 @@ def record_engine_stats(stats: dict) -> None:
             PINS_REFUSED.inc(delta)
         elif name == "pinned_tokens_served":
             PINNED_TOKENS_SERVED.inc(delta)
+        elif name == "requests_aged":
+            REQUESTS_AGED.inc(delta)
         elif name.startswith("pins_released_"):
             PINS_RELEASED.labels(name.removeprefix("pins_released_")).inc(delta)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -22,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from agentserve.programs.control import ProgramControl
-from agentserve.programs.fields import XARG_PROGRAM, ProgramFields, ToolEvent, decode_fields
+from agentserve.programs.fields import XARG_PROGRAM, XARG_TURN, ProgramFields, ToolEvent, decode_fields
 from agentserve.programs.tracker import ProgramError
 from agentserve.server import metrics
 
@@ -125,9 +126,13 @@ class ProgramEngineClient:
         tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
         xargs = self.control.begin_call(fields, len(tokens or ()), sampling_params.max_tokens or 0)
         sampling_params.extra_args = {**extra, **xargs}
-        out, finished = None, False
+        out, finished, t0 = None, False, time.perf_counter()
         try:
             async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
+                if t0 is not None:  # the first output: its TTFT and prefix hit
+                    self.control.first_token(fields.program_id, xargs[XARG_TURN], time.perf_counter() - t0,
+                                             len(out.prompt_token_ids or ()), out.num_cached_tokens)
+                    t0 = None
                 finished = out.finished
                 yield out
         finally:
@@ -144,8 +149,35 @@ class ProgramEngineClient:
             log.exception("agentserve control call failed")
 
 
+def document_wire_contract(app: FastAPI) -> None:
+    """Put the `agentserve` request object (and the tool event body) into the app's OpenAPI spec: the
+    middleware takes the object out before vLLM's pydantic models see the body, so FastAPI cannot
+    infer it."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = original()
+        (fields, _), defs = msgspec.json.schema_components(
+            [ProgramFields, ToolEvent], ref_template="#/components/schemas/{name}")
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(defs)
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            if name in schemas:
+                schemas[name].setdefault("properties", {})["agentserve"] = {
+                    **fields, "description": "agentserve program fields (README: the wire contract); "
+                                             "requests without them are served as stock vLLM serves them"}
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi
+
+
 def add_program_routes(app: FastAPI, control: ProgramControl) -> None:
-    @app.post("/v1/programs/{program_id}/tool")
+    document_wire_contract(app)
+    @app.post("/v1/programs/{program_id}/tool", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ToolEvent"}}}}})
     async def tool_event(program_id: str, request: Request):
         try:
             event = msgspec.json.decode(await request.body(), type=ToolEvent)

@@ -94,11 +94,15 @@ class PinTable:
             return None
         return max(self.pins.values(), key=lambda p: (p.program_rank, p.created_at))
 
-    def release_for_pressure(self, spare: str | None = None) -> Release | None:
+    def release_for_pressure(self, spare: str | None = None, junior_to: int | None = None) -> Release | None:
         """Release the pin of the latest-arriving program, if any (memory pressure). The pin of
-        program `spare` (the one asking for memory: its pin holds its own prefix) goes last."""
-        others = [p for p in self.pins.values() if p.program_id != spare]
-        pool = others or list(self.pins.values())
+        program `spare` (the one asking for memory: its pin holds its own prefix) goes last.
+        With `junior_to` (the asker's program rank), only pins of later programs are candidates:
+        an earlier program's pin is not given up for a later program's waiting request."""
+        if junior_to is not None:
+            pool = [p for p in self.pins.values() if p.program_rank > junior_to and p.program_id != spare]
+        else:
+            pool = [p for p in self.pins.values() if p.program_id != spare] or list(self.pins.values())
         if not pool:
             return None
         return self._drop(max(pool, key=lambda p: (p.program_rank, p.created_at)), "pressure")

@@ -30,6 +30,11 @@ DEFAULT_TOOL_MEAN_S = 1.0
 # Sliding windows for the online estimates of T and eta.
 QUEUE_DELAY_WINDOW = 256
 ETA_WINDOW = 256
+# eta before ETA_MIN_PROGRAMS programs have finished: the paper's fixed-turn-count value. Only non-final
+# turns are pinned, so the program is known to continue; starting at 0 would silence T (the queueing
+# cost of an eviction) for the whole first wave of programs, exactly when the cache is coldest.
+ETA_PRIOR = 1.0
+ETA_MIN_PROGRAMS = 8
 
 
 class TTLPolicy(ABC):
@@ -64,16 +69,27 @@ class ContinuumDemoTTL(TTLPolicy):
 
 
 class OnlineBenefit:
-    """T (queueing delay of evicted requests) and eta (turn-count predictability), learned online."""
+    """T (queueing delay of evicted requests) and eta (turn-count predictability), learned online.
+
+    T is fed with the delay a returning turn whose KV was gone suffered beyond re-prefilling it on an
+    idle engine: its time to first token minus reload(recomputed tokens). In a continuous-batching
+    engine an eviction costs less in waiting-queue time than in prefill contention, so the scheduler's
+    queue time alone would read ~0 while everyone's first tokens slow down."""
 
     def __init__(self):
         self._delays: deque[float] = deque(maxlen=QUEUE_DELAY_WINDOW)
         self._turns: deque[tuple[int, int]] = deque(maxlen=ETA_WINDOW)  # (served k, left N-k)
+        self.finished_programs = 0
 
     def observe_evicted_queue_delay(self, seconds: float) -> None:
         self._delays.append(max(0.0, seconds))
 
+    def observe_evicted_turn(self, ttft_s: float, recomputed_tokens: int, reload: ReloadProfile | None) -> None:
+        idle = reload.seconds(recomputed_tokens) if reload is not None else 0.0
+        self.observe_evicted_queue_delay(ttft_s - idle)
+
     def observe_finished_program(self, num_turns: int) -> None:
+        self.finished_programs += 1
         self._turns.extend((k, num_turns - k) for k in range(1, num_turns + 1))
 
     @property
@@ -82,6 +98,8 @@ class OnlineBenefit:
 
     @property
     def eta(self) -> float:
+        if self.finished_programs < ETA_MIN_PROGRAMS:
+            return ETA_PRIOR
         if len(self._turns) < 2:
             return 0.0
         ks = [k for k, _ in self._turns]

@@ -1,0 +1,71 @@
+"""The replay harness end to end on the tiny model: every policy, results.json against its schema,
+and a plain OpenAI endpoint (the session's server) driven like a stock `vllm serve`."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from workloads import DEFAULT_TRACE
+from workloads.plan import ReplayConfig
+from workloads.replay import EngineSetup, replay
+from workloads.report import Results, gap_captured, table
+
+pytestmark = pytest.mark.slow
+
+# Three short programs: small enough for CI, long enough to pin (several turns with tool waits).
+CFG = ReplayConfig(programs=3, rate=2.0, token_scale=0.1, time_scale=0.3, max_turns=3, seed=1)
+SETUP = EngineSetup(model="tiny", kv_tokens=4096, max_model_len=2048)
+
+
+def check_schema(out) -> Results:
+    results = msgspec.json.decode((out / "results.json").read_bytes(), type=Results, strict=True)
+    assert results.config["plan"]["programs"] == 3
+    assert (out / "jct_cdf.png").stat().st_size > 1000 and (out / "timeline.png").stat().st_size > 1000
+    return results
+
+
+# every policy, and the ordered pin mode through a policy suffix
+POLICIES = ["vllm", "continuum", "fixed+pin-mode=ordered+max-wait=0", "agentserve", "oracle"]
+
+
+def test_replay_every_policy(tmp_path):
+    results = replay(str(DEFAULT_TRACE), policies=POLICIES, cfg=CFG, setup=SETUP, out_dir=tmp_path,
+                     progress=False, log=lambda *_: None)
+    results = check_schema(tmp_path)
+    assert list(results.policies) == POLICIES
+    calls = results.config["plan"]["llm_calls"]
+    for name, r in results.policies.items():
+        assert r.programs_completed == 3 and r.programs_failed == 0, (name, r.errors)
+        assert r.llm_calls == calls
+        assert r.jct_p50 <= r.jct_p95 <= r.jct_p99 and r.ttft_p50 <= r.ttft_p99
+        assert r.pins_outstanding_at_end == 0, name  # every program ended: no pin survives it
+        assert r.preemptions is not None and 0 <= r.prefix_hit_rate <= 1
+    assert results.policies["vllm"].pins_created == 0 and results.policies["oracle"].pins_created == 0
+    assert results.policies["fixed+pin-mode=ordered+max-wait=0"].pins_created > 0  # a 2 s TTL pins every non-final turn
+    # later turns reuse earlier ones: the oracle, which evicts nothing, hits the most
+    assert results.policies["oracle"].prefix_hit_rate > 0.3
+    text = table(results)
+    assert "agentserve/vllm" in text and "agentserve/oracle" in text
+    gain = gap_captured(results)  # None when the oracle is not faster than vllm (nothing to capture)
+    assert (gain is None) == ("share of the achievable gain" not in text)
+
+
+def test_replay_against_a_plain_openai_endpoint(server, tmp_path):
+    replay(str(DEFAULT_TRACE), policies=[], cfg=CFG, setup=SETUP, out_dir=tmp_path,
+           endpoints={"stock": server.base_url}, progress=False, log=lambda *_: None)
+    r = check_schema(tmp_path).policies["stock"]
+    assert r.programs_completed == 3 and r.pins_created == 0  # plain requests carry no program fields
+
+
+def test_bad_policy_and_bad_trace_fail_before_any_server_starts(tmp_path):
+    with pytest.raises(ValueError, match="unknown policy 'magic'"):
+        replay(str(DEFAULT_TRACE), policies=["vllm", "magic"], cfg=CFG, setup=SETUP, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="bad policy option"):
+        replay(str(DEFAULT_TRACE), policies=["agentserve+colour=red"], cfg=CFG, setup=SETUP, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="takes no options"):
+        replay(str(DEFAULT_TRACE), policies=["vllm+max-wait=1"], cfg=CFG, setup=SETUP, out_dir=tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
+        replay(str(bad), fmt="minisweagent", policies=["vllm"], cfg=CFG, setup=SETUP, out_dir=tmp_path)

@@ -1,0 +1,141 @@
+"""agentserve's scheduler plugin on vLLM's real scheduler classes, without an engine (a stub model
+samples one token per computed prompt): program FCFS order, the wait bound, pin and consume."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from agentserve.engine.offline import build_scheduler, step
+from agentserve.engine.settings import EngineSettings
+from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
+
+PLUGIN = "agentserve.engine.scheduler.ProgramScheduler"
+_tokens = itertools.count(100)
+
+
+def make(max_wait_s: float = 2.0, max_num_seqs: int = 8):
+    settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048, max_num_seqs=max_num_seqs,
+                              scheduling_policy="priority", scheduler_cls=PLUGIN,
+                              additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": max_wait_s}})
+    return build_scheduler(settings)
+
+
+def request(hasher, rid: str, program: str, prompt: list[int], *, last=False, ttl=60.0, age_s=0.0, out=4):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    params = SamplingParams(max_tokens=out, ignore_eos=True,
+                            extra_args={XARG_PROGRAM: program, XARG_IS_LAST: last, XARG_TTL: ttl})
+    return Request(rid, prompt, params, None, arrival_time=time.time() - age_s, block_hasher=hasher)
+
+
+def run_until_done(scheduler, limit=200) -> list[str]:
+    done = []
+    for _ in range(limit):
+        if not scheduler.has_requests():
+            return done
+        done += step(scheduler, lambda: next(_tokens) % 4000)[1]
+    raise AssertionError("requests did not finish")
+
+
+def prompt(n: int, base: int) -> list[int]:
+    return [(base + i) % 3900 + 10 for i in range(n)]
+
+
+def test_waiting_queue_is_program_fcfs():
+    s, h = make()
+    for r in (request(h, "a0", "A", prompt(64, 0)), request(h, "b0", "B", prompt(64, 1000)),
+              request(h, "a1", "A", prompt(64, 2000))):
+        s.add_request(r)
+    assert [r.request_id for r in s.waiting] == ["a0", "a1", "b0"]  # A arrived first: all of A first
+
+
+def test_overdue_request_is_served_before_program_order():
+    s, h = make(max_wait_s=0.5, max_num_seqs=1)
+    s.add_request(request(h, "a0", "A", prompt(64, 0)))  # program A: rank 0
+    s.add_request(request(h, "b0", "B", prompt(64, 1000), age_s=5.0))  # rank 1, but waited 5 s
+    out, _ = step(s, lambda: 7)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"]
+    assert s.counters["requests_aged"] == 1
+    run_until_done(s)
+    assert not s._aged  # no per-request state survives the request
+
+
+def test_no_wait_bound_keeps_program_order():
+    s, h = make(max_wait_s=0.0, max_num_seqs=1)
+    s.add_request(request(h, "a0", "A", prompt(64, 0)))
+    s.add_request(request(h, "b0", "B", prompt(64, 1000), age_s=5.0))
+    out, _ = step(s, lambda: 7)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["a0"]
+
+
+def test_pin_is_consumed_by_the_next_turn_and_end_leaves_nothing():
+    s, h = make()
+    first = prompt(256, 0)
+    s.add_request(request(h, "a0", "A", first))
+    run_until_done(s)
+    assert len(s.pins) == 1 and s.pins.pinned_blocks == 256 // 32
+    s.add_request(request(h, "a1", "A", first + prompt(40, 500), last=True))
+    out, _ = step(s, lambda: 7)
+    (new,) = out.scheduled_new_reqs
+    assert new.num_computed_tokens == 256  # the whole pinned context came back as a prefix hit
+    assert len(s.pins) == 0 and s.counters["pins_released_consumed"] == 1
+    run_until_done(s)
+    stats = s.agentserve_control("end", {"program_id": "A"})
+    assert stats["pins"] == 0 and stats["pinned_blocks"] == 0 and stats["programs"] == 0
+
+
+@pytest.mark.parametrize("bad", [{"command": "nope"}])
+def test_unknown_control_command_is_an_error(bad):
+    s, _ = make()
+    with pytest.raises(ValueError, match="unknown agentserve control command"):
+        s.agentserve_control(bad["command"], {})
+
+
+def pressure_setup(pin_mode: str, max_wait_s: float = 2.0, cap: float = 0.5):
+    from agentserve.engine.offline import build_scheduler as build
+
+    settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=4096, max_num_seqs=8,
+                              scheduling_policy="priority", scheduler_cls=PLUGIN,
+                              additional_config={"agentserve": {"pin_cap_share": cap, "max_wait_s": max_wait_s,
+                                                                "pin_mode": pin_mode}})
+    s, h = build(settings)
+    s.add_request(request(h, "a0", "A", prompt(2048, 0)))  # program A: rank 0, pins 64 of 128 blocks
+    run_until_done(s)
+    assert s.pins.pinned_blocks == 64
+    return s, h
+
+
+def test_soft_pins_yield_to_any_request_under_pressure():
+    s, h = pressure_setup("soft")
+    s.add_request(request(h, "b0", "B", prompt(2500, 3000)))  # needs 79 blocks, 64 are free
+    out, _ = step(s, lambda: 7)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"]
+    assert s.counters["pins_released_pressure"] == 1 and len(s.pins) == 0
+
+
+def test_ordered_pins_make_a_later_program_wait_until_its_bound():
+    s, h = pressure_setup("ordered", max_wait_s=0.3)
+    s.add_request(request(h, "b0", "B", prompt(2500, 3000)))
+    out, _ = step(s, lambda: 7)
+    assert not out.scheduled_new_reqs and len(s.pins) == 1  # A's KV stays; B waits
+    assert s.counters["pin_waits"] >= 1
+    time.sleep(0.35)  # B is now past the wait bound: it may free A's pin
+    out, _ = step(s, lambda: 7)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"] and len(s.pins) == 0
+    run_until_done(s)
+
+
+def test_ordered_pins_yield_to_an_earlier_program():
+    s, h = pressure_setup("ordered", max_wait_s=60, cap=1.0)
+    s.add_request(request(h, "b0", "B", prompt(512, 3000), ttl=60))  # B (rank 1) runs and pins 16 blocks
+    run_until_done(s)
+    assert set(s.pins.pins) == {"A", "B"}
+    # A's next turn needs more than is free: B's pin (a later program) goes, A's own stays to be hit
+    s.add_request(request(h, "a1", "A", prompt(2048, 0) + prompt(1600, 7000), last=True))  # 50 new blocks, 48 free
+    out, _ = step(s, lambda: 7)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["a1"]
+    assert s.counters["pins_released_pressure"] == 1 and s.counters["pins_released_consumed"] == 1

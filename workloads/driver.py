@@ -1,0 +1,135 @@
+"""The replay driver: runs a plan against one OpenAI-compatible server and records what each turn saw.
+
+Turn k's messages are turn k-1's messages + its answer (the text the server returned) + turn k's new
+input as a user message (filler text of the planned token count), so the server sees what a real
+agent sends. Outputs are forced to the planned length (`max_tokens` + `ignore_eos`); the tool time is
+waited between turns. `client="agentserve"` drives the server through the SDK (program fields, tool
+events, program end); `client="openai"` sends plain OpenAI requests, for stock vLLM or any endpoint.
+Streaming gives the TTFT; the final usage chunk gives prompt and cached tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from workloads.filler import Filler
+from workloads.plan import PlannedProgram, PlannedTurn
+
+CLIENTS = ("agentserve", "openai")
+
+
+class TurnRecord(msgspec.Struct):
+    sent: float  # seconds from the replay start
+    first_token: float
+    done: float
+    prompt_tokens: int
+    cached_tokens: int | None  # None: the server does not report prompt_tokens_details
+    output_tokens: int
+
+
+class ProgramRecord(msgspec.Struct):
+    id: str
+    planned_arrival: float
+    start: float
+    end: float
+    turns: list[TurnRecord]
+    tool_wait_s: float  # tool time waited in total
+    error: str | None = None
+
+
+class Driver:
+    def __init__(self, base_url: str, model: str, filler: Filler, client: str = "agentserve",
+                 api_key: str = "none", seed: int = 0):
+        if client not in CLIENTS:
+            raise ValueError(f"client must be one of {CLIENTS}, not {client!r}")
+        self.base_url, self.model, self.filler, self.client_kind, self.seed = base_url, model, filler, client, seed
+        self.api_key = api_key
+
+    async def run(self, programs: list[PlannedProgram], concurrency: int | None = None,
+                  on_done: Callable[[ProgramRecord], None] | None = None) -> list[ProgramRecord]:
+        from agentserve.sdk import AsyncAgentServe
+
+        self.sdk = AsyncAgentServe(self.base_url, api_key=self.api_key)
+        self.t0 = time.perf_counter()
+        gate = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def one(p: PlannedProgram) -> ProgramRecord:
+            if gate is None:
+                await asyncio.sleep(max(0.0, p.arrival_s - self.now()))
+                rec = await self.program(p)
+            else:
+                async with gate:
+                    rec = await self.program(p)
+            if on_done:
+                on_done(rec)
+            return rec
+
+        try:
+            return list(await asyncio.gather(*(one(p) for p in programs)))
+        finally:
+            await self.sdk.close()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def program(self, p: PlannedProgram) -> ProgramRecord:
+        rng = random.Random(f"{self.seed}/{p.id}")
+        rec = ProgramRecord(p.id, p.arrival_s, self.now(), 0.0, [], 0.0)
+        prog = self.sdk.program(f"replay-{p.id}") if self.client_kind == "agentserve" else None
+        messages: list[dict] = []
+        try:
+            for k, turn in enumerate(p.turns):
+                messages.append({"role": "user", "content": self.filler.text(turn.new_tokens, rng)})
+                last = k == len(p.turns) - 1
+                answer = await self.turn(prog, messages, turn, last, rec)
+                messages.append({"role": "assistant", "content": answer})
+                if not last:
+                    await self.wait_tool(prog, turn, rec)
+        except Exception as e:  # noqa: BLE001 - a failed program is recorded, the replay goes on
+            rec.error = f"{type(e).__name__}: {e}"[:500]
+        finally:
+            if prog is not None:
+                try:
+                    await prog.end()
+                except Exception as e:  # noqa: BLE001
+                    rec.error = rec.error or f"end: {e}"[:500]
+        rec.end = self.now()
+        return rec
+
+    async def turn(self, prog, messages: list[dict], turn: PlannedTurn, last: bool, rec: ProgramRecord) -> str:
+        kwargs = dict(model=self.model, messages=messages, max_tokens=turn.output_tokens, temperature=0,
+                      stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        sent = self.now()
+        if prog is not None:
+            stream = await prog.chat(tool=turn.tool, last=last, **kwargs)
+        else:
+            stream = await self.sdk.openai.chat.completions.create(**kwargs)
+        first, parts, usage = None, [], None
+        async for chunk in stream:
+            if chunk.choices:
+                if first is None:
+                    first = self.now()
+                parts.append(chunk.choices[0].delta.content or "")
+            if chunk.usage is not None:
+                usage = chunk.usage
+        done = self.now()
+        if usage is None:
+            raise RuntimeError("the server sent no usage chunk (stream_options.include_usage)")
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = getattr(details, "cached_tokens", None) if details is not None else None
+        rec.turns.append(TurnRecord(sent, first if first is not None else done, done, usage.prompt_tokens,
+                                    cached, usage.completion_tokens))
+        return "".join(parts)
+
+    async def wait_tool(self, prog, turn: PlannedTurn, rec: ProgramRecord) -> None:
+        rec.tool_wait_s += turn.tool_s
+        if prog is None:
+            await asyncio.sleep(turn.tool_s)
+            return
+        async with prog.tool(turn.tool or "tool"):
+            await asyncio.sleep(turn.tool_s)

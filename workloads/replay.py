@@ -1,0 +1,220 @@
+"""`agentserve replay`: one trace, several policies, the same engine, KV budget and arrival plan.
+
+For each policy a fresh `agentserve serve` starts (same model, KV budget, context length), the plan
+runs against it, the server's counters are read, and it stops: no policy inherits another's cache.
+`vllm` = the plugin off (stock vLLM scheduling and eviction), driven with plain OpenAI requests as a
+stock client would send; `continuum`, `fixed`, `agentserve` = the plugin with that TTL policy, driven
+through the SDK; `oracle` = stock vLLM with a KV budget so large nothing is evicted (the lower bound).
+Extra endpoints (`name=URL`, e.g. a stock `vllm serve`) are driven with plain OpenAI requests too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from agentserve.server.process import ServerProcess
+from workloads.driver import Driver, ProgramRecord
+from workloads.filler import Filler, single_token_words
+from workloads.formats import load_trace
+from workloads.plan import PlannedProgram, ReplayConfig, plan
+from workloads.report import Results, plots, summarize, table
+from workloads.tool_times import ToolTimeModel
+
+POLICIES = ("vllm", "continuum", "fixed", "agentserve", "oracle")
+# A policy may carry serve options of its own, `NAME+KEY=VALUE...`, so variants run side by side in
+# one run: `--policies vllm,agentserve,agentserve+pin-mode=ordered+max-wait=0,oracle`.
+POLICY_OPTIONS = ("pin-mode", "max-wait", "pin-cap", "fixed-ttl", "max-ttl")
+
+
+def policy_spec(spec: str) -> tuple[str, list[str]]:
+    """(base policy, extra `agentserve serve` arguments) of a policy spec; ValueError if malformed."""
+    base, *options = spec.split("+")
+    if base not in POLICIES:
+        raise ValueError(f"unknown policy {base!r} in {spec!r}; choose from {', '.join(POLICIES)}")
+    args: list[str] = []
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in POLICY_OPTIONS or not value:
+            raise ValueError(f"bad policy option {option!r} in {spec!r}: want KEY=VALUE, KEY one of "
+                             f"{', '.join(POLICY_OPTIONS)}")
+        if base in ("vllm", "oracle"):
+            raise ValueError(f"{spec!r}: policy {base} runs without the plugin and takes no options")
+        args += [f"--{key}", value]
+    return base, args
+
+
+ORACLE_MIN_KV_TOKENS = 131072  # ANCHORS §7's oracle budget; raised to hold every program at once
+STATS_TIMEOUT_S = 10.0
+
+
+class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str = "tiny"
+    kv_tokens: int = 8192
+    max_model_len: int | None = None  # default: min(kv_tokens, 8192)
+    block_size: int = 32
+    max_num_seqs: int = 64
+    fixed_ttl_s: float = 2.0
+    pin_cap_share: float = 0.5
+    max_wait_s: float = 2.0
+    pin_mode: str = "soft"
+
+    @property
+    def context(self) -> int:
+        return self.max_model_len or min(self.kv_tokens, 8192)
+
+    def serve_args(self, policy: str, programs: int) -> list[str]:
+        kv = self.kv_tokens
+        if policy == "oracle":
+            kv = max(ORACLE_MIN_KV_TOKENS, programs * self.context + self.block_size)
+        base, extra = policy_spec(policy)
+        return ["--model", self.model, "--kv-tokens", str(kv), "--max-model-len", str(self.context),
+                "--block-size", str(self.block_size), "--max-num-seqs", str(self.max_num_seqs),
+                "--policy", "vllm" if policy == "oracle" else base, "--fixed-ttl", str(self.fixed_ttl_s),
+                "--pin-cap", str(self.pin_cap_share), "--max-wait", str(self.max_wait_s),
+                "--pin-mode", self.pin_mode,
+                "--log-level", "warning", *extra]  # argparse: the policy's own options come last and win
+
+
+def parse_endpoints(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, url = spec.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--endpoint wants NAME=http://host:port, got {spec!r}")
+        out[name] = url.rstrip("/")
+    return out
+
+
+def http_get(url: str, timeout: float = STATS_TIMEOUT_S) -> str | None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def server_counters(base_url: str) -> dict:
+    """Preemptions from vLLM's Prometheus metrics; pins from agentserve's stats route (if it has one)."""
+    out: dict = {}
+    text = http_get(base_url + "/metrics")
+    if text is not None:
+        values = [float(m.group(1)) for m in re.finditer(r"^vllm:num_preemptions_total(?:\{[^}]*\})? (\S+)$",
+                                                         text, re.M)]
+        out["preemptions"] = int(sum(values)) if values else None
+    stats = http_get(base_url + "/v1/agentserve/stats")
+    if stats is not None:
+        engine = msgspec.json.decode(stats).get("engine", {})
+        out["counters"] = {k: int(v) for k, v in engine.get("counters", {}).items()}
+        out["pins_created"] = out["counters"].get("pins_created", 0)
+        out["pins_outstanding"] = int(engine.get("pins", 0))
+    return out
+
+
+def served_model(base_url: str) -> str:
+    text = http_get(base_url + "/v1/models")
+    if text is None:
+        raise RuntimeError(f"{base_url}/v1/models did not answer")
+    data = msgspec.json.decode(text).get("data") or []
+    if not data:
+        raise RuntimeError(f"{base_url} serves no model")
+    return data[0]["id"]
+
+
+def drive(name: str, base_url: str, client: str, programs: list[PlannedProgram], cfg: ReplayConfig,
+          filler: Filler, progress: bool) -> tuple[list[ProgramRecord], dict]:
+    from tqdm import tqdm
+
+    driver = Driver(base_url, served_model(base_url), filler, client=client, seed=cfg.seed)
+    before = server_counters(base_url)
+    with tqdm(total=len(programs), desc=f"{name:>10}", unit="prog", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        def done(rec: ProgramRecord) -> None:
+            bar.update(1)
+            if rec.error:
+                bar.set_postfix_str(f"failed: {rec.id}")
+
+        records = asyncio.run(driver.run(programs, cfg.concurrency, on_done=done))
+    after = server_counters(base_url)
+    for counter in ("preemptions", "pins_created"):  # a shared server may have counted before this run
+        if after.get(counter) is not None and before.get(counter) is not None:
+            after[counter] -= before[counter]
+    if "counters" in after:
+        after["counters"] = {k: v - before.get("counters", {}).get(k, 0) for k, v in after["counters"].items()}
+    return records, after
+
+
+def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: ReplayConfig, setup: EngineSetup,
+           out_dir: Path, endpoints: dict[str, str] | None = None, progress: bool = True,
+           log=print) -> Results:
+    from agentserve.engine.settings import resolve_model
+
+    for spec in policies:
+        policy_spec(spec)  # fail before any server starts
+    if not policies and not endpoints:
+        raise ValueError("nothing to replay against: give --policies and/or --endpoint")
+    trace = load_trace(trace_src, fmt)
+    programs = plan(trace, cfg, ToolTimeModel.load(), setup.context)
+    model_dir, _ = resolve_model(setup.model)
+    filler = Filler(single_token_words(model_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = describe(trace_src, fmt, trace.name, len(trace.programs), cfg, setup, programs, policies, endpoints)
+    log(f"replaying {len(programs)} programs ({config['plan']['llm_calls']} LLM calls, "
+        f"{config['plan']['cut_for_context']} cut to the context) from {trace_src} against "
+        f"{', '.join(policies + list(endpoints or {}))}")
+    records: dict[str, list[ProgramRecord]] = {}
+    summaries = {}
+    runs = [(p, None) for p in policies] + list((endpoints or {}).items())
+    for name, url in runs:
+        t0 = time.monotonic()
+        if url is None:
+            log_path = out_dir / f"server-{name}.log"
+            with ServerProcess(setup.serve_args(name, len(programs)), log_path=str(log_path)) as srv:
+                # stock vLLM gets what a stock client sends; the plugin policies get the SDK
+                client = "openai" if policy_spec(name)[0] in ("vllm", "oracle") else "agentserve"
+                recs, counters = drive(name, srv.base_url, client, programs, cfg, filler, progress)
+        else:
+            recs, counters = drive(name, url, "openai", programs, cfg, filler, progress)
+        records[name] = recs
+        summaries[name] = summarize(recs, counters)
+        log(f"{name}: done in {time.monotonic() - t0:.0f} s")
+    results = Results(config=config, policies=summaries)
+    (out_dir / "results.json").write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
+    (out_dir / "records.json").write_bytes(msgspec.json.encode(records))
+    plots(records, out_dir)
+    return results
+
+
+def describe(trace_src, fmt, name, available, cfg, setup, programs, policies, endpoints) -> dict:
+    import vllm
+
+    turns = [t for p in programs for t in p.turns]
+    return {
+        "trace": str(trace_src), "format": fmt, "trace_name": name, "trace_programs": available,
+        "replay": msgspec.to_builtins(cfg), "engine": msgspec.to_builtins(setup) | {"context": setup.context},
+        "policies": policies, "endpoints": endpoints or {},
+        "plan": {
+            "programs": len(programs), "llm_calls": len(turns),
+            "cut_for_context": sum(p.cut_for_context for p in programs),
+            "input_tokens": sum(t.new_tokens for t in turns), "output_tokens": sum(t.output_tokens for t in turns),
+            "tool_s_total": sum(t.tool_s for t in turns),
+            "tool_times_sampled": sum(not t.tool_measured for t in turns),
+            "last_arrival_s": max(p.arrival_s for p in programs),
+        },
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "vllm": vllm.__version__},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def print_table(results: Results) -> None:
+    print(table(results))

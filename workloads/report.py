@@ -1,0 +1,164 @@
+"""Replay results: per-policy metrics from the driver's records, `results.json` (schema below), the
+side-by-side table, and the plots (JCT CDF, per-program timeline)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from workloads.driver import ProgramRecord
+
+Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class PolicyResult(msgspec.Struct, forbid_unknown_fields=True):
+    jct_mean: Seconds | None
+    jct_p50: Seconds | None
+    jct_p95: Seconds | None
+    jct_p99: Seconds | None
+    ttft_p50: Seconds | None
+    ttft_p99: Seconds | None
+    prefix_hit_rate: Ratio | None  # cached prompt tokens / prompt tokens; None if the server does not say
+    preemptions: Count | None  # None if the server exports no vLLM metrics
+    pins_created: Count
+    pins_outstanding_at_end: Count
+    makespan: Seconds
+    programs_completed: Count
+    programs_failed: Count
+    throughput: Seconds  # completed programs per second of makespan
+    llm_calls: Count
+    errors: list[str] = []  # the first few failure messages
+    engine_counters: dict[str, int] = {}  # the scheduler plugin's counters over the run (pins by reason, ...)
+
+
+class Results(msgspec.Struct, forbid_unknown_fields=True):
+    config: dict
+    policies: dict[str, PolicyResult]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(records: list[ProgramRecord], server: dict) -> PolicyResult:
+    ok = [r for r in records if r.error is None]
+    jcts = [r.end - r.start for r in ok]
+    turns = [t for r in records for t in r.turns]
+    ttfts = [t.first_token - t.sent for t in turns]
+    prompt = sum(t.prompt_tokens for t in turns)
+    cached = [t.cached_tokens for t in turns]
+    hit = (sum(cached) / prompt if prompt else 0.0) if turns and None not in cached else None
+    makespan = (max(r.end for r in records) - min(r.start for r in records)) if records else 0.0
+    return PolicyResult(
+        jct_mean=sum(jcts) / len(jcts) if jcts else None,
+        jct_p50=percentile(jcts, 50), jct_p95=percentile(jcts, 95), jct_p99=percentile(jcts, 99),
+        ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
+        prefix_hit_rate=hit, preemptions=server.get("preemptions"),
+        pins_created=server.get("pins_created", 0), pins_outstanding_at_end=server.get("pins_outstanding", 0),
+        makespan=makespan, programs_completed=len(ok), programs_failed=len(records) - len(ok),
+        throughput=len(ok) / makespan if makespan > 0 else 0.0, llm_calls=len(turns),
+        engine_counters=server.get("counters", {}),
+        errors=[f"{r.id}: {r.error}" for r in records if r.error][:5])
+
+
+def _fmt(x: float | None, pattern: str = "{:.2f}") -> str:
+    return "-" if x is None else pattern.format(x)
+
+
+def table(results: Results) -> str:
+    head = ("| policy | mean JCT s | p50 JCT | p95 JCT | p50 TTFT s | p99 TTFT | hit rate | preempt | pins "
+            "| done/failed | prog/s |")
+    rows = [head, "|" + "---|" * 11]
+    for name, r in results.policies.items():
+        rows.append(f"| {name} | {_fmt(r.jct_mean)} | {_fmt(r.jct_p50)} | {_fmt(r.jct_p95)} | "
+                    f"{_fmt(r.ttft_p50, '{:.3f}')} | {_fmt(r.ttft_p99, '{:.3f}')} | "
+                    f"{_fmt(r.prefix_hit_rate)} | {_fmt(r.preemptions, '{}')} | {r.pins_created} | "
+                    f"{r.programs_completed}/{r.programs_failed} | {r.throughput:.3f} |")
+    return "\n".join(rows + [""] + ratios(results))
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a is not None and b else "-"
+
+
+def ratios(results: Results) -> list[str]:
+    """agentserve against each baseline, and the share of the achievable mean-JCT gain captured."""
+    p = results.policies
+    lines = []
+    for name in (n for n in p if n.startswith("agentserve")):
+        ours = p[name]
+        for base in (b for b in p if not b.startswith("agentserve")):
+            b = p[base]
+            lines.append(f"{name}/{base}: mean JCT {_ratio(ours.jct_mean, b.jct_mean)}, p95 JCT "
+                         f"{_ratio(ours.jct_p95, b.jct_p95)}, p99 TTFT {_ratio(ours.ttft_p99, b.ttft_p99)}, "
+                         f"throughput {_ratio(ours.throughput, b.throughput)}")
+    for name in (n for n in p if n not in ("vllm", "oracle")):
+        gain = gap_captured(results, name)
+        if gain is not None:
+            lines.append(f"{name}: share of the achievable gain captured, (vllm - {name}) / (vllm - oracle) "
+                         f"on mean JCT: {gain:.2f}")
+    return lines
+
+
+def gap_captured(results: Results, policy: str = "agentserve") -> float | None:
+    p = results.policies
+    try:
+        v, o, a = p["vllm"].jct_mean, p["oracle"].jct_mean, p[policy].jct_mean
+    except KeyError:
+        return None
+    if None in (v, o, a) or v - o <= 0:
+        return None
+    return (v - a) / (v - o)
+
+
+def plots(records: dict[str, list[ProgramRecord]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, recs in records.items():
+        jcts = sorted(r.end - r.start for r in recs if r.error is None)
+        if jcts:
+            ax.step(jcts, [(i + 1) / len(jcts) for i in range(len(jcts))], where="post", label=name)
+    ax.set_xlabel("job completion time (s)")
+    ax.set_ylabel("share of programs")
+    ax.set_title("JCT CDF")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    cdf = out / "jct_cdf.png"
+    fig.tight_layout()
+    fig.savefig(cdf, dpi=110)
+    plt.close(fig)
+
+    n = max(1, len(records))
+    height = max(3.0, 0.18 * max((len(r) for r in records.values()), default=1) + 1.2)
+    fig, axes = plt.subplots(n, 1, figsize=(10, height * n), squeeze=False, sharex=True)
+    for ax, (name, recs) in zip(axes[:, 0], records.items()):
+        for y, r in enumerate(sorted(recs, key=lambda r: r.start)):
+            ax.hlines(y, r.start, r.end, color="lightgray", linewidth=1)  # tool waits and queueing
+            for t in r.turns:
+                ax.hlines(y, t.sent, t.first_token, color="tab:red", linewidth=5)  # waiting for the first token
+                ax.hlines(y, t.first_token, t.done, color="tab:blue", linewidth=5)  # decoding
+            if r.error:
+                ax.plot([r.end], [y], "kx")
+        ax.set_title(f"{name}: per-program timeline (red: until first token, blue: decode, gray: tool)")
+        ax.set_ylabel("program")
+    axes[-1, 0].set_xlabel("seconds since replay start")
+    timeline = out / "timeline.png"
+    fig.tight_layout()
+    fig.savefig(timeline, dpi=100)
+    plt.close(fig)
+    return [cdf, timeline]
