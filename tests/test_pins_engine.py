@@ -173,5 +173,8 @@ def test_program_route_errors_are_clear_4xx(pinned):
                      json={"model": "tiny", "messages": [], "agentserve": {"program_id": "x", "turn": "two"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "agentserve.turn"
     metrics = httpx.get(pinned.base_url + "/metrics").text
-    for name in ("agentserve_pins_created_total", "agentserve_pinned_blocks", "agentserve_tool_actual_seconds"):
+    for name in ("agentserve_pins_created_total", "agentserve_pinned_blocks", "agentserve_tool_actual_seconds",
+                 "agentserve_ttl_T_seconds", "agentserve_ttl_eta"):
         assert name in metrics
+    inputs = stats(pinned)["ttl_inputs"]
+    assert inputs["T_s"] >= 0 and 0 <= inputs["eta"] <= 1 and inputs["finished_programs"] >= 0

@@ -139,3 +139,29 @@ def test_ordered_pins_yield_to_an_earlier_program():
     out, _ = step(s, lambda: 7)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["a1"]
     assert s.counters["pins_released_pressure"] == 1 and s.counters["pins_released_consumed"] == 1
+
+
+def test_program_ranks_stay_bounded_without_program_ends(monkeypatch):
+    import agentserve.engine.scheduler as plugin
+
+    monkeypatch.setattr(plugin, "MAX_PROGRAM_RANKS", 8)
+    s, h = make()
+    for i in range(20):  # a client that never ends its programs (vllm_xargs straight to the engine)
+        s.add_request(request(h, f"r{i}", f"P{i}", prompt(40, 100 * i), last=True))
+        run_until_done(s)
+        assert len(s._ranks) <= 8
+    assert s.counters["program_ranks_forgotten"] > 0 and not s._live
+
+
+def test_live_and_pinned_programs_keep_their_rank(monkeypatch):
+    import agentserve.engine.scheduler as plugin
+
+    monkeypatch.setattr(plugin, "MAX_PROGRAM_RANKS", 4)
+    s, h = make()
+    s.add_request(request(h, "keep", "KEEP", prompt(128, 0)))  # pinned after it finishes
+    run_until_done(s)
+    rank = s._ranks["KEEP"]
+    for i in range(10):
+        s.add_request(request(h, f"r{i}", f"P{i}", prompt(40, 300 + 100 * i), last=True))
+        run_until_done(s)
+    assert s._ranks["KEEP"] == rank and "KEEP" in s.pins

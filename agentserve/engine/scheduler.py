@@ -51,6 +51,11 @@ AGING_CHECK_S = 0.05
 PIN_MODES = ("soft", "ordered")
 DEFAULT_PIN_MODE = "soft"  # how often the waiting queue is scanned for requests past the bound
 MAX_EVENTS = 4096  # events kept between two ticks (the frontend ticks ~5x per second)
+# Program ranks are dropped when the front end ends a program; a client that sets the program field
+# itself (vllm_xargs, bypassing the front end) never ends one. Past this many programs, ranks of
+# programs with no live request and no pin go, oldest first: such a program's next request is then
+# ranked as a new arrival, which is what an idle program is.
+MAX_PROGRAM_RANKS = 65536
 
 
 def program_of(request: Request) -> str | None:
@@ -69,7 +74,8 @@ class ProgramScheduler(Scheduler):
         self.ordered_pins = conf.get("pin_mode", DEFAULT_PIN_MODE) == "ordered"
         self._next_aging_check = 0.0
         self._aged: set[str] = set()  # waiting requests already re-keyed as overdue
-        self._ranks: dict[str, int] = {}  # program -> arrival rank, until the program ends
+        self._ranks: dict[str, int] = {}  # program -> arrival rank, until the program ends (insertion order)
+        self._live: Counter[str] = Counter()  # program -> its requests in the scheduler now
         self._rank_seq = itertools.count()
         self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
         self.counters: Counter[str] = Counter()
@@ -112,10 +118,21 @@ class ProgramScheduler(Scheduler):
         else:
             if program not in self._ranks:
                 self._ranks[program] = next(self._rank_seq)
+                if len(self._ranks) > MAX_PROGRAM_RANKS:
+                    self._forget_idle_programs()
             else:
                 self._returning.add(request.request_id)
             request.priority = self._ranks[program]
+            self._live[program] += 1
         super().add_request(request)
+
+    def _forget_idle_programs(self) -> None:
+        """Drop the oldest ranks of programs with no live request and no pin, down to 3/4 of the cap."""
+        excess = len(self._ranks) - MAX_PROGRAM_RANKS * 3 // 4
+        idle = [p for p in self._ranks if p not in self._live and p not in self.pins][:excess]
+        for program in idle:
+            del self._ranks[program]
+        self.counters["program_ranks_forgotten"] += len(idle)
 
     # ---- pin / unpin ------------------------------------------------------------------------
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
@@ -123,6 +140,9 @@ class ProgramScheduler(Scheduler):
         self._returning.discard(request.request_id)
         self._aged.discard(request.request_id)
         if program is not None:
+            self._live[program] -= 1
+            if self._live[program] <= 0:
+                del self._live[program]
             if request.status == RequestStatus.FINISHED_ABORTED:
                 self._release(self.pins.release(program, "abort"))
             else:

@@ -72,6 +72,13 @@ class ProgramControl:
         self.on_event("evicted_turn", {"program": program_id, "turn": turn, "ttft_s": ttft_s,
                                        "prompt": prompt_tokens, "cached": cached_tokens})
 
+    def ttl_inputs(self) -> dict:
+        """What the TTL rule currently works with: T, eta and the measured reload curve."""
+        reload = getattr(self.policy, "reload", None)
+        return {"T_s": self.benefit.T, "eta": self.benefit.eta,
+                "finished_programs": self.benefit.finished_programs,
+                "reload_s_per_1k_tokens": reload.seconds(1000) if reload is not None else None}
+
     def end_call(self, program_id: str, context_tokens: int) -> None:
         self.tracker.llm_end(program_id, context_tokens=context_tokens)
 

@@ -28,7 +28,15 @@ TOOL_PREDICTED = Histogram("agentserve_tool_predicted_seconds", "Predicted (mean
 TOOL_ABS_ERROR = Histogram("agentserve_tool_prediction_abs_error_seconds",
                            "|predicted - actual| tool-call duration", buckets=_TIME_BUCKETS)
 
+TTL_T = Gauge("agentserve_ttl_T_seconds", "T of the TTL rule: extra first-token delay of evicted turns")
+TTL_ETA = Gauge("agentserve_ttl_eta", "eta of the TTL rule: -Corr(turns served, turns left)")
+
 _last_engine_counters: dict[str, float] = {}
+
+
+def record_ttl_inputs(inputs: dict) -> None:
+    TTL_T.set(inputs["T_s"])
+    TTL_ETA.set(inputs["eta"])
 
 
 def record_event(kind: str, data: dict) -> None:

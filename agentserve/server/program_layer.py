@@ -214,6 +214,7 @@ def add_program_routes(app: FastAPI, control: ProgramControl) -> None:
         metrics.record_engine_stats(live)
         return {"policy": control.policy.name if control.policy else "vllm",
                 "programs": len(control.tracker),
+                "ttl_inputs": control.ttl_inputs(),
                 "engine": {k: v for k, v in live.items() if k != "events"}}
 
 
@@ -223,6 +224,7 @@ async def tick_loop(control: ProgramControl) -> None:
         try:
             metrics.record_engine_stats(await control.tick())
             metrics.PROGRAMS_LIVE.set(len(control.tracker))
+            metrics.record_ttl_inputs(control.ttl_inputs())
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - keep ticking; the failure is in the log
