@@ -1,0 +1,1 @@
+"""agentserve on Ray Serve: `ray.serve.llm` replicas running vLLM with the scheduler plugin."""
