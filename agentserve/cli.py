@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    s.add_argument("--replicas", type=_positive_int, default=None,
+                   help="serve on Ray Serve with this many vLLM replicas behind the program-affinity router "
+                   "and one shared program control plane (a local Ray cluster, or the one RAY_ADDRESS names); "
+                   "without it: one embedded engine in this process")
+    s.add_argument("--router", default="affinity", choices=["affinity", "prefix", "pow2"],
+                   help="with --replicas: affinity = agentserve's program-affinity router; prefix = Ray Serve "
+                   "LLM's PrefixCacheAffinityRouter; pow2 = Serve's default (default: affinity)")
     pr = serve.add_argument_group("programs")
     pr.add_argument(
         "--policy",
@@ -223,7 +230,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ProgramOptions(policy=args.policy, fixed_ttl_s=args.fixed_ttl, max_ttl_s=args.max_ttl,
                              pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout,
                              max_wait_s=args.max_wait, pin_mode=args.pin_mode)
-    asyncio.run(serve(settings, host=args.host, port=args.port, options=options))
+    if args.replicas is None:
+        asyncio.run(serve(settings, host=args.host, port=args.port, options=options))
+    else:
+        from agentserve.rayserve.app import run
+
+        run(settings, options=options, replicas=args.replicas, router=args.router, host=args.host, port=args.port)
     return 0
 
 

@@ -1,32 +1,43 @@
-"""A Ray Serve LLM app (one CPU replica of the tiny model) running agentserve's scheduler plugin:
-a program's turn is pinned inside the replica and released by a control call through Serve."""
+"""The Ray Serve app on the tiny model: 2 vLLM-CPU replicas running the scheduler plugin behind the
+program-affinity router, one shared control plane. A program's turns stay on one replica and find
+their pinned KV there, new programs spread, every response names its replica, program routes work
+through the ingress, and a replica killed mid-replay costs retries, not programs or pins."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from agentserve.engine.settings import EngineSettings
-from agentserve.server.app import SCHEDULER_CLS
+from agentserve.server.app import SCHEDULER_CLS, ProgramOptions
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048, scheduling_policy="priority",
-                          scheduler_cls=SCHEDULER_CLS, additional_config={"agentserve": {"pin_cap_share": 0.5}})
+PORT = 8123
+BASE = f"http://127.0.0.1:{PORT}"
+SETTINGS = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048)
+OPTIONS = ProgramOptions(policy="fixed", fixed_ttl_s=30.0)
+BLOCK = 32
 
 
-def test_engine_kwargs_carry_the_plugin_and_the_exact_kv_budget():
+def test_engine_kwargs_carry_the_plugin_the_exact_kv_budget_and_cached_token_usage():
     from agentserve.rayserve.app import engine_kwargs
+    from agentserve.server.app import engine_settings_for
 
-    source, kw = engine_kwargs(SETTINGS)
+    source, kw = engine_kwargs(engine_settings_for(SETTINGS, OPTIONS))
     assert (Path(source) / "config.json").exists()  # the locally built model directory
     assert kw["scheduler_cls"] == SCHEDULER_CLS and kw["scheduling_policy"] == "priority"
     assert kw["num_gpu_blocks_override"] == SETTINGS.num_blocks and kw["kv_cache_memory_bytes"] > 0
-    assert kw["additional_config"] == {"agentserve": {"pin_cap_share": 0.5}}
-    assert "model" not in kw and "served_model_name" not in kw
+    assert kw["additional_config"]["agentserve"]["pin_cap_share"] == 0.5
+    assert kw["enable_prompt_tokens_details"] is True
+    assert not {"model", "served_model_name", "host", "port"} & set(kw)
 
 
 @pytest.fixture(scope="module")
@@ -34,31 +45,129 @@ def ray_app():
     import ray
     from ray import serve
 
-    from agentserve.rayserve.app import build_app
+    from agentserve.rayserve.app import APP_NAME, build_app
 
     ray.init(num_cpus=8, include_dashboard=False)  # logical CPUs: the ingress must schedule on 2 cores
     try:
-        serve.start(http_options={"port": 8123})
-        serve.run(build_app(SETTINGS, model_id="tiny", replicas=1), name="agentserve", blocking=False)
-        yield serve.get_deployment_handle("ProgramLLMServer:tiny", app_name="agentserve")
+        serve.start(http_options={"port": PORT})
+        serve.run(build_app(SETTINGS, model_id="tiny", options=OPTIONS, replicas=2), name=APP_NAME)
+        yield
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def chat(program: str, ttl: float) -> dict:
-    body = json.dumps({"model": "tiny", "max_tokens": 4, "temperature": 0,
-                       "messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(200))}],
-                       "vllm_xargs": {"agentserve_program_id": program, "agentserve_ttl_s": ttl}}).encode()
-    req = urllib.request.Request("http://127.0.0.1:8123/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
+def post(path: str, body: dict | None) -> tuple[int, dict, dict]:
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(BASE + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def get(path: str) -> dict:
+    with urllib.request.urlopen(BASE + path, timeout=60) as r:
         return json.loads(r.read())
 
 
-def test_replica_pins_a_program_turn_and_releases_it_on_end(ray_app):
-    assert chat("ray-p1", ttl=60.0)["choices"][0]["message"]["content"] is not None
-    stats = ray_app.agentserve_control.remote("tick", {}).result(timeout_s=60)
-    assert stats["pins"] == 1 and stats["pinned_blocks"] > 0 and stats["counters"]["pins_created"] == 1
-    stats = ray_app.agentserve_control.remote("end", {"program_id": "ray-p1"}).result(timeout_s=60)
-    assert stats["pins"] == 0 and stats["pinned_blocks"] == 0
+def chat(program: str, turn: int, history: str) -> tuple[str, dict]:
+    status, headers, body = post("/v1/chat/completions", {
+        "model": "tiny", "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": history}],
+        "agentserve": {"program_id": program, "turn": turn}})
+    assert status == 200, body
+    return headers["x-agentserve-replica"], body["usage"]
+
+
+def engine_stats_when(predicate, timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = get("/v1/agentserve/stats")
+        if predicate(stats) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def test_program_turns_stay_on_their_replica_and_new_programs_spread(ray_app):
+    def program(i: int) -> list[tuple[str, dict]]:
+        history = " ".join(f"p{i}w{j}" for j in range(150))
+        seen = []
+        for turn in range(3):
+            seen.append(chat(f"spread-{i}", turn, history))
+            history += " " + " ".join(f"t{turn}x{j}" for j in range(40))
+        return seen
+
+    with ThreadPoolExecutor(6) as pool:
+        runs = list(pool.map(program, range(6)))
+    homes = set()
+    for seen in runs:
+        replicas = {r for r, _ in seen}
+        assert len(replicas) == 1, f"a program's turns went to {replicas}"
+        homes |= replicas
+        for (_, before), (_, usage) in zip(seen, seen[1:]):  # the previous turn's KV, pinned there
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= (before["prompt_tokens"] // BLOCK) * BLOCK
+    assert len(homes) == 2, "six concurrent new programs all landed on one replica"
+    for i in range(6):
+        assert post(f"/v1/programs/spread-{i}/end", None)[0] == 200
+    stats = engine_stats_when(lambda s: s["engine"]["pinned_blocks"] == 0)
+    assert stats["engine"]["pinned_blocks"] == 0 and stats["programs"] == 0 and len(stats["replicas"]) == 2
+
+
+def test_program_routes_and_wire_contract_through_the_ingress(ray_app):
+    replica, _ = chat("routes-1", 0, "hello " * 100)
+    status, _, body = post("/v1/programs/routes-1/tool", {"name": "bash", "event": "start"})
+    assert status == 200, body
+    status, _, body = post("/v1/programs/routes-1/tool", {"name": "bash", "event": "end", "duration_s": 0.5})
+    assert status == 200 and body["duration_s"] == 0.5
+    described = get("/v1/programs/routes-1")
+    assert described["llm_calls"] == 1 and described["last_tool"] == "bash"
+    stats = engine_stats_when(lambda s: s["replicas"].get(replica, {}).get("pins") == 1)
+    assert stats["replicas"][replica]["pins"] == 1  # the turn's pin lives on the replica that served it
+    assert post("/v1/programs/routes-1/end", None)[0] == 200
+    assert engine_stats_when(lambda s: s["engine"]["pins"] == 0)["engine"]["pins"] == 0
+    status, _, body = post("/v1/programs/nope/end", None)
+    assert status == 404 and body["error"]["param"] == "program_id"
+    status, _, body = post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                    "agentserve": {"program_id": "p", "turn": "one"}})
+    assert status == 400 and body["error"]["param"] == "agentserve.turn"
+    status, headers, body = post("/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
+                                                          "messages": [{"role": "user", "content": "plain"}]})
+    assert status == 200 and headers["x-agentserve-replica"]  # requests without a program: served as usual
+
+
+def test_killing_a_replica_mid_replay_loses_no_program_and_no_pin(ray_app):
+    """Runs last (it kills a replica of the module's app)."""
+    import ray
+
+    from agentserve.models.build import ensure_model
+    from workloads.driver import Driver
+    from workloads.filler import Filler, single_token_words
+    from workloads import DEFAULT_TRACE
+    from workloads.formats import load_trace
+    from workloads.plan import ReplayConfig, plan
+    from workloads.tool_times import ToolTimeModel
+
+    cfg = ReplayConfig(programs=6, rate=4.0, token_scale=0.1, time_scale=0.5, max_turns=5, seed=1)
+    programs = plan(load_trace(str(DEFAULT_TRACE)), cfg, ToolTimeModel.load(), 2048)
+    filler = Filler(single_token_words(ensure_model("tiny")))
+    driver = Driver(BASE, "tiny", filler, client="agentserve", seed=1)
+
+    def kill_a_replica() -> tuple[str, float]:
+        time.sleep(4.0)  # programs are mid-flight on both replicas
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "ProgramLLMServer" in a["name"]]
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        return names[0].rpartition("#")[2], time.perf_counter()
+
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(kill_a_replica)
+        records = asyncio.run(driver.run(programs))
+        killed_id, killed_at = killed.result()
+    assert killed_at - driver.t0 < max(r.end for r in records) - 1.0  # it died mid-replay
+    assert [r.error for r in records] == [None] * len(programs)
+    assert all(len(r.turns) == len(p.turns) for r, p in zip(records, programs))
+    stats = engine_stats_when(lambda s: killed_id not in s["replicas"] and s["engine"]["pins"] == 0, 30.0)
+    assert killed_id not in stats["replicas"] and stats["replicas"], stats["replicas"]
+    assert stats["engine"]["pins"] == 0 and stats["engine"]["pinned_blocks"] == 0 and stats["programs"] == 0

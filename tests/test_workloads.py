@@ -274,6 +274,10 @@ def test_policy_specs():
     assert args[args.index("--kv-tokens") + 1] == "131072" and args[args.index("--policy") + 1] == "vllm"
     args = EngineSetup().serve_args("continuum+pin-cap=0.9", programs=4)
     assert args[-2:] == ["--pin-cap", "0.9"] and args[args.index("--policy") + 1] == "continuum"
-    for bad in ("magic", "agentserve+x", "agentserve+colour=red", "oracle+max-wait=1"):
+    assert policy_spec("agentserve+replicas=2+router=prefix") == (
+        "agentserve", ["--replicas", "2", "--router", "prefix"])
+    assert policy_spec("vllm+replicas=2") == ("vllm", ["--replicas", "2"])  # stock vLLM on Ray Serve
+    for bad in ("magic", "agentserve+x", "agentserve+colour=red", "oracle+max-wait=1", "vllm+pin-cap=1",
+                "oracle+replicas=2"):
         with pytest.raises(ValueError):
             policy_spec(bad)

@@ -21,6 +21,19 @@ from workloads.filler import Filler
 from workloads.plan import PlannedProgram, PlannedTurn
 
 CLIENTS = ("agentserve", "openai")
+# A turn the server failed (5xx, a stream cut by a dying replica) is sent again this many times.
+TURN_RETRIES = 2
+RETRY_BACKOFF_S = 0.5
+
+
+def server_failed(error: BaseException) -> bool:
+    """A failure of the server or the connection, not of the request: worth sending again."""
+    import httpx
+    import openai
+
+    if isinstance(error, (openai.APIConnectionError, openai.InternalServerError, httpx.TransportError)):
+        return True
+    return type(error) is openai.APIError  # an error event inside a stream: no HTTP status
 
 
 class TurnRecord(msgspec.Struct):
@@ -40,6 +53,7 @@ class ProgramRecord(msgspec.Struct):
     turns: list[TurnRecord]
     tool_wait_s: float  # tool time waited in total
     error: str | None = None
+    retries: int = 0  # turns sent again after a server failure
 
 
 class Driver:
@@ -86,7 +100,7 @@ class Driver:
             for k, turn in enumerate(p.turns):
                 messages.append({"role": "user", "content": self.filler.text(turn.new_tokens, rng)})
                 last = k == len(p.turns) - 1
-                answer = await self.turn(prog, messages, turn, last, rec)
+                answer = await self.retried_turn(prog, messages, turn, last, rec)
                 messages.append({"role": "assistant", "content": answer})
                 if not last:
                     await self.wait_tool(prog, turn, rec)
@@ -100,6 +114,23 @@ class Driver:
                     rec.error = rec.error or f"end: {e}"[:500]
         rec.end = self.now()
         return rec
+
+    async def retried_turn(self, prog, messages: list[dict], turn: PlannedTurn, last: bool,
+                           rec: ProgramRecord) -> str:
+        """A turn, sent again if the server failed it (a replica died mid-stream, a 5xx): the program
+        goes on, and the record counts the retry. Client errors (4xx) are not retried."""
+        sdk_turn = prog.turn if prog is not None else 0
+        for attempt in range(TURN_RETRIES + 1):
+            if prog is not None:
+                prog.turn = sdk_turn  # the same turn again, not the next one
+            try:
+                return await self.turn(prog, messages, turn, last, rec)
+            except Exception as e:  # noqa: BLE001 - filtered by server_failed
+                if attempt == TURN_RETRIES or not server_failed(e):
+                    raise
+                rec.retries += 1
+                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def turn(self, prog, messages: list[dict], turn: PlannedTurn, last: bool, rec: ProgramRecord) -> str:
         kwargs = dict(model=self.model, messages=messages, max_tokens=turn.output_tokens, temperature=0,

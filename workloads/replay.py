@@ -31,7 +31,11 @@ from workloads.tool_times import ToolTimeModel
 POLICIES = ("vllm", "continuum", "fixed", "agentserve", "oracle")
 # A policy may carry serve options of its own, `NAME+KEY=VALUE...`, so variants run side by side in
 # one run: `--policies vllm,agentserve,agentserve+pin-mode=ordered+max-wait=0,oracle`.
-POLICY_OPTIONS = ("pin-mode", "max-wait", "pin-cap", "fixed-ttl", "max-ttl")
+# `replicas` and `router` serve the policy on Ray Serve (`agentserve serve --replicas N --router R`):
+# `agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix` compares routers; each
+# replica gets the same KV budget.
+POLICY_OPTIONS = ("pin-mode", "max-wait", "pin-cap", "fixed-ttl", "max-ttl", "replicas", "router")
+_RAY_OPTIONS = ("replicas", "router")
 
 
 def policy_spec(spec: str) -> tuple[str, list[str]]:
@@ -45,7 +49,7 @@ def policy_spec(spec: str) -> tuple[str, list[str]]:
         if not sep or key not in POLICY_OPTIONS or not value:
             raise ValueError(f"bad policy option {option!r} in {spec!r}: want KEY=VALUE, KEY one of "
                              f"{', '.join(POLICY_OPTIONS)}")
-        if base in ("vllm", "oracle"):
+        if base == "oracle" or (base == "vllm" and key not in _RAY_OPTIONS):
             raise ValueError(f"{spec!r}: policy {base} runs without the plugin and takes no options")
         args += [f"--{key}", value]
     return base, args

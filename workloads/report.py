@@ -32,6 +32,7 @@ class PolicyResult(msgspec.Struct, forbid_unknown_fields=True):
     programs_failed: Count
     throughput: Seconds  # completed programs per second of makespan
     llm_calls: Count
+    turn_retries: Count = 0  # turns sent again after a server failure (e.g. a replica died)
     errors: list[str] = []  # the first few failure messages
     engine_counters: dict[str, int] = {}  # the scheduler plugin's counters over the run (pins by reason, ...)
 
@@ -68,6 +69,7 @@ def summarize(records: list[ProgramRecord], server: dict) -> PolicyResult:
         pins_created=server.get("pins_created", 0), pins_outstanding_at_end=server.get("pins_outstanding", 0),
         makespan=makespan, programs_completed=len(ok), programs_failed=len(records) - len(ok),
         throughput=len(ok) / makespan if makespan > 0 else 0.0, llm_calls=len(turns),
+        turn_retries=sum(r.retries for r in records),
         engine_counters=server.get("counters", {}),
         errors=[f"{r.id}: {r.error}" for r in records if r.error][:5])
 

@@ -260,6 +260,10 @@ class ProgramScheduler(Scheduler):
             "pinned_blocks": self.pins.pinned_blocks,
             "pin_cap_blocks": self.pins.cap_blocks,
             "programs": len(self._ranks),
+            # load, for routing new programs across replicas (free includes evictable cached blocks)
+            "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
+            "total_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks - 1,
+            "queued": len(self.waiting) + len(self.running),
             "counters": dict(self.counters),
             "events": events,
         }

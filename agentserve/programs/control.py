@@ -99,6 +99,20 @@ class ProgramControl:
         await self._send("end", {"program_id": program_id})
         self.on_event("program_end", {"program": program_id, "reason": reason, "turns": program.llm_calls})
 
+    def describe(self, program_id: str) -> dict:
+        """A program's state and DAG (the `GET /v1/programs/{id}` body)."""
+        p = self.tracker.get(program_id)
+        return {"program_id": p.program_id, "llm_calls": p.llm_calls, "active_calls": p.active_calls,
+                "parent_program_id": p.parent, "children": sorted(p.children), "last_tool": p.last_tool,
+                "nodes": [{"id": n, **d} for n, d in p.graph.nodes(data=True)],
+                "edges": [list(e) for e in p.graph.edges]}
+
+    async def stats(self) -> dict:
+        """The `GET /v1/agentserve/stats` body: policy, programs, TTL inputs, the engine's pin stats."""
+        live = await self.tick() if self.pins_enabled else {}
+        return {"policy": self.policy.name if self.policy else "vllm", "programs": len(self.tracker),
+                "ttl_inputs": self.ttl_inputs(), "engine": {k: v for k, v in live.items() if k != "events"}}
+
     async def abort_call(self, program_id: str) -> None:
         await self._send("release", {"program_id": program_id, "reason": "abort"})
 

@@ -1,35 +1,80 @@
-"""A Ray Serve LLM application whose vLLM replicas run agentserve's scheduler plugin.
+"""The Ray Serve application: an OpenAI ingress, LLM replicas running vLLM with agentserve's scheduler
+plugin, one program control plane, and the program-affinity request router in front of the replicas.
 
-Built on `ray.serve.llm` (`LLMConfig` + `build_openai_app`), not beside it: the same EngineSettings
-that start the embedded engine are translated to the `engine_kwargs` of every replica (the fields of
-vLLM's `AsyncEngineArgs` that differ from vLLM's defaults, so nothing is hand-copied), and the
-replicas are `ProgramLLMServer`s (replica.py), which add the pin control call to Ray's `LLMServer`.
-Still to come (issue 5): the program-affinity request router, the shared control plane, the program
-routes on the ingress, `agentserve serve --replicas N`.
+Built on `ray.serve.llm` (`LLMConfig`, `LLMServer`, `OpenAiIngress`, `build_llm_deployment`), not
+beside it: the same EngineSettings that start the embedded engine are translated to the
+`engine_kwargs` of every replica (the fields of vLLM's `AsyncEngineArgs` that differ from vLLM's
+defaults, so nothing is hand-copied), and the program options are the embedded server's.
+
+    ingress (ProgramIngress) --router--> ProgramLLMServer x N   (each: vLLM + ProgramScheduler)
+          \\___________________  ProgramControlPlane  ___________/   (tracker, predictor, TTL, homes)
+
+`router="prefix"` swaps in Ray Serve LLM's own `PrefixCacheAffinityRouter` (the benchmark's baseline);
+everything else stays the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import signal
+import threading
 
-from agentserve.engine.settings import EngineSettings, engine_args
+import msgspec
 
-# Ray Serve LLM sets these itself from LLMConfig (model_loading_config).
-_SET_BY_RAY = ("model", "served_model_name")
+from agentserve.engine.settings import EngineSettings, vllm_namespace
+from agentserve.server.app import ProgramOptions, engine_settings_for
+
+# Ray Serve LLM sets these itself (model_loading_config, the Serve HTTP proxy).
+_SET_BY_RAY = ("model", "served_model_name", "host", "port")
+ROUTERS = ("affinity", "prefix", "pow2")
+APP_NAME = "agentserve"
+# Logical CPUs for a local Ray cluster: Serve schedules by logical CPUs, and a replica's placement
+# group asks for 2; on a 2-core machine the ingress would never be placed with the real count.
+LOCAL_CPUS_PER_REPLICA = 2
+LOCAL_CPUS_SPARE = 4  # ingress, control plane, proxy, controller
+
+log = logging.getLogger("agentserve.rayserve")
 
 
 def engine_kwargs(settings: EngineSettings) -> tuple[str, dict]:
-    """(model source directory, engine_kwargs) for `ray.serve.llm.LLMConfig`."""
+    """(model source directory, engine_kwargs) for `ray.serve.llm.LLMConfig`: the engine and frontend
+    arguments (e.g. cached-token details in usage) the embedded server would use."""
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
-    args = engine_args(settings)
-    default = AsyncEngineArgs()
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(AsyncEngineArgs)
-              if f.name not in _SET_BY_RAY and getattr(args, f.name) != getattr(default, f.name)}
+    ns = vllm_namespace(settings)
+    args = AsyncEngineArgs.from_cli_args(ns)
+    kwargs = _differing(args, AsyncEngineArgs())
+    kwargs.update(_differing(ns, FrontendArgs()))
     return args.model, kwargs
 
 
-def llm_config(settings: EngineSettings, *, model_id: str, replicas: int = 1, accelerator: str = "cpu"):
+def _differing(values, default) -> dict:
+    return {f.name: getattr(values, f.name) for f in dataclasses.fields(default)
+            if f.name not in _SET_BY_RAY and hasattr(values, f.name)
+            and getattr(values, f.name) != getattr(default, f.name)}
+
+
+def router_config(router: str):
+    from ray.serve.config import RequestRouterConfig
+
+    if router == "affinity":
+        from agentserve.rayserve.router import ProgramAffinityRouter
+
+        return RequestRouterConfig(request_router_class=ProgramAffinityRouter)
+    if router == "prefix":
+        from ray.serve.llm.request_router import PrefixCacheAffinityRouter
+
+        return RequestRouterConfig(request_router_class=PrefixCacheAffinityRouter)
+    if router == "pow2":  # Serve's default: power of two choices on queue length
+        return RequestRouterConfig()
+    raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
+
+
+def llm_config(settings: EngineSettings, *, model_id: str, replicas: int = 1, accelerator: str = "cpu",
+               router: str = "affinity"):
     from ray.serve.llm import LLMConfig
 
     from agentserve.rayserve.replica import ProgramLLMServer
@@ -40,13 +85,75 @@ def llm_config(settings: EngineSettings, *, model_id: str, replicas: int = 1, ac
     return LLMConfig(model_loading_config={"model_id": model_id, "model_source": source},
                      accelerator_config={"kind": accelerator},
                      deployment_config={"autoscaling_config": {"min_replicas": replicas,
-                                                               "max_replicas": replicas}},
+                                                               "max_replicas": replicas},
+                                        "request_router_config": router_config(router)},
                      engine_kwargs=kwargs, server_cls=ProgramLLMServer)
 
 
-def build_app(settings: EngineSettings, *, model_id: str, replicas: int = 1, accelerator: str = "cpu"):
-    """The Serve application (OpenAI ingress + LLM replicas); run it with `serve.run(app)`."""
-    from ray.serve.llm import build_openai_app
+def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOptions | None = None,
+              replicas: int = 1, accelerator: str = "cpu", router: str = "affinity"):
+    """The Serve application; run it with `serve.run(app, name=APP_NAME)`."""
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 
-    return build_openai_app({"llm_configs": [llm_config(settings, model_id=model_id, replicas=replicas,
-                                                        accelerator=accelerator)]})
+    from agentserve.rayserve.control_plane import ControlPlaneDeployment
+    from agentserve.rayserve.ingress import ProgramIngress, program_ingress_cls
+
+    options = options or ProgramOptions()
+    config = llm_config(engine_settings_for(settings, options), model_id=model_id, replicas=replicas,
+                        accelerator=accelerator, router=router)
+    control_plane = serve.deployment(ControlPlaneDeployment, name="ProgramControlPlane", num_replicas=1,
+                                     ray_actor_options={"num_cpus": 0}).bind(msgspec.to_builtins(options))
+    llm = build_llm_deployment(config, bind_kwargs={
+        "control_plane": control_plane, "measure_reload": options.policy == "agentserve",
+        "pins": options.policy != "vllm"})
+    ingress = serve.deployment(program_ingress_cls(), **ProgramIngress.get_deployment_options([config]))
+    return ingress.bind(llm_deployments={model_id: llm}, model_cards={model_id: to_model_metadata(model_id, config)})
+
+
+
+def run(settings: EngineSettings, *, options: ProgramOptions, replicas: int, router: str = "affinity",
+        host: str = "127.0.0.1", port: int = 8000, model_id: str | None = None) -> None:
+    """`agentserve serve --replicas N`: deploy the app on Ray (RAY_ADDRESS, else a local cluster) and
+    serve until SIGINT/SIGTERM; on the way out every pin is released and the app deleted."""
+    import ray
+    from ray import serve
+
+    if "RAY_ADDRESS" in os.environ:
+        ray.init()
+    else:
+        ray.init(num_cpus=max(8, LOCAL_CPUS_PER_REPLICA * replicas + LOCAL_CPUS_SPARE), include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        name = model_id or os.path.basename(str(settings.model).rstrip("/"))
+        serve.run(build_app(settings, model_id=name, options=options, replicas=replicas, router=router),
+                  name=APP_NAME, route_prefix="/")
+        log.info("agentserve on Ray Serve: %d replica(s) of %s, router %s, policy %s, http://%s:%d",
+                 replicas, name, router, options.policy, host, port)
+        stop.wait()
+    finally:
+        release_all_pins()
+        serve.shutdown()
+        ray.shutdown()
+
+
+def release_all_pins(timeout_s: float = 5.0) -> None:
+    """Graceful shutdown: the control plane queues a release of every pin; replicas pull it."""
+    import ray
+
+    from agentserve.rayserve.control_plane import NAMESPACE, SYNC_S, actor_name
+
+    try:
+        cp = ray.get_actor(actor_name(APP_NAME), namespace=NAMESPACE)
+        ray.get(cp.call.remote("shutdown"), timeout=timeout_s)
+        ray.get(cp.call.remote("stats"), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - never block shutdown on it; the replicas' engines end with it
+        log.warning("could not release pins before shutdown", exc_info=True)
+        return
+    import time
+
+    time.sleep(3 * SYNC_S)  # replicas pull the release

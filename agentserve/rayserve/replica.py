@@ -1,15 +1,123 @@
-"""The LLM replica: Ray's `LLMServer` plus agentserve's control call into its engine's scheduler
-plugin (pin stats, release, end), so a router or control plane can act on one replica's pins."""
+"""The LLM replica: Ray's `LLMServer` running vLLM with agentserve's scheduler plugin, joined to the
+shared control plane (control_plane.py).
+
+- its engine client is wrapped in the embedded server's `ProgramEngineClient`, with `RemoteControl`
+  as the control: every program call is tracked and given its TTL by the one control plane;
+- a sync task pulls the commands queued for this replica (end, release) and pushes its pin stats and
+  load (free KV blocks, queue) every `SYNC_S`;
+- every response stream starts with a `ReplicaTag`, which the ingress turns into the
+  `x-agentserve-replica` header (and strips), so operators and tests see who served a request;
+- `agentserve_control` runs a control command on this replica's engine directly (tests, operators).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import msgspec
+from ray import serve
 from ray.serve.llm import LLMServer
+
+from agentserve.rayserve.control_plane import SYNC_S
+from agentserve.server.program_layer import ProgramEngineClient
+
+log = logging.getLogger("agentserve.rayserve")
+
+
+class ReplicaTag(msgspec.Struct, frozen=True):
+    """First item of every response stream of a `ProgramLLMServer`: who serves it."""
+
+    replica_id: str
+
+
+class RemoteControl:
+    """`ProgramControl`'s call surface for `ProgramEngineClient`, answered by the control plane."""
+
+    def __init__(self, control_plane, replica_id: str):
+        self.cp = control_plane
+        self.replica_id = replica_id
+
+    def begin_call(self, fields, prompt_tokens: int, max_tokens: int):
+        return self.cp.begin_call.remote(self.replica_id, msgspec.json.encode(fields), prompt_tokens, max_tokens)
+
+    def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int, cached: int | None):
+        return self.cp.first_token.remote(program_id, turn, ttft_s, prompt_tokens, cached)
+
+    def end_call(self, program_id: str, context_tokens: int):
+        return self.cp.end_call.remote(program_id, context_tokens)
+
+    def abort_call(self, program_id: str):
+        return self.cp.abort_call.remote(program_id)
+
+
+def program_engine_cls(control: RemoteControl):
+    """Ray's vLLM engine class, its engine client wrapped before the OpenAI serving objects see it."""
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    class ProgramVLLMEngine(VLLMEngine):
+        def _start_async_llm_engine(self, *args, **kwargs):
+            return ProgramEngineClient(super()._start_async_llm_engine(*args, **kwargs), control)
+
+    return ProgramVLLMEngine
 
 
 class ProgramLLMServer(LLMServer):
+    async def __init__(self, llm_config, *, control_plane=None, measure_reload: bool = False,
+                       pins: bool = True, **kwargs):
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._sync_task: asyncio.Task | None = None
+        if control_plane is not None:  # the deployment hands out its actor
+            control_plane = await control_plane.handle.remote()
+        self._control_plane = control_plane
+        engine_cls = program_engine_cls(RemoteControl(control_plane, self.replica_id)) if control_plane else None
+        await super().__init__(llm_config, engine_cls=engine_cls, **kwargs)
+        if control_plane is None:
+            return
+        reload = None
+        if await control_plane.register.remote(self.replica_id, None) and measure_reload:
+            reload = await self._measure_reload()
+            await control_plane.register.remote(self.replica_id, msgspec.to_builtins(reload))
+        if pins:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+
+    async def _measure_reload(self):
+        from agentserve.engine.profiling import measure_reload_profile
+
+        client = self.engine._engine_client
+        profile = await measure_reload_profile(client, max_tokens=min(client.model_config.max_model_len - 1, 8192))
+        log.info("replica %s reload profile: %s", self.replica_id, profile)
+        return profile
+
+    async def _sync_loop(self) -> None:
+        events: list[dict] = []
+        while True:
+            await asyncio.sleep(SYNC_S)
+            try:
+                stats = await self.agentserve_control("tick")
+                stats["events"] = events + stats.get("events", [])
+                events = []
+                for command, payload in await self._control_plane.sync.remote(self.replica_id, stats):
+                    events += (await self.agentserve_control(command, payload)).get("events", [])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep syncing; the failure is in the log
+                log.exception("replica %s: control plane sync failed", self.replica_id)
+
     async def agentserve_control(self, command: str, payload: dict | None = None) -> dict:
         """`ProgramScheduler.agentserve_control` on this replica's engine (end / release / tick ...)."""
         client = getattr(self.engine, "_engine_client", None) if self.engine is not None else None
         if client is None:
             raise RuntimeError("the replica's vLLM engine is not started")
         return await client.engine_core.call_utility_async("agentserve_control", command, payload or {})
+
+    async def chat(self, request, raw_request_info=None):
+        return self._tagged(await super().chat(request, raw_request_info))
+
+    async def completions(self, request, raw_request_info=None):
+        return self._tagged(await super().completions(request, raw_request_info))
+
+    async def _tagged(self, stream):
+        yield ReplicaTag(self.replica_id)
+        async for item in stream:
+            yield item

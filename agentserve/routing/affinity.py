@@ -68,6 +68,17 @@ class ProgramAffinity:
         self.placed_since_report.pop(replica_id, None)
         return [p for p, r in self.home.items() if r == replica_id]
 
+    def served(self, program_id: str, replica_id: str) -> str | None:
+        """A request of the program is running on `replica_id` (whatever ranked it there: a fallback
+        under backpressure, another router): that replica is its home now. Returns the previous home
+        if it was another replica (the pin there is of no use any more)."""
+        previous = self.home.get(program_id)
+        self.home[program_id] = replica_id
+        self.home.move_to_end(program_id)
+        while len(self.home) > self.max_programs:
+            self.home.popitem(last=False)
+        return previous if previous not in (None, replica_id) else None
+
     def end(self, program_id: str) -> None:
         self.home.pop(program_id, None)
 
@@ -85,11 +96,8 @@ class ProgramAffinity:
         if home in alive:
             self.home.move_to_end(program_id)
             return Placement([home] + [r for r in by_load if r != home])
-        self.home[program_id] = by_load[0]
-        self.home.move_to_end(program_id)
+        self.served(program_id, by_load[0])
         self._count(by_load[0])
-        while len(self.home) > self.max_programs:
-            self.home.popitem(last=False)
         return Placement(by_load, moved_from=home)
 
     def _count(self, replica_id: str) -> None:

@@ -107,7 +107,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
         app = build_app(ns, tasks, engine.model_config)
         app.middleware_stack = None  # vLLM's bootstrap built it already; rebuilt at start-up with ours
         app.add_middleware(AgentFieldsMiddleware)
-        add_program_routes(app, control)
+        add_program_routes(app, lambda: control)
         await init_app_state(client, app.state, ns, tasks)
         ticker = asyncio.create_task(tick_loop(control))
         log.info("agentserve serving %s on %s, policy %s", ns.served_model_name, listen_address, options.policy)

@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -105,10 +107,17 @@ def _error_path(message: str) -> str:
     return ""
 
 
-class ProgramEngineClient:
-    """vLLM's engine client, with program requests routed through `ProgramControl`."""
+async def resolved(value):
+    """The value of a control call: `ProgramControl` answers directly, a remote control plane (Ray
+    Serve) with an awaitable; callers here accept both."""
+    return await value if inspect.isawaitable(value) else value
 
-    def __init__(self, engine, control: ProgramControl):
+
+class ProgramEngineClient:
+    """vLLM's engine client, with program requests routed through the program control plane: a local
+    `ProgramControl`, or a proxy to the shared one (`agentserve.rayserve.replica.RemoteControl`)."""
+
+    def __init__(self, engine, control):
         self._engine = engine
         self.control = control
 
@@ -124,20 +133,23 @@ class ProgramEngineClient:
             return
         fields = msgspec.json.decode(raw, type=ProgramFields)
         tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
-        xargs = self.control.begin_call(fields, len(tokens or ()), sampling_params.max_tokens or 0)
+        xargs = await resolved(self.control.begin_call(fields, len(tokens or ()), sampling_params.max_tokens or 0))
         sampling_params.extra_args = {**extra, **xargs}
         out, finished, t0 = None, False, time.perf_counter()
         try:
             async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
                 if t0 is not None:  # the first output: its TTFT and prefix hit
-                    self.control.first_token(fields.program_id, xargs[XARG_TURN], time.perf_counter() - t0,
-                                             len(out.prompt_token_ids or ()), out.num_cached_tokens)
+                    await resolved(self.control.first_token(
+                        fields.program_id, xargs[XARG_TURN], time.perf_counter() - t0,
+                        len(out.prompt_token_ids or ()), out.num_cached_tokens))
                     t0 = None
                 finished = out.finished
                 yield out
         finally:
             context = (len(out.prompt_token_ids or ()) + sum(len(o.token_ids) for o in out.outputs)) if out else 0
-            self.control.end_call(fields.program_id, context)
+            ended = self.control.end_call(fields.program_id, context)
+            if inspect.isawaitable(ended):
+                asyncio.ensure_future(self._safe(ended))
             if not finished:  # client disconnect or abort: the engine drops the pin too
                 asyncio.ensure_future(self._safe(self.control.abort_call(fields.program_id)))
 
@@ -174,8 +186,18 @@ def document_wire_contract(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def add_program_routes(app: FastAPI, control: ProgramControl) -> None:
+def add_program_routes(app: FastAPI, programs: Callable[[], Any]) -> None:
+    """The program routes. `programs()` gives the control plane that answers them: the server's
+    `ProgramControl`, or on Ray Serve a proxy to the shared control-plane deployment (same methods,
+    awaitable)."""
     document_wire_contract(app)
+
+    async def call(method: str, *args) -> Any:
+        try:
+            return await resolved(getattr(programs(), method)(*args)), None
+        except ProgramError as e:
+            return None, error_response(e.status, str(e), "program_id")
+
     @app.post("/v1/programs/{program_id}/tool", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/ToolEvent"}}}}})
     async def tool_event(program_id: str, request: Request):
@@ -183,39 +205,25 @@ def add_program_routes(app: FastAPI, control: ProgramControl) -> None:
             event = msgspec.json.decode(await request.body(), type=ToolEvent)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             return error_response(400, f"invalid tool event: {e}", "body")
-        try:
-            duration = control.tool_event(program_id, event.name, event.event, event.duration_s)
-        except ProgramError as e:
-            return error_response(e.status, str(e), "program_id")
-        return {"program_id": program_id, "tool": event.name, "event": event.event, "duration_s": duration}
+        duration, error = await call("tool_event", program_id, event.name, event.event, event.duration_s)
+        return error or {"program_id": program_id, "tool": event.name, "event": event.event,
+                         "duration_s": duration}
 
     @app.post("/v1/programs/{program_id}/end")
     async def end_program(program_id: str):
-        try:
-            await control.end_program(program_id)
-        except ProgramError as e:
-            return error_response(e.status, str(e), "program_id")
-        return {"program_id": program_id, "ended": True}
+        _, error = await call("end_program", program_id)
+        return error or {"program_id": program_id, "ended": True}
 
     @app.get("/v1/programs/{program_id}")
     async def get_program(program_id: str):
-        try:
-            p = control.tracker.get(program_id)
-        except ProgramError as e:
-            return error_response(e.status, str(e), "program_id")
-        return {"program_id": p.program_id, "llm_calls": p.llm_calls, "active_calls": p.active_calls,
-                "parent_program_id": p.parent, "children": sorted(p.children), "last_tool": p.last_tool,
-                "nodes": [{"id": n, **d} for n, d in p.graph.nodes(data=True)],
-                "edges": [list(e) for e in p.graph.edges]}
+        described, error = await call("describe", program_id)
+        return error or described
 
     @app.get("/v1/agentserve/stats")
     async def stats():
-        live = await control.tick() if control.pins_enabled else {}
-        metrics.record_engine_stats(live)
-        return {"policy": control.policy.name if control.policy else "vllm",
-                "programs": len(control.tracker),
-                "ttl_inputs": control.ttl_inputs(),
-                "engine": {k: v for k, v in live.items() if k != "events"}}
+        result, _ = await call("stats")
+        metrics.record_engine_stats(result["engine"])
+        return result
 
 
 async def tick_loop(control: ProgramControl) -> None:

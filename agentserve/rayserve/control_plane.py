@@ -1,0 +1,223 @@
+"""The program control plane of a Ray Serve app: one deployment that the ingress, the request router
+and every LLM replica share, so there is one tracker, one tool-duration predictor, one TTL policy
+state and one program -> replica map, not a copy per replica that drifts.
+
+Design: the embedded server's `ProgramControl` runs here unchanged; only its engine link differs.
+Pins live inside each replica's scheduler, so a command about a program (end, release) goes to the
+replica that served the program's last turn (its home, from `ProgramAffinity`). The link does not
+call replicas: commands wait in a per-replica outbox and every replica pulls its own when it syncs
+(every `SYNC_S`), handing over its pin stats and load at the same time. The trade-off: an end or a
+release reaches the engine up to `SYNC_S` late (pins still expire on time, inside the engine), in
+exchange for no calls from here into replicas that may be dead or restarting, and no replica
+handles to keep. The router asks `place` for every program request (one small call per LLM call),
+which keeps routers in several ingress processes consistent by construction.
+
+Methods answering the HTTP routes return `{"ok": value}` or `{"error": [status, message]}` rather
+than raising: an exception crossing Ray loses its type, and a client error must stay a 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from agentserve.programs.control import ProgramControl
+from agentserve.programs.fields import ProgramFields
+from agentserve.programs.tracker import ProgramError, ProgramTracker
+from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
+from agentserve.server.app import ProgramOptions
+from agentserve.ttl.policy import OnlineBenefit, make_policy
+from agentserve.ttl.predictor import ToolDurationPredictor
+from agentserve.ttl.reload import ReloadProfile
+
+log = logging.getLogger("agentserve.rayserve")
+
+# How often replicas sync (pull commands, push stats) and the control plane ticks (reaps abandoned
+# programs): the same 0.2 s as the embedded server's tick, so a release is as timely on both paths.
+SYNC_S = 0.2
+# A replica that synced before and then stayed silent this long is gone (killed, node lost): its
+# pins died with it. 25 sync periods: a busy replica's event loop can stall for a few seconds.
+REPLICA_SILENT_S = 5.0
+# Engine events kept between two stats reads: the embedded scheduler's own bound.
+MAX_EVENTS = 4096
+# Stats summed over replicas in the cluster view.
+_SUMMED = ("pins", "pinned_blocks", "pin_cap_blocks", "programs", "free_blocks", "total_blocks", "queued")
+
+
+class ProgramControlPlane:
+    def __init__(self, options: dict):
+        self.options = msgspec.convert(options, ProgramOptions)
+        self.affinity = ProgramAffinity()
+        self.outbox: dict[str, list[tuple[str, dict]]] = {}
+        self.replicas: dict[str, dict] = {}  # replica -> its last stats (without events)
+        self.last_sync: dict[str, float] = {}  # replica -> monotonic time of its last sync
+        self.events: list[dict] = []
+        predictor, benefit = ToolDurationPredictor(), OnlineBenefit()
+        policy = None
+        if self.options.policy not in ("vllm", "agentserve"):
+            policy = self._policy(None, predictor, benefit)
+        # `agentserve` needs the reload profile measured on a replica's engine: set on registration.
+        link = None if self.options.policy == "vllm" else self._link
+        from agentserve.server import metrics
+
+        self.control = ProgramControl(ProgramTracker(self.options.idle_timeout_s), predictor, policy, link,
+                                      benefit, on_event=metrics.record_event)
+        self._ticker: asyncio.Task | None = None
+
+    def _policy(self, reload: ReloadProfile | None, predictor, benefit):
+        o = self.options
+        return make_policy(o.policy, predictor=predictor, reload=reload, benefit=benefit,
+                           fixed_ttl_s=o.fixed_ttl_s, max_ttl_s=o.max_ttl_s)
+
+    async def start(self) -> None:
+        """Tick in the background (abandoned programs end, their pins are released)."""
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_S)
+            try:
+                await self.control.tick()
+            except Exception:  # noqa: BLE001 - keep ticking; the failure is in the log
+                log.exception("control plane tick failed")
+
+    # ---- replicas -----------------------------------------------------------------------------
+    def register(self, replica_id: str, reload: dict | None) -> bool:
+        """A replica started. Returns whether the policy still needs its measured reload profile."""
+        self.replicas.setdefault(replica_id, {})
+        if self.options.policy == "agentserve" and self.control.policy is None:
+            if reload is None:
+                return True
+            c = self.control
+            c.policy = self._policy(msgspec.convert(reload, ReloadProfile), c.predictor, c.benefit)
+            log.info("TTL policy uses the reload profile measured on replica %s", replica_id)
+        return False
+
+    def sync(self, replica_id: str, stats: dict) -> list[tuple[str, dict]]:
+        """A replica's periodic report; returns the commands queued for it."""
+        events = stats.pop("events", [])
+        self.events.extend(events[: max(0, MAX_EVENTS - len(self.events))])
+        self.replicas[replica_id] = stats
+        self.last_sync[replica_id] = time.monotonic()
+        if stats.get("total_blocks"):
+            self.affinity.report([ReplicaLoad(replica_id, stats["free_blocks"], stats["total_blocks"],
+                                              stats["queued"])])
+        return self.outbox.pop(replica_id, [])
+
+    def replica_gone(self, replica_id: str) -> list[str]:
+        """A replica died or was removed: its pins died with it; its programs move on their next call."""
+        self.replicas.pop(replica_id, None)
+        self.outbox.pop(replica_id, None)
+        self.last_sync.pop(replica_id, None)
+        log.info("replica %s gone; its programs move on their next call", replica_id)
+        return self.affinity.replica_gone(replica_id)
+
+    def _drop_silent(self) -> None:
+        now = time.monotonic()
+        for replica, seen in list(self.last_sync.items()):
+            if now - seen > REPLICA_SILENT_S:
+                self.replica_gone(replica)
+
+    # ---- router -------------------------------------------------------------------------------
+    def place(self, program_id: str | None, candidates: list[str]) -> list[str]:
+        placement = self.affinity.place(program_id, candidates)
+        return placement.ranked
+
+    # ---- LLM calls (from the replica serving them) ---------------------------------------------
+    def begin_call(self, replica_id: str, fields: bytes, prompt_tokens: int, max_tokens: int) -> dict:
+        decoded = msgspec.json.decode(fields, type=ProgramFields)
+        previous = self.affinity.served(decoded.program_id, replica_id)
+        if previous is not None and previous in self.replicas:  # served elsewhere: the old pin is useless
+            self._queue(previous, "release", {"program_id": decoded.program_id, "reason": "moved"})
+        return self.control.begin_call(decoded, prompt_tokens, max_tokens)
+
+    def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
+                    cached_tokens: int | None) -> None:
+        self.control.first_token(program_id, turn, ttft_s, prompt_tokens, cached_tokens)
+
+    def end_call(self, program_id: str, context_tokens: int) -> None:
+        self.control.end_call(program_id, context_tokens)
+
+    async def abort_call(self, program_id: str) -> None:
+        await self.control.abort_call(program_id)
+
+    # ---- program routes (from the ingress) -----------------------------------------------------
+    async def call(self, method: str, *args: Any) -> dict:
+        """`ProgramControl.<method>(*args)` for the program routes (tool_event, end_program, describe,
+        stats) and shutdown, with a client error returned as `{"error": [status, message]}`."""
+        if method not in ("tool_event", "end_program", "describe", "stats", "shutdown"):
+            raise ValueError(f"not a program route method: {method!r}")
+        try:
+            result = getattr(self.control, method)(*args)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except ProgramError as e:
+            return {"error": [e.status, str(e)]}
+        if method == "stats":
+            result["replicas"] = {r: {k: v for k, v in s.items() if k != "counters"}
+                                  for r, s in self.replicas.items()}
+            result["routed_programs"] = len(self.affinity.home)
+        return {"ok": result}
+
+    # ---- the engine link of ProgramControl -----------------------------------------------------
+    async def _link(self, command: str, payload: dict) -> dict:
+        program = payload.get("program_id")
+        if command == "release_all":
+            for replica in self.replicas:
+                self._queue(replica, command, payload)
+        elif program is not None:
+            home = self.affinity.home.get(program)
+            if home is not None:
+                self._queue(home, command, payload)
+            if command == "end":
+                self.affinity.end(program)
+        elif command != "tick":
+            raise ValueError(f"unknown agentserve control command {command!r}")
+        return self._merged()
+
+    def _queue(self, replica_id: str, command: str, payload: dict) -> None:
+        self.outbox.setdefault(replica_id, []).append((command, payload))
+
+    def _merged(self) -> dict:
+        """The cluster's pin stats: replica stats summed, the events reported since the last read."""
+        self._drop_silent()
+        merged: dict[str, Any] = {k: sum(s.get(k, 0) for s in self.replicas.values()) for k in _SUMMED}
+        counters: dict[str, int] = {}
+        for s in self.replicas.values():
+            for k, v in s.get("counters", {}).items():
+                counters[k] = counters.get(k, 0) + v
+        merged["counters"] = counters
+        merged["events"], self.events = self.events, []
+        return merged
+
+
+
+NAMESPACE = "agentserve"
+
+
+def actor_name(app_name: str) -> str:
+    return f"control-plane:{app_name}"
+
+
+class ControlPlaneDeployment:
+    """The Serve deployment that owns the control plane: a named Ray actor (an asyncio actor, so its
+    methods run one at a time), created with the application and gone with it. Callers talk to the
+    actor, not through Serve: a request router awaits it from Serve's router event loop, where a
+    Serve handle call never completes, while an actor call is awaitable from any loop."""
+
+    async def __init__(self, options: dict):
+        import ray
+        from ray import serve
+
+        name = actor_name(serve.get_replica_context().app_name)
+        self.actor = ray.remote(ProgramControlPlane).options(
+            name=name, namespace=NAMESPACE, num_cpus=0, get_if_exists=True).remote(options)
+        await self.actor.start.remote()
+
+    def handle(self):
+        return self.actor

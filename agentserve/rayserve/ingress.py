@@ -1,0 +1,99 @@
+"""The OpenAI ingress of the Ray Serve app: Ray Serve LLM's `OpenAiIngress` plus agentserve's
+program layer, so the Ray path speaks the embedded server's wire contract.
+
+- the `agentserve` body object is moved into `vllm_xargs` (400 naming a bad field) by the embedded
+  server's `AgentFieldsMiddleware`; the program routes are the embedded server's, answered by the
+  shared control plane;
+- every LLM response names the replica that served it in `x-agentserve-replica` (the replica's
+  `ReplicaTag`, stripped from the stream);
+- a call whose replica dies before it produced anything is sent again, and the router places it on
+  a live replica (`REPLICA_RETRIES`). A stream cut after its first chunk cannot be resumed
+  transparently (another replica would generate different tokens): the client sees the stream break
+  and retries the call (the SDK and the replay driver do).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+import ray
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress, init, make_fastapi_ingress
+
+from agentserve.programs.tracker import ProgramError
+from agentserve.rayserve.replica import ReplicaTag
+from agentserve.rayserve.control_plane import NAMESPACE, actor_name
+from agentserve.server.program_layer import AgentFieldsMiddleware, add_program_routes
+
+log = logging.getLogger("agentserve.rayserve")
+
+REPLICA_HEADER = "x-agentserve-replica"
+# A call is resent this many times when its replica dies first; one retry suffices for one failed
+# replica, the second covers a replica dying while the first retry is routed.
+REPLICA_RETRIES = 2
+_REPLICA_GONE = (RayActorError, ActorUnavailableError)
+
+
+class RemotePrograms:
+    """The program routes' control plane, on the shared deployment (see control_plane.py)."""
+
+    def __init__(self):
+        self._handle = None
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        async def call(*args):
+            if self._handle is None:
+                app = serve.get_replica_context().app_name
+                self._handle = ray.get_actor(actor_name(app), namespace=NAMESPACE)
+            answer = await self._handle.call.remote(method, *args)
+            if "error" in answer:
+                raise ProgramError(*answer["error"])
+            return answer["ok"]
+
+        return call
+
+
+class ProgramIngress(OpenAiIngress):
+    async def _get_response(self, *, body, call_method: str, raw_request=None):
+        for attempt in range(REPLICA_RETRIES + 1):
+            started = False
+            try:
+                async for item in super()._get_response(body=body, call_method=call_method,
+                                                        raw_request=raw_request):
+                    if isinstance(item, ReplicaTag):
+                        if raw_request is not None:
+                            raw_request.state.agentserve_replica = item.replica_id
+                        continue
+                    started = True
+                    yield item
+                return
+            except _REPLICA_GONE as e:
+                if started or attempt == REPLICA_RETRIES:
+                    raise
+                log.warning("replica died before answering (%s); resending the call", type(e).__name__)
+
+    async def _process_llm_request(self, body, call_method: str, raw_request=None):
+        response = await super()._process_llm_request(body, call_method, raw_request)
+        replica = getattr(raw_request.state, "agentserve_replica", None) if raw_request is not None else None
+        if replica is not None:
+            response.headers[REPLICA_HEADER] = replica
+        return response
+
+
+def program_ingress_cls():
+    """`ProgramIngress` as a Serve ingress class: vLLM-compatible OpenAI routes + program routes."""
+    app: FastAPI = init()
+    app.add_middleware(AgentFieldsMiddleware)
+    programs = RemotePrograms()
+    add_program_routes(app, lambda: programs)
+
+    @app.get("/health")
+    async def health():  # the app answers once Serve has deployed it (replicas up)
+        return {}
+
+    return make_fastapi_ingress(ProgramIngress, endpoint_map=DEFAULT_ENDPOINTS, app=app)
