@@ -13,7 +13,13 @@ BENCH_ARGS ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --token-sc
 	--seed 0 --no-progress \
 	--policies vllm,continuum,agentserve,agentserve+pin-mode=ordered+max-wait=0+pin-cap=0.9,oracle
 
-.PHONY: install run bench test test-fast models clean
+# The router benchmark (docs/benchmarks.md): the SWE-bench load on Ray Serve, 2 replicas of the tiny
+# model (2 replicas of the bench model saturate this 2-core machine) with an 8k-token KV budget each, agentserve's program-affinity router vs Ray Serve LLM's prefix-aware router vs Serve's
+# default (power of two choices).
+RAY_BENCH_ARGS ?= --model tiny --kv-tokens 8192 --programs 16 --rate 1.0 --token-scale 0.25 --max-turns 10 \
+	--seed 0 --no-progress --policies agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix,agentserve+replicas=2+router=pow2
+
+.PHONY: install run bench bench-ray test test-fast models clean
 
 install: $(STAMP)
 
@@ -43,6 +49,10 @@ bench: install
 	$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \
 		$(BENCH_ARGS) --out bench-out/swe
 	$(VENV)/bin/agentserve replay --trace bfcl:base $(BENCH_ARGS) --out bench-out/bfcl
+
+bench-ray: install
+	$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \
+		$(RAY_BENCH_ARGS) --out bench-out/ray
 
 # The whole suite, engine and server integration tests included.
 test: install

@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="under memory pressure, soft: any request frees pins (latest program first), so pins "
                     "never delay anything; ordered: a waiting request frees only later programs' pins and "
                     "otherwise waits, until --max-wait; running work always may (default: soft)")
+    s.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="send OpenTelemetry traces (a workflow span per program, chat and execute_tool spans, "
+                   "vLLM's request spans nested in them) to this OTLP gRPC collector, e.g. http://127.0.0.1:4317")
+    s.add_argument("--tenants", default=None, metavar="FILE",
+                   help="tenants file (JSON or YAML; README: Tenants): API keys on every route, program ids "
+                   "and prefix cache isolated per tenant, per-tenant limits; without it the API is open")
     pr.add_argument("--idle-timeout", type=float, default=600.0,
                     help="seconds after which a silent program is abandoned and its pin released (default: 600)")
     s.add_argument(
@@ -224,12 +230,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from agentserve.server.app import ProgramOptions, serve
+    from agentserve.server.tenants import TenantsConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = engine_settings_from(args)
     options = ProgramOptions(policy=args.policy, fixed_ttl_s=args.fixed_ttl, max_ttl_s=args.max_ttl,
                              pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout,
-                             max_wait_s=args.max_wait, pin_mode=args.pin_mode)
+                             max_wait_s=args.max_wait, pin_mode=args.pin_mode,
+                             otlp_traces_endpoint=args.otlp_traces_endpoint,
+                             tenants=TenantsConfig.load(args.tenants) if args.tenants else None)
+    if args.replicas is not None and args.tenants:
+        raise SystemExit("--tenants is not supported with --replicas yet: the Ray Serve ingress has no tenant gate")
     if args.replicas is None:
         asyncio.run(serve(settings, host=args.host, port=args.port, options=options))
     else:

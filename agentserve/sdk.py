@@ -22,6 +22,10 @@ from typing import Any
 import httpx
 
 TIMEOUT_S = 600.0
+# Idle connections are not reused after this long. Servers close idle keep-alive connections after a
+# few seconds (uvicorn: 5 s); agents post tool events after tool calls of about that length, and a
+# POST sent on a connection the server is closing fails (httpx.ReadError) without being retried.
+KEEPALIVE_S = 2.0
 
 
 def _new_id() -> str:
@@ -53,6 +57,9 @@ class _ProgramState:
 
     def end_url(self) -> str:
         return f"/v1/programs/{self.program_id}/end"
+
+
+_LIMITS = httpx.Limits(keepalive_expiry=KEEPALIVE_S)
 
 
 def _check(r: httpx.Response) -> dict:
@@ -141,7 +148,7 @@ class AgentServe:
 
         self.base_url = base_url.rstrip("/")
         self.openai = OpenAI(base_url=self.base_url + "/v1", api_key=api_key, timeout=timeout_s)
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s,
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, limits=_LIMITS,
                                  headers={"Authorization": f"Bearer {api_key}"})
 
     def program(self, program_id: str | None = None) -> Program:
@@ -158,7 +165,7 @@ class AsyncAgentServe:
 
         self.base_url = base_url.rstrip("/")
         self.openai = AsyncOpenAI(base_url=self.base_url + "/v1", api_key=api_key, timeout=timeout_s)
-        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s,
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, limits=_LIMITS,
                                       headers={"Authorization": f"Bearer {api_key}"})
 
     def program(self, program_id: str | None = None) -> AsyncProgram:

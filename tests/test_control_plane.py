@@ -149,3 +149,14 @@ def test_no_pin_survives_its_program(ops):
         fake.apply(cp.sync(r, stats()))
         assert not fake.pins, f"{r} still pins {fake.pins} after every program ended"
     assert not cp.affinity.home and len(cp.control.tracker) == 0
+
+
+def test_ready_once_every_replica_started_and_stays_ready():
+    cp = ProgramControlPlane(FIXED, replicas=2)
+    cp.register("r1", None)
+    cp.replica_started("r1")
+    assert not cp.ready()
+    cp.replica_started("r2")
+    assert cp.ready()
+    cp.replica_gone("r2")  # Serve replaces it; the app keeps serving on r1 meanwhile
+    assert cp.ready()

@@ -109,3 +109,29 @@ def test_release_for_pressure_junior_to_spares_earlier_programs():
     assert t.release_for_pressure(spare="b", junior_to=1).pin.program_id == "c"  # later than b: may go
     assert t.release_for_pressure(spare="b", junior_to=1) is None  # only a (earlier) and b's own are left
     assert len(t) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(adds=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 8)), max_size=40),
+       caps=st.tuples(st.integers(0, 20), st.integers(0, 20)), total=st.integers(0, 40))
+def test_a_tenants_pins_stay_under_its_own_cap(adds, caps, total):
+    from agentserve.server.tenants import tenant_of
+
+    table = PinTable(cap_blocks=total, group_caps={"a": caps[0], "b": caps[1]}, group_of=tenant_of)
+    for i, n in adds:
+        program = f"{'ab'[i % 2]}:p{i}"
+        table.add(pin(program, n, i))
+        assert table.group_blocks("a") <= caps[0] and table.group_blocks("b") <= caps[1]
+        assert table.pinned_blocks <= total
+
+
+def test_a_tenant_over_its_cap_evicts_its_own_later_pins_not_others():
+    from agentserve.server.tenants import tenant_of
+
+    t = PinTable(cap_blocks=100, group_caps={"a": 6}, group_of=tenant_of)
+    assert t.add(pin("b:x", 50, 5))[0]
+    assert t.add(pin("a:late", 4, 3))[0]
+    inserted, releases = t.add(pin("a:early", 4, 1))
+    assert inserted and [(r.pin.program_id, r.reason) for r in releases] == [("a:late", "cap")]
+    assert not t.add(pin("a:later", 4, 2))[0]  # only an earlier program of a holds a's cap
+    assert "b:x" in t and t.group_blocks("a") == 4

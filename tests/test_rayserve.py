@@ -135,6 +135,7 @@ def test_program_routes_and_wire_contract_through_the_ingress(ray_app):
     status, headers, body = post("/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
                                                           "messages": [{"role": "user", "content": "plain"}]})
     assert status == 200 and headers["x-agentserve-replica"]  # requests without a program: served as usual
+    assert get("/health") == {}  # every replica started
 
 
 def test_killing_a_replica_mid_replay_loses_no_program_and_no_pin(ray_app):

@@ -57,6 +57,19 @@ def test_health_and_metrics(server):
     assert "vllm:num_requests_running" in metrics
 
 
+def test_metrics_are_documented(server):
+    """docs/metrics.md lists every metric family the server exports."""
+    import re
+    from pathlib import Path
+
+    text = httpx.get(server.base_url + "/metrics").text
+    families = {n for n in re.findall(r"^# HELP (\S+) ", text, re.M) if not n.endswith("_created")}
+    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", doc, re.M))
+    assert any(n.startswith("agentserve_") for n in families) and any(n.startswith("vllm:") for n in families)
+    assert not families - documented, f"exported but not in docs/metrics.md: {sorted(families - documented)}"
+
+
 def test_unknown_model_is_404_naming_the_model(openai_client):
     with pytest.raises(openai.NotFoundError, match="nope"):
         openai_client.chat.completions.create(model="nope", messages=AGENT_PROMPT, max_tokens=4)

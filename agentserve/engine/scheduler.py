@@ -36,6 +36,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from agentserve.engine.program_queue import ProgramQueue
 from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
+from agentserve.server.tenants import tenant_of
 from agentserve.ttl.pins import Pin, PinTable, Release
 
 # Share of the KV budget pins may hold at most; the rest always serves running work.
@@ -68,7 +69,10 @@ class ProgramScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         conf = (self.vllm_config.additional_config or {}).get("agentserve", {})
         total = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus the null block
-        self.pins = PinTable(cap_blocks=int(total * float(conf.get("pin_cap_share", DEFAULT_PIN_CAP_SHARE))))
+        self.pins = PinTable(cap_blocks=int(total * float(conf.get("pin_cap_share", DEFAULT_PIN_CAP_SHARE))),
+                             group_caps={t: int(total * float(share))
+                                         for t, share in conf.get("tenant_pin_shares", {}).items()},
+                             group_of=tenant_of)
         self.block_size = self.cache_config.block_size
         self.max_wait_s = float(conf.get("max_wait_s", DEFAULT_MAX_WAIT_S))
         self.ordered_pins = conf.get("pin_mode", DEFAULT_PIN_MODE) == "ordered"

@@ -22,6 +22,9 @@ log = logging.getLogger("agentserve.programs")
 # A returning turn that found less than this share of its prompt cached lost its KV: its queueing
 # delay feeds T of the TTL rule.
 EVICTED_HIT_SHARE = 0.5
+# begin_call's answer carries the W3C trace context of the call's span here (when traced), which the
+# engine client hands to vLLM as the request's trace headers; it never reaches the engine as an xarg.
+TRACEPARENT = "agentserve_traceparent"
 # engine control: (command, payload) -> stats dict (see ProgramScheduler.agentserve_control)
 EngineLink = Callable[[str, dict], Awaitable[dict]]
 
@@ -29,13 +32,16 @@ EngineLink = Callable[[str, dict], Awaitable[dict]]
 class ProgramControl:
     def __init__(self, tracker: ProgramTracker, predictor: ToolDurationPredictor, policy: TTLPolicy | None,
                  link: EngineLink | None, benefit: OnlineBenefit | None = None,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None):
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None, tracer=None,
+                 ttl_cap: Callable[[str], float | None] | None = None):
         self.tracker = tracker
         self.predictor = predictor
         self.policy = policy
         self.link = link
         self.benefit = benefit or OnlineBenefit()
         self.on_event = on_event or (lambda kind, data: None)
+        self.tracer = tracer  # a ProgramTracer fed by on_event: its call spans' context goes to vLLM
+        self.ttl_cap = ttl_cap  # program -> longest TTL it may get (a tenant's limit), None: no cap
         self.last_stats: dict = {}
 
     @property
@@ -51,20 +57,31 @@ class ProgramControl:
             self.predictor.observe(gap_tool, gap, client_measured=False)
         xargs = to_xargs(fields)
         xargs[XARG_TURN] = turn  # the server's count when the client did not say
+        self.on_event("call_start", {"program": fields.program_id, "turn": turn, "prompt_tokens": prompt_tokens,
+                                     "parent": fields.parent_program_id, "last": fields.is_last_turn})
         if self.pins_enabled and not fields.is_last_turn:
             program = self.tracker.programs[fields.program_id]
             tool = fields.tool or program.last_tool
             ttl = self.policy.ttl(tool, prompt_tokens + max_tokens)
+            cap = self.ttl_cap(fields.program_id) if self.ttl_cap is not None else None
+            if cap is not None:
+                ttl = min(ttl, cap)
             xargs[XARG_TTL] = float(ttl)
             predicted = self.predictor.predict_mean(tool)
             self.on_event("ttl", {"program": fields.program_id, "turn": turn, "tool": tool, "ttl_s": ttl,
                                   "predicted_tool_s": predicted})
+        if self.tracer is not None:
+            traceparent = self.tracer.chat_context(fields.program_id).get("traceparent")
+            if traceparent:
+                xargs[TRACEPARENT] = traceparent
         return xargs
 
     def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
                     cached_tokens: int | None) -> None:
         """A program's call produced its first token. A returning turn that found most of its prompt
         gone feeds T of the TTL rule (see OnlineBenefit)."""
+        self.on_event("first_token", {"program": program_id, "turn": turn, "ttft_s": ttft_s,
+                                      "prompt": prompt_tokens, "cached": cached_tokens})
         if turn == 0 or cached_tokens is None or cached_tokens >= EVICTED_HIT_SHARE * prompt_tokens:
             return
         reload = getattr(self.policy, "reload", None)
@@ -81,10 +98,12 @@ class ProgramControl:
 
     def end_call(self, program_id: str, context_tokens: int) -> None:
         self.tracker.llm_end(program_id, context_tokens=context_tokens)
+        self.on_event("call_end", {"program": program_id, "context_tokens": context_tokens})
 
     def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None) -> float | None:
         if event == "start":
             self.tracker.tool_start(program_id, name)
+            self.on_event("tool_start", {"program": program_id, "tool": name})
             return None
         duration = self.tracker.tool_end(program_id, name, duration_s)
         predicted = self.predictor.predict_mean(name)
@@ -98,6 +117,9 @@ class ProgramControl:
         self.benefit.observe_finished_program(program.llm_calls)
         await self._send("end", {"program_id": program_id})
         self.on_event("program_end", {"program": program_id, "reason": reason, "turns": program.llm_calls})
+
+    def live_programs(self, owner: Callable[[str], bool]) -> int:
+        return sum(1 for p in self.tracker.programs if owner(p))
 
     def describe(self, program_id: str) -> dict:
         """A program's state and DAG (the `GET /v1/programs/{id}` body)."""

@@ -104,7 +104,7 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
     config = llm_config(engine_settings_for(settings, options), model_id=model_id, replicas=replicas,
                         accelerator=accelerator, router=router)
     control_plane = serve.deployment(ControlPlaneDeployment, name="ProgramControlPlane", num_replicas=1,
-                                     ray_actor_options={"num_cpus": 0}).bind(msgspec.to_builtins(options))
+                                     ray_actor_options={"num_cpus": 0}).bind(msgspec.to_builtins(options), replicas, model_id)
     llm = build_llm_deployment(config, bind_kwargs={
         "control_plane": control_plane, "measure_reload": options.policy == "agentserve",
         "pins": options.policy != "vllm"})
@@ -129,7 +129,7 @@ def run(settings: EngineSettings, *, options: ProgramOptions, replicas: int, rou
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        name = model_id or os.path.basename(str(settings.model).rstrip("/"))
+        name = model_id or settings.served_model_name or os.path.basename(settings.model.rstrip("/"))
         serve.run(build_app(settings, model_id=name, options=options, replicas=replicas, router=router),
                   name=APP_NAME, route_prefix="/")
         log.info("agentserve on Ray Serve: %d replica(s) of %s, router %s, policy %s, http://%s:%d",
@@ -157,3 +157,23 @@ def release_all_pins(timeout_s: float = 5.0) -> None:
     import time
 
     time.sleep(3 * SYNC_S)  # replicas pull the release
+
+
+class AppArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `args` of a Serve config file's application (deploy/serve_config.yaml)."""
+
+    engine: EngineSettings
+    program_options: ProgramOptions = msgspec.field(default_factory=ProgramOptions)
+    replicas: int = 1
+    router: str = "affinity"
+    accelerator: str = "gpu"
+    model_id: str | None = None  # default: the engine's model name
+
+
+def app_builder(args: dict):
+    """Serve config entry point: `import_path: agentserve.rayserve.app:app_builder` (`serve deploy`,
+    `serve run`). Unknown or mistyped keys fail the deploy with the key named."""
+    a = msgspec.convert(args, AppArgs)
+    name = a.model_id or a.engine.served_model_name or os.path.basename(a.engine.model.rstrip("/"))
+    return build_app(a.engine, model_id=name, options=a.program_options, replicas=a.replicas,
+                     accelerator=a.accelerator, router=a.router)

@@ -29,7 +29,7 @@ from agentserve.programs.control import ProgramControl
 from agentserve.programs.fields import ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
-from agentserve.server.app import ProgramOptions
+from agentserve.server.app import ProgramOptions, program_events
 from agentserve.ttl.policy import OnlineBenefit, make_policy
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
@@ -49,8 +49,10 @@ _SUMMED = ("pins", "pinned_blocks", "pin_cap_blocks", "programs", "free_blocks",
 
 
 class ProgramControlPlane:
-    def __init__(self, options: dict):
+    def __init__(self, options: dict, replicas: int = 1, model: str = ""):
         self.options = msgspec.convert(options, ProgramOptions)
+        self.expected_replicas = replicas
+        self.started: set[str] = set()  # replicas that finished starting, ever
         self.affinity = ProgramAffinity()
         self.outbox: dict[str, list[tuple[str, dict]]] = {}
         self.replicas: dict[str, dict] = {}  # replica -> its last stats (without events)
@@ -62,10 +64,9 @@ class ProgramControlPlane:
             policy = self._policy(None, predictor, benefit)
         # `agentserve` needs the reload profile measured on a replica's engine: set on registration.
         link = None if self.options.policy == "vllm" else self._link
-        from agentserve.server import metrics
-
+        on_event, tracer = program_events(self.options, model)
         self.control = ProgramControl(ProgramTracker(self.options.idle_timeout_s), predictor, policy, link,
-                                      benefit, on_event=metrics.record_event)
+                                      benefit, on_event=on_event, tracer=tracer)
         self._ticker: asyncio.Task | None = None
 
     def _policy(self, reload: ReloadProfile | None, predictor, benefit):
@@ -97,6 +98,14 @@ class ProgramControlPlane:
             c.policy = self._policy(msgspec.convert(reload, ReloadProfile), c.predictor, c.benefit)
             log.info("TTL policy uses the reload profile measured on replica %s", replica_id)
         return False
+
+    def replica_started(self, replica_id: str) -> None:
+        self.started.add(replica_id)
+
+    def ready(self) -> bool:
+        """The app has started: every configured replica finished starting once. A latch: a replica
+        lost later costs capacity, not readiness (Serve replaces it)."""
+        return len(self.started) >= self.expected_replicas
 
     def sync(self, replica_id: str, stats: dict) -> list[tuple[str, dict]]:
         """A replica's periodic report; returns the commands queued for it."""
@@ -210,13 +219,13 @@ class ControlPlaneDeployment:
     actor, not through Serve: a request router awaits it from Serve's router event loop, where a
     Serve handle call never completes, while an actor call is awaitable from any loop."""
 
-    async def __init__(self, options: dict):
+    async def __init__(self, options: dict, replicas: int, model: str):
         import ray
         from ray import serve
 
         name = actor_name(serve.get_replica_context().app_name)
         self.actor = ray.remote(ProgramControlPlane).options(
-            name=name, namespace=NAMESPACE, num_cpus=0, get_if_exists=True).remote(options)
+            name=name, namespace=NAMESPACE, num_cpus=0, get_if_exists=True).remote(options, replicas, model)
         await self.actor.start.remote()
 
     def handle(self):

@@ -25,7 +25,7 @@ from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, Open
 from agentserve.programs.tracker import ProgramError
 from agentserve.rayserve.replica import ReplicaTag
 from agentserve.rayserve.control_plane import NAMESPACE, actor_name
-from agentserve.server.program_layer import AgentFieldsMiddleware, add_program_routes
+from agentserve.server.program_layer import AgentFieldsMiddleware, add_program_routes, error_response
 
 log = logging.getLogger("agentserve.rayserve")
 
@@ -37,7 +37,7 @@ _REPLICA_GONE = (RayActorError, ActorUnavailableError)
 
 
 class RemotePrograms:
-    """The program routes' control plane, on the shared deployment (see control_plane.py)."""
+    """The program routes' control plane: the shared control-plane actor (see control_plane.py)."""
 
     def __init__(self):
         self._handle = None
@@ -50,6 +50,8 @@ class RemotePrograms:
             if self._handle is None:
                 app = serve.get_replica_context().app_name
                 self._handle = ray.get_actor(actor_name(app), namespace=NAMESPACE)
+            if method == "ready":
+                return await self._handle.ready.remote()
             answer = await self._handle.call.remote(method, *args)
             if "error" in answer:
                 raise ProgramError(*answer["error"])
@@ -93,7 +95,10 @@ def program_ingress_cls():
     add_program_routes(app, lambda: programs)
 
     @app.get("/health")
-    async def health():  # the app answers once Serve has deployed it (replicas up)
-        return {}
+    async def health():
+        """200 once every configured replica has started (Serve routes to the ingress earlier)."""
+        if await programs.ready():
+            return {}
+        return error_response(503, "replicas are starting")
 
     return make_fastapi_ingress(ProgramIngress, endpoint_map=DEFAULT_ENDPOINTS, app=app)

@@ -80,6 +80,7 @@ class ProgramLLMServer(LLMServer):
             await control_plane.register.remote(self.replica_id, msgspec.to_builtins(reload))
         if pins:
             self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+        await control_plane.replica_started.remote(self.replica_id)
 
     async def _measure_reload(self):
         from agentserve.engine.profiling import measure_reload_profile

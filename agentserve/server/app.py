@@ -18,6 +18,7 @@ import logging
 import msgspec
 
 from agentserve.engine.settings import EngineSettings, vllm_namespace
+from agentserve.server.tenants import TenantGate, TenantsConfig, admit_under_limits, ttl_caps
 
 log = logging.getLogger("agentserve.server")
 
@@ -35,6 +36,8 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
     max_wait_s: float = 2.0  # a request waiting longer is served ahead of program order (0: no bound)
     pin_mode: str = "soft"  # who may free a pin under pressure: "soft" (anyone) or "ordered"
     idle_timeout_s: float = 600.0  # a program silent this long is abandoned (its pin released)
+    otlp_traces_endpoint: str | None = None  # program spans (and vLLM's) go to this OTLP collector
+    tenants: TenantsConfig | None = None  # API keys, scoping, cache salts, limits (server/tenants.py)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -48,21 +51,35 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
 
 
 def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> EngineSettings:
-    """The engine settings with the scheduler plugin on (any policy but `vllm`)."""
+    """The engine settings with the scheduler plugin on (any policy but `vllm`), and vLLM's own tracing
+    sent to the same collector as agentserve's."""
+    if options.otlp_traces_endpoint:
+        settings = msgspec.structs.replace(settings, extra_vllm_args=[
+            *settings.extra_vllm_args, "--otlp-traces-endpoint", options.otlp_traces_endpoint])
     if options.policy == "vllm":
         return settings
     extra = dict(settings.additional_config or {})
     extra["agentserve"] = {"pin_cap_share": options.pin_cap_share, "max_wait_s": options.max_wait_s,
-                           "pin_mode": options.pin_mode}
+                           "pin_mode": options.pin_mode,
+                           "tenant_pin_shares": options.tenants.pin_shares() if options.tenants else {}}
     return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy="priority",
                                    additional_config=extra)
 
 
-async def build_control(engine, options: ProgramOptions, max_model_len: int):
+def program_events(options: ProgramOptions, model: str):
+    """(on_event sink, tracer) of a control plane: Prometheus metrics and OpenTelemetry spans."""
+    from agentserve.observability.tracing import ProgramTracer, fan_out, tracer_provider
+    from agentserve.server import metrics
+
+    tracer = ProgramTracer(model, tracer_provider=tracer_provider(options.otlp_traces_endpoint))
+    return fan_out(metrics.record_event, tracer.record), tracer
+
+
+async def build_control(engine, options: ProgramOptions, max_model_len: int, model: str,
+                        gate: TenantGate | None = None):
     from agentserve.engine.profiling import measure_reload_profile
     from agentserve.programs.control import ProgramControl
     from agentserve.programs.tracker import ProgramTracker
-    from agentserve.server import metrics
     from agentserve.ttl.policy import OnlineBenefit, make_policy
     from agentserve.ttl.predictor import ToolDurationPredictor
 
@@ -80,8 +97,9 @@ async def build_control(engine, options: ProgramOptions, max_model_len: int):
         async def link(command: str, payload: dict) -> dict:
             return await engine.engine_core.call_utility_async("agentserve_control", command, payload)
 
+    on_event, tracer = program_events(options, model)
     return ProgramControl(ProgramTracker(options.idle_timeout_s), predictor, policy, link, benefit,
-                          on_event=metrics.record_event)
+                          on_event=on_event, tracer=tracer, ttl_cap=ttl_caps(gate) if gate is not None else None)
 
 
 async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int = 8000,
@@ -101,12 +119,15 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
     # Bind before the engine starts, as `vllm serve` does, so a busy port fails fast.
     listen_address, sock = setup_server(ns, reuse_port=False)
     async with build_async_engine_client_from_engine_args(AsyncEngineArgs.from_cli_args(ns)) as engine:
-        control = await build_control(engine, options, engine.model_config.max_model_len)
+        gate = TenantGate(options.tenants) if options.tenants is not None else None
+        control = await build_control(engine, options, engine.model_config.max_model_len,
+                                      ns.served_model_name[0] if ns.served_model_name else settings.model, gate)
         client = ProgramEngineClient(engine, control)
         tasks = await engine.get_supported_tasks()
         app = build_app(ns, tasks, engine.model_config)
         app.middleware_stack = None  # vLLM's bootstrap built it already; rebuilt at start-up with ours
-        app.add_middleware(AgentFieldsMiddleware)
+        app.add_middleware(AgentFieldsMiddleware, gate=gate,
+                           admit=admit_under_limits(control) if gate is not None else None)
         add_program_routes(app, lambda: control)
         await init_app_state(client, app.state, ns, tasks)
         ticker = asyncio.create_task(tick_loop(control))

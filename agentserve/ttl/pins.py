@@ -9,7 +9,9 @@ and which one goes when, so its invariants are tested without an engine:
 - pinned blocks never exceed `cap_blocks` (a new pin that would exceed it first evicts pins of later
   programs, else is refused);
 - every pin leaves through exactly one `Release`, carrying why: consumed (the next turn was admitted),
-  expired, pressure, program_end, abort, replaced, cap. No pin survives its program.
+  expired, pressure, program_end, abort, replaced, cap, moved. No pin survives its program;
+- with groups (tenants): a group's pinned blocks never exceed its own cap; a new pin over it first
+  evicts later programs' pins of the same group, else is refused.
 
 Victims under pressure are the pins of the latest-arriving programs (Continuum): the earliest programs,
 which program-FCFS serves first, keep their KV longest.
@@ -17,10 +19,11 @@ which program-FCFS serves first, keep their KV longest.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-RELEASE_REASONS = ("consumed", "expired", "pressure", "program_end", "abort", "replaced", "cap")
+# moved: the program's next call ran on another replica (Ray Serve), where this pin is of no use.
+RELEASE_REASONS = ("consumed", "expired", "pressure", "program_end", "abort", "replaced", "cap", "moved")
 
 
 @dataclass(slots=True)
@@ -48,6 +51,8 @@ class PinTable:
     cap_blocks: int
     pins: dict[str, Pin] = field(default_factory=dict)
     pinned_blocks: int = 0
+    group_caps: dict[str, int] = field(default_factory=dict)  # group (tenant) -> its own cap in blocks
+    group_of: Callable[[str], str | None] = lambda program_id: None
 
     def __post_init__(self) -> None:
         if self.cap_blocks < 0:
@@ -69,6 +74,14 @@ class PinTable:
             releases.append(self._drop(old, "replaced"))
         if pin.num_blocks == 0:
             return False, releases
+        group = self.group_of(pin.program_id)
+        cap = self.group_caps.get(group) if group is not None else None
+        while cap is not None and self.group_blocks(group) + pin.num_blocks > cap:
+            later = [p for p in self.pins.values()
+                     if self.group_of(p.program_id) == group and p.program_rank > pin.program_rank]
+            if not later:
+                return False, releases  # the group's cap is held by its earlier programs
+            releases.append(self._drop(max(later, key=lambda p: (p.program_rank, p.created_at)), "cap"))
         while self.pinned_blocks + pin.num_blocks > self.cap_blocks:
             victim = self.latest_program_pin()
             if victim is None or victim.program_rank <= pin.program_rank:
@@ -77,6 +90,9 @@ class PinTable:
         self.pins[pin.program_id] = pin
         self.pinned_blocks += pin.num_blocks
         return True, releases
+
+    def group_blocks(self, group: str) -> int:
+        return sum(p.num_blocks for p in self.pins.values() if self.group_of(p.program_id) == group)
 
     def release(self, program_id: str, reason: str) -> Release | None:
         pin = self.pins.get(program_id)

@@ -1,0 +1,1 @@
+"""Observability: OpenTelemetry traces of programs (metrics live in agentserve/server/metrics.py)."""
