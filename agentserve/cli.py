@@ -232,7 +232,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from agentserve.server.app import ProgramOptions, serve
     from agentserve.server.tenants import TenantsConfig
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # agentserve's own logger, not the root one: an import (vLLM, Ray) may have configured the root
+    # logger already, which would make basicConfig a no-op and hide our INFO lines
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("agentserve")
+    logger.handlers[:] = [handler]
+    logger.setLevel(args.log_level.upper())
+    logger.propagate = False
     settings = engine_settings_from(args)
     options = ProgramOptions(policy=args.policy, fixed_ttl_s=args.fixed_ttl, max_ttl_s=args.max_ttl,
                              pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout,

@@ -18,6 +18,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -53,10 +54,10 @@ class _ProgramState:
         return {**kwargs, "extra_body": extra_body}
 
     def tool_url(self) -> str:
-        return f"/v1/programs/{self.program_id}/tool"
+        return f"/v1/programs/{quote(self.program_id, safe='')}/tool"
 
     def end_url(self) -> str:
-        return f"/v1/programs/{self.program_id}/end"
+        return f"/v1/programs/{quote(self.program_id, safe='')}/end"
 
 
 _LIMITS = httpx.Limits(keepalive_expiry=KEEPALIVE_S)

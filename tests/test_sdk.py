@@ -71,3 +71,14 @@ def test_async_program(server):
 
     pid = asyncio.run(run())
     assert program_info(server, pid).status_code == 404
+
+
+def test_program_ids_with_url_characters_reach_their_routes(server):
+    client = AgentServe(server.base_url)
+    with client.program("task#3?x=1") as prog:
+        prog.chat(model="tiny", messages=MSG, max_tokens=2)
+        with prog.tool("bash"):
+            pass
+    info = httpx.get(f"{server.base_url}/v1/programs/task%233%3Fx=1")
+    assert info.status_code == 404  # ended on exit, under its own id (not "task")
+    client.close()

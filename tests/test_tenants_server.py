@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-KEY_A, KEY_B = "sk-acme-0123456789abcdef", "sk-bolt-0123456789abcdef"
+KEY_A, KEY_B, KEY_C = "sk-acme-0123456789abcdef", "sk-bolt-0123456789abcdef", "sk-cold-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("tenants") / "tenants.json"
     path.write_text(json.dumps({"tenants": [
         {"name": "acme", "api_keys": [KEY_A], "max_programs": 2, "max_ttl_s": 1.0},
-        {"name": "bolt", "api_keys": [KEY_B]}]}))
+        {"name": "bolt", "api_keys": [KEY_B]},
+        {"name": "cold", "api_keys": [KEY_C], "max_pinned_share": 0.0}]}))
     args = ["--model", "tiny", "--kv-tokens", "16384", "--max-model-len", "4096", "--policy", "fixed",
             "--fixed-ttl", "30", "--tenants", str(path)]
     with ServerProcess(args, env={"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}) as srv:
@@ -107,3 +108,8 @@ def test_programs_belong_to_their_tenant_and_limits_hold(base):
     assert call(base, "/v1/agentserve/stats", KEY_A)[1]["engine"]["pins"] == 0
     chat(base, KEY_A, "x " * 10, program="r")  # room again
     assert call(base, "/v1/programs/r/end", KEY_A)[0] == 200
+    refused = call(base, "/v1/agentserve/stats", KEY_C)[1]["engine"]["counters"].get("pins_refused", 0)
+    chat(base, KEY_C, "cold " * 80, program="c")  # a tenant with no share of the KV budget for pins
+    stats = call(base, "/v1/agentserve/stats", KEY_C)[1]["engine"]
+    assert stats["pins"] == 0 and stats["counters"].get("pins_refused", 0) == refused + 1
+    assert call(base, "/v1/programs/c/end", KEY_C)[0] == 200

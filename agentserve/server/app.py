@@ -12,7 +12,6 @@ the same vLLM code for the Ray path, so both front ends behave alike.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import msgspec
@@ -145,8 +144,6 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
             )
         finally:
             ticker.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(control.shutdown(), 5)  # graceful: no pin outlives the server
     try:
         await shutdown
     finally:

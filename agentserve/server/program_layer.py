@@ -33,7 +33,8 @@ from agentserve.server.tenants import DEFAULT_MAX_BODY_BYTES, Tenant, TenantGate
 
 log = logging.getLogger("agentserve.server")
 
-TICK_S = 0.2  # pin expiry resolution while the engine is idle; an engine step also expires pins
+TICK_S = 0.2
+SHUTDOWN_RELEASE_S = 5.0  # a graceful shutdown waits this long at most for the pins' release  # pin expiry resolution while the engine is idle; an engine step also expires pins
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
 _PROGRAM_ROUTES = ("/v1/chat/completions", "/v1/completions")
 _PROGRAMS_PREFIX = "/v1/programs/"
@@ -169,6 +170,13 @@ async def resolved(value):
     return await value if inspect.isawaitable(value) else value
 
 
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class ProgramEngineClient:
     """vLLM's engine client, with program requests routed through the program control plane: a local
     `ProgramControl`, or a proxy to the shared one (`agentserve.rayserve.replica.RemoteControl`)."""
@@ -176,6 +184,21 @@ class ProgramEngineClient:
     def __init__(self, engine, control):
         self._engine = engine
         self.control = control
+        self._loop = asyncio.get_running_loop()
+
+    def shutdown(self, *args, **kwargs):
+        """vLLM's launcher stops the engine on SIGTERM/SIGINT (from a worker thread): every pin is
+        released first, while the engine still runs (a graceful shutdown leaves no pinned KV)."""
+        release = getattr(self.control, "shutdown", None)  # a remote control plane releases its own
+        on_loop = _running_loop() is self._loop
+        if release is not None and not on_loop and self._loop.is_running():
+            try:
+                stats = asyncio.run_coroutine_threadsafe(release(), self._loop).result(timeout=SHUTDOWN_RELEASE_S)
+                released = sum(1 for e in stats.get("events", ()) if e["kind"] == "unpin")
+                log.info("released %d pin(s) at shutdown", released)
+            except Exception:  # noqa: BLE001 - shutting down regardless
+                log.exception("could not release pins at shutdown")
+        return self._engine.shutdown(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
