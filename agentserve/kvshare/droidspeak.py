@@ -1,0 +1,87 @@
+"""DroidSpeak: reuse a sender model's KV in a receiver fine-tuned from the same base, recomputing only
+the layers where reuse hurts.
+
+The receiver recomputes one contiguous layer group [s, e): it starts from the sender's hidden state at
+layer s's input (the "E cache"), runs its own layers s..e-1 over the prefix, and takes the sender's KV
+for every other layer. Which group matters is stable across inputs for a model pair, so it is chosen
+once by `profile_groups` on a few prompts: every contiguous group is scored by quality (the next-token
+KL to the receiver's own full prefill, lower is better) and cost (layers recomputed), and the Pareto
+front is kept; a deployment picks the cheapest group under its quality bound.
+Recomputing every layer, [0, layers), is the receiver's full prefill (tests/test_kvshare_hf.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from agentserve.kvshare.hf import cache_from_kv, prefill
+
+
+def recompute(receiver, sender_kv: torch.Tensor, sender_hidden: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
+    """The receiver's KV for a prefix (from position 0): layers in `group` recomputed by the receiver
+    from the sender's hidden state at the group's input, the others the sender's."""
+    s, e = group
+    layers = sender_kv.shape[0]
+    if not 0 <= s <= e <= layers:
+        raise ValueError(f"layer group {group} outside [0, {layers}]")
+    if s == e:
+        return sender_kv.clone()
+    n = sender_kv.shape[3]
+    inner = receiver.model
+    hidden = sender_hidden[s][None]  # [1, n, d]
+    positions = torch.arange(n)[None]
+    cache = cache_from_kv(sender_kv[:s])
+    with torch.no_grad():
+        embeddings = inner.rotary_emb(hidden, positions)
+        for layer in inner.layers[s:e]:
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=cache,
+                           use_cache=True, position_embeddings=embeddings)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    fresh = torch.stack([torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]]) for i in range(s, e)])
+    return torch.cat([sender_kv[:s], fresh, sender_kv[e:]])
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    group: tuple[int, int]
+    recomputed: int  # layers
+    kl: float  # mean next-token KL(receiver full prefill || with this group), over the profiling set
+
+
+def next_token_logprobs(model, ids: Sequence[int], kv: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the token after `ids`, given the KV of all but the last token."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[ids[-1]]]), position_ids=torch.tensor([[len(ids) - 1]]),
+                    past_key_values=cache_from_kv(kv), use_cache=True)
+    return torch.log_softmax(out.logits[0, -1].double(), dim=-1)
+
+
+def profile_groups(receiver, sender, prompts: Sequence[Sequence[int]],
+                   groups: Callable[[int], list[tuple[int, int]]] | None = None) -> list[GroupScore]:
+    """Score every contiguous layer group on `prompts`; returns the Pareto front (fewest layers
+    recomputed for its quality), cheapest first."""
+    layers = len(receiver.model.layers)
+    candidates = groups(layers) if groups else [(s, e) for s in range(layers + 1) for e in range(s, layers + 1)
+                                                if s == e == 0 or s < e]
+    scores = []
+    cached = []
+    for ids in prompts:
+        ids = list(ids)
+        sender_kv, sender_hidden = prefill(sender, ids[:-1], hidden=True)
+        reference = next_token_logprobs(receiver, ids, prefill(receiver, ids[:-1]))
+        cached.append((ids, sender_kv, sender_hidden, reference))
+    for group in candidates:
+        kls = []
+        for ids, sender_kv, sender_hidden, reference in cached:
+            got = next_token_logprobs(receiver, ids, recompute(receiver, sender_kv, sender_hidden, group))
+            kls.append(float((reference.exp() * (reference - got)).sum()))
+        scores.append(GroupScore(group, group[1] - group[0], sum(kls) / len(kls)))
+    front, best = [], float("inf")
+    for score in sorted(scores, key=lambda g: (g.recomputed, g.kl)):
+        if score.kl < best:
+            front.append(score)
+            best = score.kl
+    return front
