@@ -8,7 +8,7 @@ import pytest
 from agentserve.programs.control import ProgramControl
 from agentserve.programs.fields import XARG_PROGRAM, XARG_TTL, ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
-from agentserve.server.program_layer import rewrite_body
+from agentserve.server.middleware import rewrite_body
 from agentserve.ttl.policy import FixedTTL, OnlineBenefit
 from agentserve.ttl.reload import ReloadProfile
 from agentserve.ttl.predictor import ToolDurationPredictor

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from agentserve.programs.fields import XARG_PROGRAM
-from agentserve.server.program_layer import _scoped_program_path, rewrite_body
+from agentserve.server.middleware import _scoped_program_path, rewrite_body
 from agentserve.server.tenants import TenantGate, TenantsConfig, tenant_of
 
 KEY_A, KEY_B = "sk-acme-0123456789abcdef", "sk-bolt-0123456789abcdef"

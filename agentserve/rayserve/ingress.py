@@ -25,7 +25,8 @@ from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, Open
 from agentserve.programs.tracker import ProgramError
 from agentserve.rayserve.replica import ReplicaTag
 from agentserve.rayserve.control_plane import NAMESPACE, actor_name
-from agentserve.server.program_layer import AgentFieldsMiddleware, add_program_routes, error_response
+from agentserve.server.middleware import AgentFieldsMiddleware, error_response
+from agentserve.server.program_layer import add_program_routes
 
 log = logging.getLogger("agentserve.rayserve")
 

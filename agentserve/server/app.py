@@ -4,7 +4,7 @@ We reuse vLLM's FastAPI app (`build_app` + `init_app_state`) instead of writing 
 it already implements `/v1/chat/completions` (streaming too), `/v1/completions`, `/v1/models`,
 `/health`, `/metrics` (Prometheus), request validation with 400s, 404 for unknown models and the
 context-length check, and it stays byte-compatible with `vllm serve` as vLLM evolves. agentserve adds
-its program layer on top (`program_layer.py`: middleware, engine-client wrapper, program routes), so a
+its program layer on top (`middleware.py`, `program_layer.py`: engine-client wrapper, program routes), so a
 request without agentserve fields is served exactly as stock vLLM serves it. `ray.serve.llm` wraps
 the same vLLM code for the Ray path, so both front ends behave alike.
 """
@@ -110,8 +110,8 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
-    from agentserve.server.program_layer import (AgentFieldsMiddleware, ProgramEngineClient,
-                                                 add_program_routes, tick_loop)
+    from agentserve.server.middleware import AgentFieldsMiddleware
+    from agentserve.server.program_layer import ProgramEngineClient, add_program_routes, tick_loop
 
     options = options or ProgramOptions()
     ns = vllm_namespace(engine_settings_for(settings, options), host=host, port=port)
