@@ -65,11 +65,15 @@ def test_dead_replica_is_forgotten_and_its_programs_move(monkeypatch):
     run(cp.control.abort_call("p"))  # queues a release for r1 ...
     assert cp.replica_gone("r1") == ["p"]  # ... which dies with it
     assert "r1" not in cp.outbox and cp.place("p", ["r2"]) == ["r2"] and cp.affinity.home["p"] == "r2"
-    # a replica that stops syncing is dropped from the cluster's stats too
+    # a replica that stops syncing leaves the cluster's stats, and is back when it syncs again
+    cp.sync("r2", stats(pins=2))
+    cp.begin_call("r2", fields("q"), 100, 10)
+    run(cp.call("end_program", "q"))  # queued for r2
     now = time.monotonic()
     monkeypatch.setattr(cp_module.time, "monotonic", lambda: now + cp_module.REPLICA_SILENT_S + 1)
-    cp.last_sync["r2"] = now
-    assert run(cp.control.tick())["pins"] == 0 and not cp.replicas
+    assert run(cp.control.tick())["pins"] == 0 and not cp.live()
+    assert cp.sync("r2", stats(pins=0)) == [("end", {"program_id": "q"})]  # nothing lost meanwhile
+    assert list(cp.live()) == ["r2"]
 
 
 def test_program_route_errors_stay_client_errors():

@@ -26,12 +26,17 @@ TURN_RETRIES = 2
 RETRY_BACKOFF_S = 0.5
 
 
+class IncompleteStream(RuntimeError):
+    """A stream that ended without its final usage chunk: cut by the server side."""
+
+
 def server_failed(error: BaseException) -> bool:
     """A failure of the server or the connection, not of the request: worth sending again."""
     import httpx
     import openai
 
-    if isinstance(error, (openai.APIConnectionError, openai.InternalServerError, httpx.TransportError)):
+    if isinstance(error, (openai.APIConnectionError, openai.InternalServerError, httpx.TransportError,
+                          IncompleteStream)):
         return True
     return type(error) is openai.APIError  # an error event inside a stream: no HTTP status
 
@@ -150,7 +155,7 @@ class Driver:
                 usage = chunk.usage
         done = self.now()
         if usage is None:
-            raise RuntimeError("the server sent no usage chunk (stream_options.include_usage)")
+            raise IncompleteStream("the server sent no usage chunk (stream_options.include_usage)")
         details = getattr(usage, "prompt_tokens_details", None)
         cached = getattr(details, "cached_tokens", None) if details is not None else None
         rec.turns.append(TurnRecord(sent, first if first is not None else done, done, usage.prompt_tokens,

@@ -39,9 +39,11 @@ log = logging.getLogger("agentserve.rayserve")
 # How often replicas sync (pull commands, push stats) and the control plane ticks (reaps abandoned
 # programs): the same 0.2 s as the embedded server's tick, so a release is as timely on both paths.
 SYNC_S = 0.2
-# A replica that synced before and then stayed silent this long is gone (killed, node lost): its
-# pins died with it. 25 sync periods: a busy replica's event loop can stall for a few seconds.
-REPLICA_SILENT_S = 5.0
+# A replica that synced before and then stayed silent this long is left out of the cluster's stats
+# (killed, node lost, or stalled). Only the router's report of its death forgets it (its queued
+# commands and programs): a stalled replica that syncs again is back, with nothing lost. 50 sync
+# periods: a replica's event loop stalls for seconds on a saturated machine.
+REPLICA_SILENT_S = 10.0
 # Engine events kept between two stats reads: the embedded scheduler's own bound.
 MAX_EVENTS = 4096
 # Stats summed over replicas in the cluster view.
@@ -126,11 +128,10 @@ class ProgramControlPlane:
         log.info("replica %s gone; its programs move on their next call", replica_id)
         return self.affinity.replica_gone(replica_id)
 
-    def _drop_silent(self) -> None:
+    def live(self) -> dict[str, dict]:
+        """Replicas' last stats, without those silent for longer than REPLICA_SILENT_S."""
         now = time.monotonic()
-        for replica, seen in list(self.last_sync.items()):
-            if now - seen > REPLICA_SILENT_S:
-                self.replica_gone(replica)
+        return {r: s for r, s in self.replicas.items() if now - self.last_sync.get(r, now) <= REPLICA_SILENT_S}
 
     # ---- router -------------------------------------------------------------------------------
     def place(self, program_id: str | None, candidates: list[str]) -> list[str]:
@@ -169,7 +170,7 @@ class ProgramControlPlane:
             return {"error": [e.status, str(e)]}
         if method == "stats":
             result["replicas"] = {r: {k: v for k, v in s.items() if k != "counters"}
-                                  for r, s in self.replicas.items()}
+                                  for r, s in self.live().items()}
             result["routed_programs"] = len(self.affinity.home)
         return {"ok": result}
 
@@ -194,10 +195,10 @@ class ProgramControlPlane:
 
     def _merged(self) -> dict:
         """The cluster's pin stats: replica stats summed, the events reported since the last read."""
-        self._drop_silent()
-        merged: dict[str, Any] = {k: sum(s.get(k, 0) for s in self.replicas.values()) for k in _SUMMED}
+        live = self.live()
+        merged: dict[str, Any] = {k: sum(s.get(k, 0) for s in live.values()) for k in _SUMMED}
         counters: dict[str, int] = {}
-        for s in self.replicas.values():
+        for s in live.values():
             for k, v in s.get("counters", {}).items():
                 counters[k] = counters.get(k, 0) + v
         merged["counters"] = counters

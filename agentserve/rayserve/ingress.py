@@ -8,12 +8,13 @@ program layer, so the Ray path speaks the embedded server's wire contract.
   `ReplicaTag`, stripped from the stream);
 - a call whose replica dies before it produced anything is sent again, and the router places it on
   a live replica (`REPLICA_RETRIES`). A stream cut after its first chunk cannot be resumed
-  transparently (another replica would generate different tokens): the client sees the stream break
-  and retries the call (the SDK and the replay driver do).
+  transparently (another replica would generate different tokens): it ends with an OpenAI error
+  event (the openai client raises `APIError`), and the client retries the call (the replay driver does).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI
@@ -35,6 +36,8 @@ REPLICA_HEADER = "x-agentserve-replica"
 # replica, the second covers a replica dying while the first retry is routed.
 REPLICA_RETRIES = 2
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
+REPLICA_DIED_MID_STREAM = {"message": "the replica serving this stream died; send the request again", "type": "ServiceUnavailable",
+                           "param": None, "code": 503}
 
 
 class RemotePrograms:
@@ -76,7 +79,11 @@ class ProgramIngress(OpenAiIngress):
                     yield item
                 return
             except _REPLICA_GONE as e:
-                if started or attempt == REPLICA_RETRIES:
+                if started:  # mid-stream: tell the client in the stream (an OpenAI error event), not by silence
+                    log.warning("replica died mid-stream (%s)", type(e).__name__)
+                    yield f"data: {json.dumps({'error': REPLICA_DIED_MID_STREAM})}\n\n"
+                    return
+                if attempt == REPLICA_RETRIES:
                     raise
                 log.warning("replica died before answering (%s); resending the call", type(e).__name__)
 
