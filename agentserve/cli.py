@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
                    help="send OpenTelemetry traces (a workflow span per program, chat and execute_tool spans, "
                    "vLLM's request spans nested in them) to this OTLP gRPC collector, e.g. http://127.0.0.1:4317")
+    s.add_argument("--kvshare", action="store_true",
+                   help="KV sharing across agents: /v1/completions prompts given as parts "
+                   "(agentserve.share) reuse shared parts' KV under their own prefix (KVCOMM; docs/kvshare.md)")
     s.add_argument("--tenants", default=None, metavar="FILE",
                    help="tenants file (JSON or YAML; README: Tenants): API keys on every route, program ids "
                    "and prefix cache isolated per tenant, per-tenant limits; without it the API is open")
@@ -245,7 +248,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout,
                              max_wait_s=args.max_wait, pin_mode=args.pin_mode,
                              otlp_traces_endpoint=args.otlp_traces_endpoint,
-                             tenants=TenantsConfig.load(args.tenants) if args.tenants else None)
+                             tenants=TenantsConfig.load(args.tenants) if args.tenants else None,
+                             kvshare=args.kvshare)
+    if args.replicas is not None and args.kvshare:
+        raise SystemExit("--kvshare is not supported with --replicas yet: each replica holds its own segment store")
     if args.replicas is not None and args.tenants:
         raise SystemExit("--tenants is not supported with --replicas yet: the Ray Serve ingress has no tenant gate")
     if args.replicas is None:

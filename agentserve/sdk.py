@@ -6,8 +6,12 @@
         with prog.tool("bash"):                      # times the tool, reports start and end
             run(...)
         sub = prog.spawn()                           # a sub-agent: a program with a parent edge
+        r = prog.complete(model="m", template="critic", parts=[part("You review."), part(report, shared=True),
+                          part("Verdict:")], max_tokens=8)  # KV sharing (`serve --kvshare`)
 
-`chat` takes exactly the arguments of `openai`'s `chat.completions.create` and returns its result.
+`chat` takes exactly the arguments of `openai`'s `chat.completions.create` and returns its result;
+`complete` those of `completions.create`, with the prompt given as parts, some marked shared (another
+agent's output, the common question): the server reuses their KV under this prompt's prefix.
 Any server that speaks OpenAI works for the chat part; the program fields make agentserve keep the
 program's KV across its tool calls.
 """
@@ -27,6 +31,13 @@ TIMEOUT_S = 600.0
 # few seconds (uvicorn: 5 s); agents post tool events after tool calls of about that length, and a
 # POST sent on a connection the server is closing fails (httpx.ReadError) without being retried.
 KEEPALIVE_S = 2.0
+
+
+def part(content: str | list[int], shared: bool = False) -> dict[str, Any]:
+    """A prompt part for `complete`: text (tokenized on its own) or token ids; `shared`: other agents'
+    prompts hold the same content."""
+    key = "text" if isinstance(content, str) else "token_ids"
+    return {key: content if key == "text" else list(content), "shared": shared}
 
 
 def _new_id() -> str:
@@ -53,6 +64,12 @@ class _ProgramState:
         self.turn += 1
         return {**kwargs, "extra_body": extra_body}
 
+    def complete_kwargs(self, kwargs: dict[str, Any], template: str, parts: list[dict[str, Any]],
+                        tool: str | None, last: bool) -> dict[str, Any]:
+        out = self.chat_kwargs(kwargs, tool, last)
+        out["extra_body"]["agentserve"]["share"] = {"template": template, "parts": parts}
+        return {**out, "prompt": ""}
+
     def tool_url(self) -> str:
         return f"/v1/programs/{quote(self.program_id, safe='')}/tool"
 
@@ -61,6 +78,14 @@ class _ProgramState:
 
 
 _LIMITS = httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+
+
+def _check_end(r: httpx.Response) -> None:
+    """An end the server answers 404 (it never saw the program: its first call was refused; or it was
+    abandoned after its idle timeout) leaves nothing to end: not an error, and on the way out of a
+    `with` block it must not hide the exception that ended the block."""
+    if r.status_code != 404:
+        _check(r)
 
 
 def _check(r: httpx.Response) -> dict:
@@ -85,6 +110,12 @@ class Program(_ProgramState):
         answer will run, if known; `last`: this is the program's last LLM call (no pin after it)."""
         return self.client.openai.chat.completions.create(**self.chat_kwargs(kwargs, tool, last))
 
+    def complete(self, *, template: str, parts: list[dict[str, Any]], tool: str | None = None, last: bool = False,
+                 **kwargs):
+        """`completions.create(**kwargs)` as a turn, its prompt given as `parts` (see `part`) under
+        `template` (the agent's role; its prompts share a layout)."""
+        return self.client.openai.completions.create(**self.complete_kwargs(kwargs, template, parts, tool, last))
+
     @contextmanager
     def tool(self, name: str):
         _check(self.client.http.post(self.tool_url(), json={"name": name, "event": "start"}))
@@ -100,7 +131,7 @@ class Program(_ProgramState):
 
     def end(self) -> None:
         if not self.ended and self.turn > 0:  # a program the server never saw has nothing to end
-            _check(self.client.http.post(self.end_url()))
+            _check_end(self.client.http.post(self.end_url()))
         self.ended = True
 
     def __enter__(self) -> "Program":
@@ -118,6 +149,10 @@ class AsyncProgram(_ProgramState):
     async def chat(self, *, tool: str | None = None, last: bool = False, **kwargs):
         return await self.client.openai.chat.completions.create(**self.chat_kwargs(kwargs, tool, last))
 
+    async def complete(self, *, template: str, parts: list[dict[str, Any]], tool: str | None = None,
+                       last: bool = False, **kwargs):
+        return await self.client.openai.completions.create(**self.complete_kwargs(kwargs, template, parts, tool, last))
+
     @asynccontextmanager
     async def tool(self, name: str):
         _check(await self.client.http.post(self.tool_url(), json={"name": name, "event": "start"}))
@@ -133,7 +168,7 @@ class AsyncProgram(_ProgramState):
 
     async def end(self) -> None:
         if not self.ended and self.turn > 0:
-            _check(await self.client.http.post(self.end_url()))
+            _check_end(await self.client.http.post(self.end_url()))
         self.ended = True
 
     async def __aenter__(self) -> "AsyncProgram":

@@ -92,9 +92,11 @@ def test_pool_refuses_too_few_short_or_indistinct_anchors_and_evicts_the_least_u
 
     pool = AnchorPool(max_anchors=6)
     pool.add(kvr(0), kvr(1))
-    assert pool.estimate(kvr(0)) is None  # one anchor
+    assert pool.estimate(kvr(9)) is None  # one anchor
+    seen = pool.estimate(kvr(0))  # but the content of that anchor is known exactly, one anchor or not
+    assert seen is not None and torch.allclose(kvr(0) + seen.delta, kvr(1), atol=1e-6)
     pool.add(kvr(2, n=2), kvr(3, n=2))
-    assert pool.estimate(kvr(0)) is None  # the second is shorter than the content: not a candidate
+    assert pool.estimate(kvr(9)) is None  # the second is shorter than the content: not a candidate
     same = AnchorPool()
     for _ in range(4):
         same.add(kvr(5), kvr(6))

@@ -57,15 +57,17 @@ class EngineSettings(msgspec.Struct, kw_only=True):
 
 def resolve_model(model: str) -> tuple[Path, str]:
     """(directory, served name) of `model`: a catalog name is built on demand, a path used as is."""
-    from agentserve.models.catalog import CATALOG
+    from agentserve.models.catalog import CATALOG, TRAINED, trained_model_dir
 
     if model in CATALOG:
         from agentserve.models.build import ensure_model
 
         return ensure_model(model), model
+    if model in TRAINED:
+        return trained_model_dir(model), model
     path = Path(model)
     if not (path / "config.json").exists():
-        known = ", ".join(sorted(CATALOG))
+        known = ", ".join(sorted(CATALOG) + sorted(TRAINED))
         raise ValueError(f"model {model!r} is neither a built-in model ({known}) nor a model directory")
     return path, path.name
 

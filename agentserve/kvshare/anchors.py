@@ -37,7 +37,7 @@ MAX_ANCHORS = 20
 EVICT_AMONG_OLDEST = 5
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the pool removes anchors by identity, never by comparing tensors
 class Anchor:
     base: torch.Tensor  # [L, 2, H, n, D] the content's standalone KV, position-0 frame
     delta: torch.Tensor  # [L, 2, H, n, D] real - base at its observed place, keys in the position-0 frame
@@ -86,18 +86,17 @@ class AnchorPool:
     def estimate(self, base: torch.Tensor) -> Correction | None:
         """The correction for a new content's base KV, or None: prefill it fully (and add it)."""
         n = base.shape[3]
+        for a in self.anchors:  # the same content: its real KV is known, whatever the pool holds
+            if a.tokens == n and torch.equal(a.base, base):
+                a.uses += 1
+                return Correction(a.delta, a.suffix_delta, 1, 0.0)
         pool = [a for a in self.anchors if a.tokens >= n]
         if len(pool) < self.min_anchors:
             return None
         values = base[:, 1]  # [L, H, n, D]
         # distance per anchor and token, over layers, heads and channels
         dist = torch.stack([(a.base[:, 1, :, :n] - values).pow(2).sum(dim=(0, 1, 3)).sqrt() for a in pool])
-        seen = [i for i, a in enumerate(pool) if a.tokens == n and torch.equal(a.base, base)]
-        if seen:  # the same content: its own anchor, exactly
-            weights = torch.zeros_like(dist)
-            weights[seen[0]] = 1.0
-        else:
-            weights = torch.softmax(-dist / self.temperature, dim=0)  # [A, n]
+        weights = torch.softmax(-dist / self.temperature, dim=0)  # [A, n]
         entropy = float(-(weights * torch.log2(weights.clamp_min(1e-30))).sum(dim=0).mean())
         if entropy > self.entropy_gamma * math.log2(len(pool)):
             return None
@@ -108,9 +107,6 @@ class AnchorPool:
             # per layer/head/channel: distance of values averaged over the tokens
             d = torch.stack([(a.base[:, 1, :, :n] - values).abs().mean(dim=2) for a in pool])  # [A, L, H, D]
             w = torch.softmax(-d / self.temperature, dim=0)
-            if seen:
-                w = torch.zeros_like(d)
-                w[seen[0]] = 1.0
             m = min(a.suffix_delta.shape[3] for a in pool)
             sd = torch.stack([a.suffix_delta[:, :, :, :m] for a in pool])  # [A, L, 2, H, m, D]
             suffix = (w[:, :, None, :, None, :] * sd).sum(dim=0)

@@ -15,6 +15,8 @@ Sizing (measured on the 2-core AVX2 machine; see docs/models.md):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 
 
@@ -77,6 +79,23 @@ CATALOG: dict[str, ModelSpec] = {
         ),
     )
 }
+
+
+# Models trained by a script in the repo, weights committed under agentserve/models/weights/ (float16,
+# loaded as float32): `python -m agentserve.models.train_kvret` (docs/models.md).
+TRAINED: dict[str, str] = {
+    "kvret": "6-layer Llama, d=192, GQA 6/2: multi-agent key-value retrieval (forward lookup)",
+    "kvret-ft": "kvret fine-tuned to add reverse lookup: the cross-model (DroidSpeak) partner of kvret",
+}
+
+
+def trained_model_dir(name: str) -> Path:
+    if name not in TRAINED:
+        raise ValueError(f"unknown trained model {name!r}; trained models: {', '.join(sorted(TRAINED))}")
+    path = Path(__file__).parent / "weights" / name
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path} holds no weights: run `python -m agentserve.models.train_kvret`")
+    return path
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -22,12 +22,34 @@ XARG_PARENT = "agentserve_parent_program_id"
 XARG_TTL = "agentserve_ttl_s"
 
 
+MAX_PARTS = 64  # parts of a shared prompt (agentserve/kvshare/planner.py bounds its segments alike)
+
+
+class PromptPart(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One part of a prompt: `text` (tokenized on its own, no special tokens added) or `token_ids`;
+    `shared`: content other agents' prompts hold too (an agent's output, the common question)."""
+
+    text: str | None = None
+    token_ids: list[Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    shared: bool = False
+
+
+class SharedPrompt(msgspec.Struct, forbid_unknown_fields=True):
+    """A `/v1/completions` prompt as parts, for KV sharing (`agentserve serve --kvshare`): the KV of
+    its shared parts is reused under this prompt's prefix with KVCOMM's offset correction.
+    `template`: the agent's role; prompts of one template share their layout (anchors are per template)."""
+
+    template: ID
+    parts: Annotated[list[PromptPart], msgspec.Meta(min_length=2, max_length=MAX_PARTS)]
+
+
 class ProgramFields(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     program_id: ID
     turn: Annotated[int, msgspec.Meta(ge=0)] | None = None  # default: LLM calls of the program so far
     is_last_turn: bool = False  # unmarked last turns just let their pin expire
     tool: Annotated[str, msgspec.Meta(max_length=256)] | None = None  # the tool this call's answer runs
     parent_program_id: ID | None = None  # set on a sub-agent's first call: a DAG edge from the parent
+    share: SharedPrompt | None = None  # the prompt as parts, some shared (completions only, --kvshare)
 
 
 class ToolEvent(msgspec.Struct, forbid_unknown_fields=True):

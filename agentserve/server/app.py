@@ -37,6 +37,7 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
     idle_timeout_s: float = 600.0  # a program silent this long is abandoned (its pin released)
     otlp_traces_endpoint: str | None = None  # program spans (and vLLM's) go to this OTLP collector
     tenants: TenantsConfig | None = None  # API keys, scoping, cache salts, limits (server/tenants.py)
+    kvshare: bool = False  # KV sharing across agents (agentserve/kvshare/connector.py, server/shared_prompts.py)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -55,6 +56,10 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> En
     if options.otlp_traces_endpoint:
         settings = msgspec.structs.replace(settings, extra_vllm_args=[
             *settings.extra_vllm_args, "--otlp-traces-endpoint", options.otlp_traces_endpoint])
+    if options.kvshare:
+        from agentserve.kvshare.connector import kv_transfer_config
+
+        settings = msgspec.structs.replace(settings, kv_transfer_config=kv_transfer_config())
     if options.policy == "vllm":
         return settings
     extra = dict(settings.additional_config or {})
@@ -101,6 +106,39 @@ async def build_control(engine, options: ProgramOptions, max_model_len: int, mod
                           on_event=on_event, tracer=tracer, ttl_cap=ttl_caps(gate) if gate is not None else None)
 
 
+async def shared_prompts(engine, model_dir: str):
+    from transformers import AutoTokenizer
+
+    from agentserve.server.shared_prompts import SharedPrompts
+
+    return SharedPrompts(engine, AutoTokenizer.from_pretrained(model_dir), engine.model_config.get_vocab_size())
+
+
+def add_kvshare_routes(app, engine) -> None:
+    from agentserve.server import metrics
+
+    @app.get("/v1/kvshare/stats")
+    async def kvshare_stats():
+        """The KV-sharing planner: decisions by reason, segments and bytes held, templates, anchors."""
+        stats = await engine.engine_core.call_utility_async("agentserve_kvshare_stats")
+        metrics.record_kvshare_stats(stats)
+        return stats
+
+
+async def kvshare_tick_loop(engine, period_s: float = 1.0) -> None:
+    """Keep the KV-sharing metrics on /metrics current."""
+    from agentserve.server import metrics
+
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            metrics.record_kvshare_stats(await engine.engine_core.call_utility_async("agentserve_kvshare_stats"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - keep polling; the failure is in the log
+            log.exception("kvshare stats poll failed")
+
+
 async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int = 8000,
                 options: ProgramOptions | None = None) -> None:
     """Start the engine, then serve the OpenAI API and the program routes until SIGINT/SIGTERM."""
@@ -125,11 +163,15 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
         tasks = await engine.get_supported_tasks()
         app = build_app(ns, tasks, engine.model_config)
         app.middleware_stack = None  # vLLM's bootstrap built it already; rebuilt at start-up with ours
+        shares = await shared_prompts(engine, ns.model) if options.kvshare else None
         app.add_middleware(AgentFieldsMiddleware, gate=gate,
-                           admit=admit_under_limits(control) if gate is not None else None)
+                           admit=admit_under_limits(control) if gate is not None else None, shares=shares)
         add_program_routes(app, lambda: control)
+        if shares is not None:
+            add_kvshare_routes(app, engine)
         await init_app_state(client, app.state, ns, tasks)
         ticker = asyncio.create_task(tick_loop(control))
+        kvshare_ticker = asyncio.create_task(kvshare_tick_loop(engine)) if shares is not None else None
         log.info("agentserve serving %s on %s, policy %s", ns.served_model_name, listen_address, options.policy)
         try:
             shutdown = await serve_http(
@@ -144,6 +186,8 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
             )
         finally:
             ticker.cancel()
+            if kvshare_ticker is not None:
+                kvshare_ticker.cancel()
     try:
         await shutdown
     finally:

@@ -31,7 +31,29 @@ TOOL_ABS_ERROR = Histogram("agentserve_tool_prediction_abs_error_seconds",
 TTL_T = Gauge("agentserve_ttl_T_seconds", "T of the TTL rule: extra first-token delay of evicted turns")
 TTL_ETA = Gauge("agentserve_ttl_eta", "eta of the TTL rule: -Corr(turns served, turns left)")
 
+KVSHARE_DECISIONS = Counter("agentserve_kvshare_decisions", "KV-sharing planner decisions on sharing requests, "
+                            "by reason (reused, cached, no_base, new_template, template_changed, "
+                            "anchors_refused, produced, recorded)", ["reason"])
+KVSHARE_TOKENS_REUSED = Counter("agentserve_kvshare_tokens_reused", "Prompt tokens whose KV was reused from "
+                                "shared segments (not prefilled)")
+KVSHARE_SEGMENTS = Gauge("agentserve_kvshare_segments", "Shared segments whose base KV is held now")
+KVSHARE_SEGMENT_BYTES = Gauge("agentserve_kvshare_segment_bytes", "Bytes of shared segments' base KV held now")
+KVSHARE_ANCHORS = Gauge("agentserve_kvshare_anchors", "KVCOMM anchors held now, all templates and placeholders")
+
 _last_engine_counters: dict[str, float] = {}
+_last_kvshare_counters: dict[str, float] = {}
+
+
+def record_kvshare_stats(stats: dict) -> None:
+    """Fold the KV-sharing planner's cumulative counts (connector.stats()) into Prometheus."""
+    KVSHARE_SEGMENTS.set(stats["segments"])
+    KVSHARE_SEGMENT_BYTES.set(stats["segment_bytes"])
+    KVSHARE_ANCHORS.set(stats["anchors"])
+    for name, value in {**stats["decisions"], "tokens_reused": stats["tokens_reused"]}.items():
+        delta = value - _last_kvshare_counters.get(name, 0)
+        _last_kvshare_counters[name] = value
+        if delta > 0:
+            (KVSHARE_TOKENS_REUSED if name == "tokens_reused" else KVSHARE_DECISIONS.labels(name)).inc(delta)
 
 
 def record_ttl_inputs(inputs: dict) -> None:

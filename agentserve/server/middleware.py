@@ -18,7 +18,8 @@ from urllib.parse import quote, unquote
 import msgspec
 from fastapi.responses import JSONResponse
 
-from agentserve.programs.fields import XARG_PROGRAM, decode_fields
+from agentserve.programs.fields import XARG_PROGRAM, SharedPrompt, decode_fields
+from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.tenants import DEFAULT_MAX_BODY_BYTES, Tenant, TenantGate
 
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
@@ -40,10 +41,11 @@ class AgentFieldsMiddleware:
     tenant's cache salt, and `admit(tenant, program_id)` may refuse a new program (429)."""
 
     def __init__(self, app, gate: TenantGate | None = None,
-                 admit: Callable[[Tenant, str], bool] | None = None):
+                 admit: Callable[[Tenant, str], bool] | None = None, shares: SharedPrompts | None = None):
         self.app = app
         self.gate = gate
         self.admit = admit
+        self.shares = shares
         self.max_body = gate.config.max_body_bytes if gate is not None else MAX_BODY_BYTES
 
     async def __call__(self, scope, receive, send):
@@ -70,9 +72,16 @@ class AgentFieldsMiddleware:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
+        produce, scope_name = [], tenant.name if tenant is not None else ""
+        if self.shares is not None and scope["path"] == "/v1/completions" and b'"share"' in body:
+            body, produce, error = rewrite_shared_prompt(body, self.shares, scope_name)
+            if error is not None:
+                return await error(scope, receive, send)
         body, error = rewrite_body(body, tenant, self.gate, self.admit)
         if error is not None:
             return await error(scope, receive, send)
+        if produce:
+            await self.shares.produce(produce, scope_name)
         sent = False
 
         async def replay():
@@ -102,6 +111,27 @@ def _scoped_program_path(scope, tenant: Tenant):
     return {**scope, "path": unquote(scoped), "raw_path": scoped.encode()}
 
 
+def rewrite_shared_prompt(body: bytes, shares: SharedPrompts, scope: str
+                          ) -> tuple[bytes, list[list[int]], JSONResponse | None]:
+    """A completion whose `agentserve` object has `share`: its prompt from the parts, the segment map
+    and the cache salt set (server/shared_prompts.py); returns the shared parts to produce first."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body, [], None
+    fields = data.get("agentserve") if isinstance(data, dict) else None
+    if not isinstance(fields, dict) or "share" not in fields:
+        return body, [], None
+    try:
+        share = msgspec.convert(fields.pop("share"), SharedPrompt)
+        parts = shares.translate(data, share, scope)
+    except msgspec.ValidationError as e:
+        return body, [], error_response(400, f"invalid agentserve.share: {e}", "agentserve.share" + _error_path(str(e)))
+    except ShareError as e:
+        return body, [], error_response(400, str(e), e.param)
+    return json.dumps(data).encode(), parts, None
+
+
 def rewrite_body(body: bytes, tenant: Tenant | None = None, gate: TenantGate | None = None,
                  admit: Callable[[Tenant, str], bool] | None = None) -> tuple[bytes, JSONResponse | None]:
     """Move `agentserve` into `vllm_xargs`; with a tenant, scope its program ids and salt its cache.
@@ -129,6 +159,9 @@ def rewrite_body(body: bytes, tenant: Tenant | None = None, gate: TenantGate | N
             fields = decode_fields(raw)
         except msgspec.ValidationError as e:
             return body, error_response(400, f"invalid agentserve object: {e}", "agentserve" + _error_path(str(e)))
+        if fields.share is not None:  # not taken by rewrite_shared_prompt
+            return body, error_response(400, "agentserve.share needs a server started with --kvshare, on "
+                                             "/v1/completions", "agentserve.share")
         if tenant is not None:
             parent = fields.parent_program_id
             fields = msgspec.structs.replace(fields, program_id=TenantGate.scope(tenant, fields.program_id),

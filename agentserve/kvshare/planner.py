@@ -1,0 +1,176 @@
+"""The KV-sharing planner of the served path: which tokens of a consumer prompt get reused KV, and
+that KV. Policy only: tensors in, tensors out, no engine (the vLLM connector, connector.py, is the
+adapter that moves KV between the paged cache and this object).
+
+A request that shares KV says so in `kv_transfer_params["agentserve_share"]` (`ShareSpec`):
+- a *produce* request's whole prompt is one shared segment (another agent's output, the common
+  question); its KV, computed from position 0, becomes the segment's *base* in the segment store.
+- a *consumer* request names its template (the agent's role: anchors are learned per template) and
+  the token ranges of the shared segments in its prompt.
+
+For a consumer, everything up to the end of its last shared segment is planned: the template text
+before the first segment (its real KV from an earlier prompt of this template: exact, nothing precedes
+it), each segment (base + the anchor pool's offset estimate, RoPE-moved to its place), and the template
+text between segments (the anchors' recorded real KV of that text, weighted as KVCOMM weights the
+following segment). The engine computes the rest of the prompt (the question after the last segment)
+on top. When anything is missing (a base, an earlier prompt of this template, or the anchor pool
+refuses: too few anchors, weights too flat) the consumer is prefilled in full and, if every base was
+there, *recorded*: its real KV becomes a new anchor for every placeholder. The trade-off is KVCOMM's:
+the first prompts of a template pay a full prefill so that later ones can skip it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+import torch
+
+from agentserve.kvshare.anchors import AnchorPool
+from agentserve.kvshare.rope import RopeShift
+from agentserve.kvshare.segments import SegmentStore, place, to_frame_zero
+
+PARAMS_KEY = "agentserve_share"  # the key in kv_transfer_params
+MAX_SEGMENTS = 64  # segments per prompt: a bound on work and on the anchor pools a template may create
+
+
+class ShareSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a request shares. `segments`: (start, length) token ranges of the prompt, in order."""
+
+    template: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    scope: Annotated[str, msgspec.Meta(max_length=256)] = ""  # the tenant: segments and anchors never cross scopes
+    segments: Annotated[list[tuple[int, int]], msgspec.Meta(max_length=MAX_SEGMENTS)] = []
+    produce: bool = False
+
+    def check(self, prompt_len: int) -> None:
+        """Raises ValueError unless the spec fits a prompt of `prompt_len` tokens."""
+        if self.produce:
+            if self.segments:
+                raise ValueError("a produce request is one segment: it takes no segments")
+            return
+        if not self.template:
+            raise ValueError("a consumer request needs its template")
+        at = 0
+        for start, length in self.segments:
+            if length <= 0 or start < at:
+                raise ValueError("segments must be non-empty, in order and not overlap")
+            at = start + length
+        if at >= prompt_len:
+            raise ValueError("the prompt must go on after its last shared segment (the engine computes that part)")
+
+
+def decode_spec(params: dict | None) -> ShareSpec | None:
+    raw = (params or {}).get(PARAMS_KEY)
+    return None if raw is None else msgspec.convert(raw, ShareSpec)
+
+
+@dataclass
+class Plan:
+    start: int  # the first token whose KV `kv` holds
+    kv: torch.Tensor  # [layers, 2, kv_heads, tokens, head_dim]: tokens [start, start + kv.shape[3])
+
+
+@dataclass
+class Decision:
+    plan: Plan | None  # None: prefill it (what is locally cached, and the rest computed)
+    record: bool  # after its full prefill, its real KV becomes anchors
+    reason: str  # reused | cached | no_base | new_template | template_changed | anchors_refused
+
+
+class SharePlanner:
+    def __init__(self, model: str, shift: RopeShift, store: SegmentStore, **pool_args):
+        self.model = model
+        self.shift = shift
+        self.store = store
+        self.pool_args = pool_args
+        self.pools: dict[tuple[str, str, int], AnchorPool] = {}
+        # per template: the tokens and real KV of the text before the first segment, and the tokens of
+        # the text after each segment (what its anchors were recorded with)
+        self.prefix: dict[tuple[str, str], tuple[list[int], torch.Tensor]] = {}
+        self.between: dict[tuple[str, str, int], list[int]] = {}
+        self.counts: Counter[str] = Counter()
+        self.tokens_reused = 0
+
+    def plan(self, spec: ShareSpec, tokens: list[int], num_computed: int) -> Decision:
+        """Reused KV for `tokens` [num_computed, end of the last segment), or why not."""
+        spec.check(len(tokens))
+        decision = self._plan(spec, tokens, num_computed)
+        self.counts[decision.reason] += 1
+        if decision.plan is not None:
+            self.tokens_reused += decision.plan.kv.shape[3]
+        return decision
+
+    def _plan(self, spec: ShareSpec, tokens: list[int], num_computed: int) -> Decision:
+        if spec.produce or not spec.segments:
+            return Decision(None, False, "cached")
+        end = spec.segments[-1][0] + spec.segments[-1][1]
+        if num_computed >= end:
+            return Decision(None, False, "cached")
+        bases = self._bases(spec, tokens)
+        if any(b is None for b in bases):
+            return Decision(None, False, "no_base")
+        first = spec.segments[0][0]
+        known = self.prefix.get((spec.scope, spec.template))
+        if known is None:
+            return Decision(None, True, "new_template")
+        if known[0] != tokens[:first] or any(
+                self.between.get((spec.scope, spec.template, slot)) != self._text_after(spec, tokens, slot)
+                for slot in range(len(spec.segments) - 1)):
+            return Decision(None, True, "template_changed")
+        pieces = [known[1]]
+        for slot, ((start, n), base) in enumerate(zip(spec.segments, bases)):
+            fix = self.pools.setdefault((spec.scope, spec.template, slot), AnchorPool(**self.pool_args)).estimate(base)
+            if fix is None:
+                return Decision(None, True, "anchors_refused")
+            pieces.append(place(base + fix.delta, start, self.shift))
+            text = len(self._text_after(spec, tokens, slot))
+            if text:
+                if fix.suffix_delta is None or fix.suffix_delta.shape[3] < text:
+                    return Decision(None, True, "anchors_refused")
+                pieces.append(place(fix.suffix_delta[:, :, :, :text], start + n, self.shift))
+        kv = torch.cat(pieces, dim=3)
+        return Decision(Plan(num_computed, kv[:, :, :, num_computed:end].contiguous()), False, "reused")
+
+    def saved(self, spec: ShareSpec, tokens: list[int], kv: torch.Tensor) -> None:
+        """The real KV [layers, 2, heads, n, dim] of a prompt's first n tokens, once computed: a produce
+        request's becomes its segment's base, a recorded consumer's becomes anchors."""
+        if spec.produce:
+            self.store.put(self._store_key(spec), tokens[:kv.shape[3]], kv)
+            self.counts["produced"] += 1
+            return
+        end = spec.segments[-1][0] + spec.segments[-1][1]
+        if kv.shape[3] < end:
+            raise ValueError(f"recording needs the KV of {end} tokens, got {kv.shape[3]}")
+        bases = self._bases(spec, tokens)
+        if any(b is None for b in bases):
+            return  # a base was evicted meanwhile: nothing to measure the deviation against
+        first = spec.segments[0][0]
+        self.prefix[(spec.scope, spec.template)] = (tokens[:first], kv[:, :, :, :first].clone())
+        for slot, ((start, n), base) in enumerate(zip(spec.segments, bases)):
+            text = self._text_after(spec, tokens, slot) if slot < len(spec.segments) - 1 else []
+            real = to_frame_zero(kv[:, :, :, start:start + n], start, self.shift)
+            after = to_frame_zero(kv[:, :, :, start + n:start + n + len(text)], start + n, self.shift)
+            pool = self.pools.setdefault((spec.scope, spec.template, slot), AnchorPool(**self.pool_args))
+            if (self.between.get((spec.scope, spec.template, slot)) or []) != text:
+                pool.anchors.clear()  # the template changed around this slot: its anchors describe another text
+            self.between[(spec.scope, spec.template, slot)] = text
+            pool.add(base, real, torch.zeros_like(after), after)
+        self.counts["recorded"] += 1
+
+    def _store_key(self, spec: ShareSpec) -> str:
+        return f"{self.model}\0{spec.scope}"
+
+    def _bases(self, spec: ShareSpec, tokens: list[int]) -> list[torch.Tensor | None]:
+        return [self.store.get(self._store_key(spec), tokens[s:s + n]) for s, n in spec.segments]
+
+    @staticmethod
+    def _text_after(spec: ShareSpec, tokens: list[int], slot: int) -> list[int]:
+        start, n = spec.segments[slot]
+        stop = spec.segments[slot + 1][0] if slot + 1 < len(spec.segments) else start + n
+        return tokens[start + n:stop]
+
+    def stats(self) -> dict:
+        return {"decisions": dict(self.counts), "tokens_reused": self.tokens_reused, "segments": len(self.store), "segment_bytes": self.store.bytes,
+                "templates": len(self.prefix), "anchors": sum(len(p) for p in self.pools.values())}
