@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kvshare", action="store_true",
                    help="KV sharing across agents: /v1/completions prompts given as parts "
                    "(agentserve.share) reuse shared parts' KV under their own prefix (KVCOMM; docs/kvshare.md)")
+    s.add_argument("--kvshare-gate", type=float, default=0.3, metavar="GAMMA",
+                   help="KVCOMM's reuse gate: a shared part is reused when its anchors' weights are sharp enough "
+                   "(entropy <= GAMMA * log2 anchors); inf = whenever two anchors qualify (default: 0.3, KVCOMM's)")
+    s.add_argument("--kvshare-correction", default="anchors", choices=["anchors", "none"],
+                   help="anchors: KVCOMM's offset correction of reused KV; none: the RoPE move alone (naive reuse; "
+                   "no anchors needed, one recorded prompt per template) (default: anchors)")
+    s.add_argument("--kvshare-temperature", type=float, default=1.0,
+                   help="softmax temperature of the anchor weights (default: 1, KVCOMM's)")
     s.add_argument("--tenants", default=None, metavar="FILE",
                    help="tenants file (JSON or YAML; README: Tenants): API keys on every route, program ids "
                    "and prefix cache isolated per tenant, per-tenant limits; without it the API is open")
@@ -249,7 +257,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_wait_s=args.max_wait, pin_mode=args.pin_mode,
                              otlp_traces_endpoint=args.otlp_traces_endpoint,
                              tenants=TenantsConfig.load(args.tenants) if args.tenants else None,
-                             kvshare=args.kvshare)
+                             kvshare=args.kvshare, kvshare_gate=args.kvshare_gate,
+                             kvshare_temperature=args.kvshare_temperature,
+                             kvshare_correction=args.kvshare_correction)
     if args.replicas is not None and args.kvshare:
         raise SystemExit("--kvshare is not supported with --replicas yet: each replica holds its own segment store")
     if args.replicas is not None and args.tenants:

@@ -35,7 +35,7 @@ from agentserve.kvshare.reuse import SharedPrefill, decode
 from agentserve.kvshare.segments import SegmentStore
 from agentserve.models.catalog import trained_model_dir
 
-GREEDY_TOKENS = 4  # the answer and what the model writes after it (its next question)
+GREEDY_TOKENS = 4  # the answer and what the model writes after it (its guess of a next question: `Q k v`)
 
 
 def load(name: str):
@@ -49,8 +49,9 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
-def kvcomm(model, episodes: int, seed: int, filler: tuple[int, int], warmup: int, temperature: float) -> dict:
-    sp = SharedPrefill(model, "kvret", SegmentStore(1 << 30), temperature=temperature)
+def kvcomm(model, episodes: int, seed: int, filler: tuple[int, int], warmup: int, temperature: float,
+           entropy_gamma: float) -> dict:
+    sp = SharedPrefill(model, "kvret", SegmentStore(1 << 30), temperature=temperature, entropy_gamma=entropy_gamma)
     rng = random.Random(seed)
     rows = []
     for e in range(episodes):
@@ -63,13 +64,17 @@ def kvcomm(model, episodes: int, seed: int, filler: tuple[int, int], warmup: int
             n = len(flatten(parts))
             ways = {mode: sp(parts, f"agent{agent}", mode) for mode in ("full", "naive", "anchors")}
             ref = ways["full"]
-            ref_tokens = decode(model, ref.kv, int(ref.logits.argmax()), n, GREEDY_TOKENS)
+            ref_top1 = [float(torch.softmax(ref.logits.double(), -1).max())]
+            ref_tokens = decode(model, ref.kv, int(ref.logits.argmax()), n, GREEDY_TOKENS, ref_top1)
             for mode, got in ways.items():
                 tokens = ref_tokens if mode == "full" else decode(model, got.kv, int(got.logits.argmax()), n,
                                                                    GREEDY_TOKENS)
                 rows.append({"episode": e, "agent": agent, "mode": mode, "tokens": n, "reused": got.reused,
                              "correct": int(got.logits.argmax()) == q.answer,
                              "agree": sum(a == b for a, b in zip(tokens, ref_tokens)) / GREEDY_TOKENS,
+                             # per position: the same greedy token, on the same greedy path so far
+                             "agree_at": [int(tokens[:i + 1] == ref_tokens[:i + 1]) for i in range(GREEDY_TOKENS)],
+                             "ref_top1": ref_top1,
                              "kl": kl(ref.logits, got.logits), "prepare_s": got.prepare_s,
                              "forward_s": got.forward_s, "full_ttft_s": ref.ttft_s})
     return {"rows": rows, "summary": {scope: summarize(rows, scope, warmup) for scope in ("all", "last", "steady")}}
@@ -90,6 +95,8 @@ def summarize(rows: list[dict], scope: str, warmup: int) -> dict:
             "mean_tokens": round(statistics.mean(r["tokens"] for r in rs)),
             "accuracy": statistics.mean(r["correct"] for r in rs),
             "greedy_agreement": statistics.mean(r["agree"] for r in rs),
+            "greedy_prefix_agreement_at": [statistics.mean(r["agree_at"][i] for r in rs) for i in range(GREEDY_TOKENS)],
+            "reference_top1_prob_at": [statistics.mean(r["ref_top1"][i] for r in rs) for i in range(GREEDY_TOKENS)],
             "next_token_kl": statistics.mean(r["kl"] for r in rs),
             "reuse_rate": len(reused) / len(rs),
             "ttft_ms_median": 1e3 * statistics.median(r["prepare_s"] + r["forward_s"] for r in rs),
@@ -128,7 +135,7 @@ def droidspeak(sender, receiver, episodes: int, profile_prompts: int, seed: int,
             t_full = time.perf_counter() - t0
             sender_kv, sender_hidden = prefill(sender, context, hidden=True)
             t0 = time.perf_counter()
-            kv = recompute(receiver, sender_kv, sender_hidden, score.group)
+            kv = recompute(receiver, sender_kv, sender_hidden, score.group, context)
             ratios.append((time.perf_counter() - t0) / t_full)
             for q in qs:
                 total += 1
@@ -157,6 +164,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="episodes before the steady-state scope")
     ap.add_argument("--filler", default="80,120", help="filler words per report, min,max")
     ap.add_argument("--temperature", type=float, default=1.0, help="anchor softmax temperature")
+    ap.add_argument("--entropy-gamma", type=float, default=0.3,
+                    help="KVCOMM's reuse gate: refuse when the anchor weights' entropy > gamma * log2(anchors); "
+                    "inf = always reuse once a placeholder has 2 anchors (default: KVCOMM's 0.3)")
     ap.add_argument("--ds-episodes", type=int, default=100)
     ap.add_argument("--ds-profile", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -167,10 +177,13 @@ def main() -> None:
     filler = tuple(int(x) for x in args.filler.split(","))
     base, variant = load("kvret"), load("kvret-ft")
     result = {"args": vars(args) | {"out": str(args.out)}}
-    result["kvcomm"] = kvcomm(base, args.episodes, args.seed, filler, args.warmup, args.temperature)
-    print(json.dumps(result["kvcomm"]["summary"], indent=1))
-    result["droidspeak"] = droidspeak(base, variant, args.ds_episodes, args.ds_profile, args.seed + 1, filler)
-    print(json.dumps(result["droidspeak"], indent=1))
+    if args.episodes:
+        result["kvcomm"] = kvcomm(base, args.episodes, args.seed, filler, args.warmup, args.temperature,
+                                  args.entropy_gamma)
+        print(json.dumps(result["kvcomm"]["summary"], indent=1))
+    if args.ds_episodes:
+        result["droidspeak"] = droidspeak(base, variant, args.ds_episodes, args.ds_profile, args.seed + 1, filler)
+        print(json.dumps(result["droidspeak"], indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 

@@ -49,7 +49,9 @@ async def run(args) -> dict:
     from agentserve.kvshare.planner import PARAMS_KEY
 
     settings = EngineSettings(model=args.model, kv_tokens=args.kv_tokens, max_model_len=2048,
-                              kv_transfer_config=kv_transfer_config(temperature=args.temperature))
+                              kv_transfer_config=kv_transfer_config(temperature=args.temperature,
+                                                                    entropy_gamma=args.entropy_gamma,
+                                                                    correction=args.correction))
     rows = []
     async with start_engine(settings) as engine:
         rng = random.Random(args.seed)
@@ -65,6 +67,9 @@ async def run(args) -> dict:
                     if isinstance(p, Shared):
                         segments.append((at, len(p.ids)))
                     at += len(p.ids)
+                for (s0, n0), (s1, _) in zip(segments, segments[1:]):  # text between reports: bases too
+                    if s1 > s0 + n0:
+                        await generate(engine, ids[s0 + n0:s1], {PARAMS_KEY: {"produce": True}}, None, 1)
                 spec = {PARAMS_KEY: {"template": f"agent{agent}", "segments": segments}}
                 before = await engine.engine_core.call_utility_async("agentserve_kvshare_stats")
                 shared, t_shared = await generate(engine, ids, spec, f"share-{uuid.uuid4().hex}", GREEDY_TOKENS)
@@ -102,6 +107,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="episodes first, to fill the anchor pools (not scored)")
     ap.add_argument("--filler", type=int, nargs=2, default=[80, 120], help="filler words per report, min max")
     ap.add_argument("--temperature", type=float, default=1.0, help="anchor softmax temperature")
+    ap.add_argument("--entropy-gamma", type=float, default=0.3, help="KVCOMM's reuse gate (inf: always reuse)")
+    ap.add_argument("--correction", default="anchors", choices=["anchors", "none"],
+                    help="KVCOMM's offset correction, or the naive RoPE move alone")
     ap.add_argument("--kv-tokens", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench-out/kvshare_served.json"))

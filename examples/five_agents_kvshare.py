@@ -1,29 +1,31 @@
-"""Five fully connected agents sharing KV (KVCOMM's setting, on this machine), with the trained `kvret`
-model on the HuggingFace path of agentserve.kvshare:
+"""Five fully connected agents sharing KV (KVCOMM's setting, on this machine) through agentserve's API:
 
-    python examples/five_agents_kvshare.py --rounds 12
+    python examples/five_agents_kvshare.py --rounds 12            # starts `agentserve serve --kvshare`
+    python examples/five_agents_kvshare.py --url http://127.0.0.1:8000   # or uses a running one
 
-Every round, each agent writes a report (its output); then each agent reads the four others' reports
-under its own prefix and answers a question about them. The reports are marked as shared parts, so their
-KV is computed once, when written, and reused by the four readers with KVCOMM's offset correction; a
-reader whose anchors cannot vouch for the reuse prefills in full and leaves an anchor behind. Printed per
-round: how many readers reused, their answers' accuracy, and the mean time to first token of the last
-agent against a full prefill of the same prompt.
+Every round, each agent writes a report; then each agent reads the four others' reports under its own
+prefix and answers a question about them (the trained `kvret` model: agentserve/kvshare/kvret.py). The
+reports are marked as shared parts (`agentserve.sdk.part(..., shared=True)`), so the server computes
+each report's KV once and the four readers reuse it with KVCOMM's offset correction; a reader whose
+anchors cannot vouch for the reuse is prefilled in full and leaves anchors behind. Printed per round:
+how many readers reused shared KV (from `GET /v1/kvshare/stats`) and how many answered right.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import statistics
+from contextlib import nullcontext
 
-import torch
+import httpx
 
 from agentserve.kvshare import kvret
-from agentserve.kvshare.parts import Text
-from agentserve.kvshare.reuse import SharedPrefill
-from agentserve.kvshare.segments import SegmentStore
-from agentserve.models.catalog import trained_model_dir
+from agentserve.kvshare.parts import Shared
+from agentserve.sdk import AgentServe, part
+
+
+def reused(url: str) -> int:
+    return httpx.get(url + "/v1/kvshare/stats").json()["decisions"].get("reused", 0)
 
 
 def main() -> None:
@@ -31,34 +33,34 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--agents", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", default=None, help="a running `agentserve serve --model kvret --kvshare`")
+    ap.add_argument("--gate", default="inf", help="--kvshare-gate of the server this starts (default: inf; "
+                    "KVCOMM's 0.3 refuses anchors of unrelated contents, which random reports are)")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM
+    from agentserve.server.process import ServerProcess
 
-    torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(str(trained_model_dir("kvret")), dtype=torch.float32).eval()
-    share = SharedPrefill(model, "kvret", SegmentStore(max_bytes=256 << 20))
-    rng = random.Random(args.seed)
-    for r in range(args.rounds):
-        ep = kvret.episode(rng, agents=args.agents, filler=(80, 120))
-        for report in ep.reports:  # each agent writes: its output's KV goes to the segment store once
-            share.produce(report)
-        reused = correct = 0
-        last = {}
-        for agent in range(args.agents):
-            q = kvret.questions(rng, ep, agent, 1)[0]
-            parts = kvret.consumer_parts(ep, agent) + [Text(q.prompt)]
-            got = share(parts, template=f"agent{agent}")
-            reused += got.reused
-            correct += int(got.logits.argmax()) == q.answer
-            if agent == args.agents - 1:
-                full = share(parts, template=f"agent{agent}", mode="full")
-                last = {"ttft_ms": 1e3 * got.ttft_s, "full_ms": 1e3 * full.ttft_s, "reused": got.reused}
-        print(f"round {r:2d}: {reused}/{args.agents} readers reused shared KV, {correct}/{args.agents} answers right; "
-              f"last agent TTFT {last['ttft_ms']:.1f} ms vs full prefill {last['full_ms']:.1f} ms"
-              f"{'' if last['reused'] else ' (prefilled in full: anchors recorded)'}")
-    sizes = [len(p) for p in share.pools.values()]
-    print(f"anchor pools: {len(sizes)} placeholders, {statistics.mean(sizes):.1f} anchors each; "
-          f"segment store {share.store.bytes / 2**20:.1f} MiB")
+    server = nullcontext() if args.url else ServerProcess(
+        ["--model", "kvret", "--kv-tokens", "16384", "--max-model-len", "2048", "--kvshare", "--kvshare-gate", args.gate])
+    with server as srv:
+        url = args.url or srv.base_url
+        client = AgentServe(url)
+        rng = random.Random(args.seed)
+        for r in range(args.rounds):
+            ep = kvret.episode(rng, agents=args.agents, filler=(80, 120))
+            before, right = reused(url), 0
+            for agent in range(args.agents):
+                q = kvret.questions(rng, ep, agent, 1)[0]
+                parts = [part(kvret.words(p.ids), shared=isinstance(p, Shared)) for p in kvret.consumer_parts(ep, agent)]
+                with client.program() as prog:
+                    out = prog.complete(model="kvret", template=f"agent{agent}", max_tokens=1, temperature=0,
+                                        parts=parts + [part(kvret.words(q.prompt))], last=True)
+                right += out.choices[0].text.strip() == kvret.VOCAB[q.answer]
+            print(f"round {r:2d}: {reused(url) - before}/{args.agents} readers reused shared KV, "
+                  f"{right}/{args.agents} answers right")
+        stats = httpx.get(url + "/v1/kvshare/stats").json()
+        print(f"planner: {stats['decisions']}; {stats['segments']} segments ({stats['segment_bytes'] / 2**20:.1f} MiB), "
+              f"{stats['anchors']} anchors, {stats['tokens_reused']} prompt tokens reused")
+        client.close()
 
 
 if __name__ == "__main__":

@@ -58,8 +58,16 @@ def test_droidspeak_recomputing_every_layer_is_the_receivers_full_prefill(model)
     sender_kv, sender_hidden = prefill(model, ids, hidden=True)
     own = prefill(receiver, ids)
     layers = len(receiver.model.layers)
-    assert (recompute(receiver, sender_kv, sender_hidden, (0, layers)) - own).abs().max() < 1e-5
+    assert (recompute(receiver, sender_kv, sender_hidden, (0, layers), ids) - own).abs().max() < 1e-5
     assert torch.equal(recompute(receiver, sender_kv, sender_hidden, (0, 0)), sender_kv)
+    with pytest.raises(ValueError, match="token ids"):
+        recompute(receiver, sender_kv, sender_hidden, (0, 2))
+    # a variant whose embeddings changed too: recomputing from layer 0 starts from its own embeddings
+    with torch.no_grad():
+        retuned = tiny()
+        retuned.load_state_dict(receiver.state_dict())
+        retuned.model.embed_tokens.weight.add_(0.05)
+    assert (recompute(retuned, sender_kv, sender_hidden, (0, layers), ids) - prefill(retuned, ids)).abs().max() < 1e-5
     # recomputing from layer 1 on: layer 0 is the same in both models, so this is exact too
     assert (recompute(receiver, sender_kv, sender_hidden, (1, layers)) - own).abs().max() < 1e-5
     with pytest.raises(ValueError, match="outside"):

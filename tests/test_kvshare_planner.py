@@ -37,8 +37,10 @@ def prompt(rng: random.Random, segments: list[list[int]], prefix=(1, 5, 7), betw
     return tokens + list(question), ShareSpec(template="reader", segments=spans)
 
 
-def produce(p: SharePlanner, model, seg: list[int], scope: str = "") -> None:
+def produce(p: SharePlanner, model, seg: list[int], scope: str = "", between=(11, 12)) -> None:
+    """A shared part's base, and that of the template text between parts (what the front end produces)."""
     p.saved(ShareSpec(produce=True, scope=scope), seg, prefill(model, seg))
+    p.saved(ShareSpec(produce=True, scope=scope), list(between), prefill(model, list(between)))
 
 
 def segments(rng: random.Random, *lengths: int) -> list[list[int]]:
@@ -109,6 +111,15 @@ def test_a_new_content_is_estimated_from_anchors_and_beats_the_naive_move(model)
                      / real[1:, :, :, on_segments].norm())
 
     assert err(got.plan.kv) < err(moved), "the anchors' correction helps"
+    # the naive mode plans exactly that move, from one recorded prompt of the template, no anchors
+    naive.correction = "none"
+    assert naive.plan(spec, tokens, 0).reason == "new_template"
+    naive.saved(spec, tokens, prefill(model, tokens))
+    plain = naive.plan(spec, tokens, 0)
+    assert plain.reason == "reused"
+    assert torch.allclose(plain.plan.kv[:, :, :, on_segments], moved[:, :, :, on_segments], atol=1e-5)
+    with pytest.raises(ValueError, match="correction"):
+        SharePlanner("tiny", naive.shift, naive.store, correction="magic")
 
 
 def test_template_changes_scopes_and_bad_specs(model):
@@ -123,6 +134,7 @@ def test_template_changes_scopes_and_bad_specs(model):
     assert p.plan(scoped, tokens, 0).reason == "new_template"
     p.saved(scoped, tokens, prefill(model, tokens))
     assert p.plan(scoped, tokens, 0).reason == "reused"
+    produce(p, model, segs[0], scope="acme", between=(13, 14))
     other, spec2 = prompt(rng, segs, between=(13, 14))
     scoped2 = ShareSpec(template="reader", scope="acme", segments=spec2.segments)
     assert p.plan(scoped2, other, 0).reason == "template_changed"

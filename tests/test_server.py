@@ -102,7 +102,9 @@ def test_openapi_spec_documents_the_wire_contract(server):
     schemas = spec["components"]["schemas"]
     assert schemas["ProgramFields"]["required"] == ["program_id"]
     assert set(schemas["ProgramFields"]["properties"]) == {"program_id", "turn", "is_last_turn", "tool",
-                                                           "parent_program_id"}
+                                                           "parent_program_id", "share"}
+    assert schemas["SharedPrompt"]["required"] == ["template", "parts"]  # KV sharing (--kvshare)
+    assert set(schemas["PromptPart"]["properties"]) == {"text", "token_ids", "shared"}
     assert schemas["ChatCompletionRequest"]["properties"]["agentserve"]["$ref"].endswith("/ProgramFields")
     tool_route = spec["paths"]["/v1/programs/{program_id}/tool"]["post"]
     assert tool_route["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ToolEvent")

@@ -46,7 +46,7 @@ def test_parts_become_a_token_prompt_with_its_segment_map_and_salt():
     assert data["prompt"] == [1, 2, 3, 4, 7, 8, 9, 1]
     spec = decode_spec(data["kv_transfer_params"])
     assert spec.segments == [(2, 2), (6, 1)] and spec.template == "critic" and spec.scope == "acme"
-    assert produced == [[3, 4], [9]]
+    assert produced == [[3, 4], [7, 8], [9]]  # the shared parts and the text between them
     assert data["cache_salt"] == SALT
     salted = {"prompt": None, "cache_salt": "mine"}
     shares.translate(salted, share({"text": "a"}, {"text": "b", "shared": True}, {"text": "c"}), scope="")

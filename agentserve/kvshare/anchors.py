@@ -59,6 +59,21 @@ class Correction:
 
 
 @dataclass
+class _Stacked:
+    """The pool's anchors as padded tensors (built once per change of the pool): one batched estimate
+    instead of a loop over anchors, which copied every anchor's deltas on every call."""
+
+    lengths: torch.Tensor  # [A] tokens of each anchor
+    values: torch.Tensor  # [A, L, H, N, D] base values, zero-padded to the longest anchor
+    deltas_by_token: torch.Tensor  # [N, A, L * 2 * H * D]
+    suffix: torch.Tensor | None  # [A, L, 2, H, M, D], M the shortest suffix; None unless every anchor has one
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:  # pads the token dim (second to last) to n
+    return torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[-2]))
+
+
+@dataclass
 class AnchorPool:
     max_anchors: int = MAX_ANCHORS
     min_anchors: int = MIN_ANCHORS
@@ -66,6 +81,7 @@ class AnchorPool:
     temperature: float = 1.0
     anchors: list[Anchor] = field(default_factory=list)
     _seq: itertools.count = field(default_factory=itertools.count)
+    _stacked: _Stacked | None = None
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -81,7 +97,25 @@ class AnchorPool:
             oldest = sorted(self.anchors, key=lambda a: a.seq)[:EVICT_AMONG_OLDEST]
             self.anchors.remove(min(oldest, key=lambda a: (a.uses, a.seq)))
         self.anchors.append(anchor)
+        self._stacked = None
         return anchor
+
+    def clear(self) -> None:
+        self.anchors.clear()
+        self._stacked = None
+
+    def _stack(self) -> _Stacked:
+        if self._stacked is None:
+            n = max(a.tokens for a in self.anchors)
+            suffix = None
+            if all(a.suffix_delta is not None for a in self.anchors):
+                m = min(a.suffix_delta.shape[3] for a in self.anchors)
+                suffix = torch.stack([a.suffix_delta[:, :, :, :m] for a in self.anchors])
+            deltas = torch.stack([_pad(a.delta, n) for a in self.anchors])  # [A, L, 2, H, N, D]
+            by_token = deltas.permute(4, 0, 1, 2, 3, 5).reshape(n, len(self.anchors), -1).contiguous()
+            self._stacked = _Stacked(torch.tensor([a.tokens for a in self.anchors]),
+                                     torch.stack([_pad(a.base[:, 1], n) for a in self.anchors]), by_token, suffix)
+        return self._stacked
 
     def estimate(self, base: torch.Tensor) -> Correction | None:
         """The correction for a new content's base KV, or None: prefill it fully (and add it)."""
@@ -90,27 +124,31 @@ class AnchorPool:
             if a.tokens == n and torch.equal(a.base, base):
                 a.uses += 1
                 return Correction(a.delta, a.suffix_delta, 1, 0.0)
-        pool = [a for a in self.anchors if a.tokens >= n]
-        if len(pool) < self.min_anchors:
+        if not self.anchors:
             return None
-        values = base[:, 1]  # [L, H, n, D]
-        # distance per anchor and token, over layers, heads and channels
-        dist = torch.stack([(a.base[:, 1, :, :n] - values).pow(2).sum(dim=(0, 1, 3)).sqrt() for a in pool])
-        weights = torch.softmax(-dist / self.temperature, dim=0)  # [A, n]
+        st = self._stack()
+        candidate = st.lengths >= n  # only anchors at least as long as the content
+        count = int(candidate.sum())
+        if count < self.min_anchors:
+            return None
+        diff = st.values[:, :, :, :n] - base[None, :, 1]  # [A, L, H, n, D]
+        dist = diff.pow(2).sum(dim=(1, 2, 4)).sqrt()  # per anchor and token, over layers, heads, channels
+        masked = torch.where(candidate[:, None], -dist / self.temperature, float("-inf"))
+        weights = torch.softmax(masked, dim=0)  # [A, n], 0 for non-candidates
         entropy = float(-(weights * torch.log2(weights.clamp_min(1e-30))).sum(dim=0).mean())
-        if entropy > self.entropy_gamma * math.log2(len(pool)):
+        if entropy > self.entropy_gamma * math.log2(count):
             return None
-        deltas = torch.stack([a.delta[:, :, :, :n] for a in pool])  # [A, L, 2, H, n, D]
-        delta = (weights[:, None, None, None, :, None] * deltas).sum(dim=0)
+        # token-major deltas [N, A, L*2*H*D]: the weighted sum is one batched matrix product
+        mixed = torch.bmm(weights.T[:, None, :], st.deltas_by_token[:n])[:, 0]  # [n, L*2*H*D]
+        delta = mixed.view(n, *base.shape[:3], base.shape[4]).permute(1, 2, 3, 0, 4)
         suffix = None
-        if all(a.suffix_delta is not None for a in pool):
+        if st.suffix is not None:
             # per layer/head/channel: distance of values averaged over the tokens
-            d = torch.stack([(a.base[:, 1, :, :n] - values).abs().mean(dim=2) for a in pool])  # [A, L, H, D]
-            w = torch.softmax(-d / self.temperature, dim=0)
-            m = min(a.suffix_delta.shape[3] for a in pool)
-            sd = torch.stack([a.suffix_delta[:, :, :, :m] for a in pool])  # [A, L, 2, H, m, D]
-            suffix = (w[:, :, None, :, None, :] * sd).sum(dim=0)
-        for a, w_a in zip(pool, weights.mean(dim=1)):
-            if float(w_a) > 1.0 / len(pool):
+            d = torch.where(candidate[:, None, None, None], -diff.abs().mean(dim=3) / self.temperature,
+                            float("-inf"))
+            w = torch.softmax(d, dim=0)  # [A, L, H, D]
+            suffix = (w[:, :, None, :, None, :] * st.suffix).sum(dim=0)
+        for a, w_a in zip(self.anchors, weights.mean(dim=1)):
+            if float(w_a) > 1.0 / count:
                 a.uses += 1
-        return Correction(delta, suffix, len(pool), entropy)
+        return Correction(delta, suffix, count, entropy)

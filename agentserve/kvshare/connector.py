@@ -35,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from agentserve.kvshare.anchors import ENTROPY_GAMMA
 from agentserve.kvshare.planner import Plan, SharePlanner, ShareSpec, decode_spec
 
 if TYPE_CHECKING:
@@ -48,10 +49,14 @@ MODULE = "agentserve.kvshare.connector"
 DEFAULT_STORE_BYTES = 512 << 20  # segment store budget (extra config "store_bytes"): host memory, not KV budget
 
 
-def kv_transfer_config(store_bytes: int = DEFAULT_STORE_BYTES, temperature: float = 1.0) -> dict:
-    """The `kv_transfer_config` that starts an engine with this connector."""
+def kv_transfer_config(store_bytes: int = DEFAULT_STORE_BYTES, temperature: float = 1.0,
+                       entropy_gamma: float = ENTROPY_GAMMA, correction: str = "anchors") -> dict:
+    """The `kv_transfer_config` that starts an engine with this connector (anchor pool settings:
+    agentserve/kvshare/anchors.py)."""
     return {"kv_connector": "KVShareConnector", "kv_connector_module_path": MODULE, "kv_role": "kv_both",
-            "kv_connector_extra_config": {"store_bytes": store_bytes, "temperature": temperature}}
+            "kv_connector_extra_config": {"store_bytes": store_bytes, "temperature": temperature,
+                                          "entropy_gamma": str(entropy_gamma),  # JSON has no inf
+                                          "correction": correction}}
 
 
 def slots(block_ids: list[int], start: int, stop: int, block_size: int) -> torch.Tensor:
@@ -75,18 +80,27 @@ class SavedKV(KVConnectorWorkerMetadata):
 
 
 class PagedLayout:
-    """Reads and writes token slots of one layer's paged KV cache as [kv_heads, tokens, head_dim]:
-    vLLM-CPU's [blocks, heads, block_size, 2 * head_dim] (a block's keys, then its values) and the
-    flash layout [2, blocks, block_size, heads, head_dim]."""
+    """Reads and writes token slots of one layer's paged KV cache as [kv_heads, tokens, head_dim].
+
+    vLLM-CPU's cache is [blocks, heads, block_size, 2 * head_dim] per layer, and inside each (block,
+    head) the `vec` kernel (x86, fp32) keeps the block's keys transposed, [head_dim][block_size], then
+    its values, [block_size][head_dim] (found by matching saved KV against HF's: reading keys as rows
+    scrambles them, which a read-write round trip hides; tests/test_kvshare_layout.py checks this
+    against the kernel that writes the cache). The flash layout [2, blocks, block_size, heads,
+    head_dim] is read as it is. Other layouts are refused rather than misread."""
 
     def __init__(self, cache: torch.Tensor, block_size: int):
         self.block_size = block_size
         if cache.dim() == 4:  # CPU attention
             b, h, bs, d2 = cache.shape
-            self.view = cache.view(b, h, 2 * bs, d2 // 2)
+            if bs != block_size:
+                raise ValueError(f"paged KV block of {bs} tokens, expected {block_size}")
+            flat = cache.view(b, h, 2, bs * (d2 // 2))
+            self.keys = flat[:, :, 0].view(b, h, d2 // 2, bs)  # [block, head, dim, token]
+            self.values = flat[:, :, 1].view(b, h, bs, d2 // 2)  # [block, head, token, dim]
             self.cpu = True
         elif cache.dim() == 5 and cache.shape[0] == 2:
-            self.view, self.cpu = cache, False
+            self.keys, self.values, self.cpu = cache[0], cache[1], False  # [block, token, head, dim]
         else:
             raise ValueError(f"unsupported paged KV layout {tuple(cache.shape)}")
 
@@ -94,20 +108,35 @@ class PagedLayout:
         """[2, heads, n, dim] of slots `s`."""
         b, o = s // self.block_size, s % self.block_size
         if self.cpu:
-            k, v = self.view[b, :, o], self.view[b, :, o + self.block_size]  # [n, H, D]
+            k, v = self.keys[b, :, :, o], self.values[b, :, o]  # [n, H, D] each
         else:
-            k, v = self.view[0, b, o], self.view[1, b, o]
+            k, v = self.keys[b, o], self.values[b, o]
         return torch.stack([k, v]).transpose(1, 2)
 
     def write(self, s: torch.Tensor, kv: torch.Tensor) -> None:
         b, o = s // self.block_size, s % self.block_size
-        k, v = (x.transpose(0, 1).to(self.view.dtype) for x in kv)  # [n, H, D]
+        k, v = (x.transpose(0, 1).to(self.values.dtype) for x in kv)  # [n, H, D]
         if self.cpu:
-            self.view[b, :, o] = k
-            self.view[b, :, o + self.block_size] = v
+            self.keys[b, :, :, o] = k
+            self.values[b, :, o] = v
         else:
-            self.view[0, b, o] = k
-            self.view[1, b, o] = v
+            self.keys[b, o] = k
+            self.values[b, o] = v
+
+
+def check_cpu_layout(vllm_config) -> None:
+    """The CPU layout above is the `vec` kernel's; refuse the others (AMX bf16, vec16, NEON, ...)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    model = vllm_config.model_config
+    isa = _get_attn_isa(model.dtype, vllm_config.cache_config.block_size, model.get_head_size(),
+                        vllm_config.cache_config.cache_dtype)
+    if isa != "vec":
+        raise ValueError(f"KVShareConnector reads vLLM-CPU's 'vec' KV layout only; this engine uses {isa!r}")
 
 
 class KVShareConnector(KVConnectorBase_V1):
@@ -126,13 +155,16 @@ class KVShareConnector(KVConnectorBase_V1):
             model = vllm_config.model_config.model
             self.planner = SharePlanner(model, RopeShift(AutoConfig.from_pretrained(model)),
                                         SegmentStore(int(extra.get("store_bytes", DEFAULT_STORE_BYTES))),
-                                        temperature=float(extra.get("temperature", 1.0)))
+                                        correction=str(extra.get("correction", "anchors")),
+                                        temperature=float(extra.get("temperature", 1.0)),
+                                        entropy_gamma=float(extra.get("entropy_gamma", ENTROPY_GAMMA)))
             self._planned: dict[str, Plan] = {}  # claimed, waiting for blocks
             self._loads: dict[str, Plan] = {}  # blocks allocated, load in the next step
             self._to_save: dict[str, tuple[ShareSpec, list[int], int]] = {}  # (spec, tokens, tokens to save)
             self._saving: dict[str, tuple[ShareSpec, list[int]]] = {}
             self._manager = None
         else:
+            check_cpu_layout(vllm_config)
             self._layouts: list[PagedLayout] = []
             self._saved: dict[str, torch.Tensor] = {}
 

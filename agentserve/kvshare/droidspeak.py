@@ -20,9 +20,12 @@ import torch
 from agentserve.kvshare.hf import cache_from_kv, prefill
 
 
-def recompute(receiver, sender_kv: torch.Tensor, sender_hidden: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
-    """The receiver's KV for a prefix (from position 0): layers in `group` recomputed by the receiver
-    from the sender's hidden state at the group's input, the others the sender's."""
+def recompute(receiver, sender_kv: torch.Tensor, sender_hidden: torch.Tensor, group: tuple[int, int],
+              ids: Sequence[int] | None = None) -> torch.Tensor:
+    """The receiver's KV for a prefix `ids` (from position 0): layers in `group` recomputed by the
+    receiver from the sender's hidden state at the group's input, the others the sender's. A group
+    from layer 0 starts from the receiver's own embeddings of `ids` (an embedding lookup costs nothing,
+    and a fine-tune may have changed them)."""
     s, e = group
     layers = sender_kv.shape[0]
     if not 0 <= s <= e <= layers:
@@ -31,7 +34,13 @@ def recompute(receiver, sender_kv: torch.Tensor, sender_hidden: torch.Tensor, gr
         return sender_kv.clone()
     n = sender_kv.shape[3]
     inner = receiver.model
-    hidden = sender_hidden[s][None]  # [1, n, d]
+    if s == 0:
+        if ids is None:
+            raise ValueError("a group from layer 0 needs the prefix's token ids (the receiver's own embeddings)")
+        with torch.no_grad():
+            hidden = inner.embed_tokens(torch.tensor([list(ids)]))
+    else:
+        hidden = sender_hidden[s][None]  # [1, n, d]
     positions = torch.arange(n)[None]
     cache = cache_from_kv(sender_kv[:s])
     with torch.no_grad():
@@ -76,7 +85,7 @@ def profile_groups(receiver, sender, prompts: Sequence[Sequence[int]],
     for group in candidates:
         kls = []
         for ids, sender_kv, sender_hidden, reference in cached:
-            got = next_token_logprobs(receiver, ids, recompute(receiver, sender_kv, sender_hidden, group))
+            got = next_token_logprobs(receiver, ids, recompute(receiver, sender_kv, sender_hidden, group, ids[:-1]))
             kls.append(float((reference.exp() * (reference - got)).sum()))
         scores.append(GroupScore(group, group[1] - group[0], sum(kls) / len(kls)))
     front, best = [], float("inf")

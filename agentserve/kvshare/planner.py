@@ -11,12 +11,20 @@ A request that shares KV says so in `kv_transfer_params["agentserve_share"]` (`S
 For a consumer, everything up to the end of its last shared segment is planned: the template text
 before the first segment (its real KV from an earlier prompt of this template: exact, nothing precedes
 it), each segment (base + the anchor pool's offset estimate, RoPE-moved to its place), and the template
-text between segments (the anchors' recorded real KV of that text, weighted as KVCOMM weights the
-following segment). The engine computes the rest of the prompt (the question after the last segment)
-on top. When anything is missing (a base, an earlier prompt of this template, or the anchor pool
-refuses: too few anchors, weights too flat) the consumer is prefilled in full and, if every base was
-there, *recorded*: its real KV becomes a new anchor for every placeholder. The trade-off is KVCOMM's:
-the first prompts of a template pay a full prefill so that later ones can skip it.
+text between segments (its own base, produced like a segment, + the offset estimate KVCOMM makes for
+the segment after a placeholder). The engine computes the rest of the prompt (the question after the
+last segment) on top. When anything is missing (a base, an earlier prompt of this template, or the
+anchor pool refuses: too few anchors, weights too flat) the consumer is prefilled in full and, if
+every base was there, *recorded*: its real KV becomes a new anchor for every placeholder. The
+trade-off is KVCOMM's: the first prompts of a template pay a full prefill so that later ones can skip it.
+With `correction="none"` the bases are only moved (the naive reuse KVCOMM improves on): one recorded
+prompt per template, no anchors, and no estimate to pay for; which is better depends on the model and
+the content (docs/benchmarks.md measures both).
+
+Why the text between segments gets a base of its own rather than an earlier prompt's real KV of the
+same text: that KV was computed over another prompt's segments and carries their content (attention
+mixes it in); reused wholesale it let questions read stale answers (measured on the served path: 40 %
+accuracy instead of 100 %).
 """
 
 from __future__ import annotations
@@ -79,8 +87,14 @@ class Decision:
     reason: str  # reused | cached | no_base | new_template | template_changed | anchors_refused
 
 
+CORRECTIONS = ("anchors", "none")  # KVCOMM's offset estimate, or the naive RoPE move alone
+
+
 class SharePlanner:
-    def __init__(self, model: str, shift: RopeShift, store: SegmentStore, **pool_args):
+    def __init__(self, model: str, shift: RopeShift, store: SegmentStore, correction: str = "anchors", **pool_args):
+        if correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+        self.correction = correction
         self.model = model
         self.shift = shift
         self.store = store
@@ -108,8 +122,8 @@ class SharePlanner:
         end = spec.segments[-1][0] + spec.segments[-1][1]
         if num_computed >= end:
             return Decision(None, False, "cached")
-        bases = self._bases(spec, tokens)
-        if any(b is None for b in bases):
+        bases, texts = self._bases(spec, tokens), self._text_bases(spec, tokens)
+        if any(b is None for b in bases + texts):
             return Decision(None, False, "no_base")
         first = spec.segments[0][0]
         known = self.prefix.get((spec.scope, spec.template))
@@ -120,16 +134,23 @@ class SharePlanner:
                 for slot in range(len(spec.segments) - 1)):
             return Decision(None, True, "template_changed")
         pieces = [known[1]]
+        if self.correction == "none":  # every base moved to its place, nothing corrected
+            for slot, ((start, n), base) in enumerate(zip(spec.segments, bases)):
+                pieces.append(place(base, start, self.shift))
+                if slot < len(texts) and texts[slot].numel():
+                    pieces.append(place(texts[slot], start + n, self.shift))
+            kv = torch.cat(pieces, dim=3)
+            return Decision(Plan(num_computed, kv[:, :, :, num_computed:end].contiguous()), False, "reused")
         for slot, ((start, n), base) in enumerate(zip(spec.segments, bases)):
             fix = self.pools.setdefault((spec.scope, spec.template, slot), AnchorPool(**self.pool_args)).estimate(base)
             if fix is None:
                 return Decision(None, True, "anchors_refused")
             pieces.append(place(base + fix.delta, start, self.shift))
-            text = len(self._text_after(spec, tokens, slot))
-            if text:
+            if slot < len(texts) and texts[slot].numel():
+                text = texts[slot].shape[3]
                 if fix.suffix_delta is None or fix.suffix_delta.shape[3] < text:
                     return Decision(None, True, "anchors_refused")
-                pieces.append(place(fix.suffix_delta[:, :, :, :text], start + n, self.shift))
+                pieces.append(place(texts[slot] + fix.suffix_delta[:, :, :, :text], start + n, self.shift))
         kv = torch.cat(pieces, dim=3)
         return Decision(Plan(num_computed, kv[:, :, :, num_computed:end].contiguous()), False, "reused")
 
@@ -143,8 +164,8 @@ class SharePlanner:
         end = spec.segments[-1][0] + spec.segments[-1][1]
         if kv.shape[3] < end:
             raise ValueError(f"recording needs the KV of {end} tokens, got {kv.shape[3]}")
-        bases = self._bases(spec, tokens)
-        if any(b is None for b in bases):
+        bases, texts = self._bases(spec, tokens), self._text_bases(spec, tokens)
+        if any(b is None for b in bases + texts):
             return  # a base was evicted meanwhile: nothing to measure the deviation against
         first = spec.segments[0][0]
         self.prefix[(spec.scope, spec.template)] = (tokens[:first], kv[:, :, :, :first].clone())
@@ -154,9 +175,10 @@ class SharePlanner:
             after = to_frame_zero(kv[:, :, :, start + n:start + n + len(text)], start + n, self.shift)
             pool = self.pools.setdefault((spec.scope, spec.template, slot), AnchorPool(**self.pool_args))
             if (self.between.get((spec.scope, spec.template, slot)) or []) != text:
-                pool.anchors.clear()  # the template changed around this slot: its anchors describe another text
+                pool.clear()  # the template changed around this slot: its anchors describe another text
             self.between[(spec.scope, spec.template, slot)] = text
-            pool.add(base, real, torch.zeros_like(after), after)
+            pool.add(base, real, texts[slot] if slot < len(texts) and texts[slot].numel() else torch.zeros_like(after),
+                     after)
         self.counts["recorded"] += 1
 
     def _store_key(self, spec: ShareSpec) -> str:
@@ -164,6 +186,18 @@ class SharePlanner:
 
     def _bases(self, spec: ShareSpec, tokens: list[int]) -> list[torch.Tensor | None]:
         return [self.store.get(self._store_key(spec), tokens[s:s + n]) for s, n in spec.segments]
+
+    def _text_bases(self, spec: ShareSpec, tokens: list[int]) -> list[torch.Tensor | None]:
+        """Bases of the template text between consecutive segments (no text: an empty tensor)."""
+        out = []
+        for slot in range(len(spec.segments) - 1):
+            text = self._text_after(spec, tokens, slot)
+            out.append(self.store.get(self._store_key(spec), text) if text else self._empty)
+        return out
+
+    @property
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(0)
 
     @staticmethod
     def _text_after(spec: ShareSpec, tokens: list[int], slot: int) -> list[int]:

@@ -145,13 +145,16 @@ class SharedPrefill:
         return Prefilled(kv, logits, False, prepared - start, done - prepared)
 
 
-def decode(model, kv: torch.Tensor, first: int, position: int, n: int) -> list[int]:
-    """Greedy tokens after a prefilled prompt: `first` (already chosen) at `position`, then n - 1 more."""
+def decode(model, kv: torch.Tensor, first: int, position: int, n: int, top1: list[float] | None = None) -> list[int]:
+    """Greedy tokens after a prefilled prompt: `first` (already chosen) at `position`, then n - 1 more.
+    With `top1`, the probability of each greedy token after the first is appended to it."""
     cache, out, token = cache_from_kv(kv), [first], first
     with torch.no_grad():
         for step in range(n - 1):
             logits = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position + step]]),
                            past_key_values=cache, use_cache=True).logits
             token = int(logits[0, -1].argmax())
+            if top1 is not None:
+                top1.append(float(torch.softmax(logits[0, -1].double(), -1).max()))
             out.append(token)
     return out

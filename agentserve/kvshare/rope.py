@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+COS_SIN_CACHE = 16384  # position deltas whose rotation is kept (a few hundred bytes each)
 # rope types whose frequencies change with the sequence length
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
 
@@ -47,11 +48,17 @@ class RopeShift:
             raise UnsupportedRope("partial rotary embeddings are not supported by the RoPE move")
         self.rotary = LlamaRotaryEmbedding(config=config)
         self.attention_scaling = float(self.rotary.attention_scaling)
+        self._cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, delta: int, *, divide_scaling: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.rotary(torch.zeros(1), torch.tensor([[int(delta)]]))
-        scale = self.attention_scaling if divide_scaling else 1.0
-        return cos[0, 0] / scale, sin[0, 0] / scale
+        key = (int(delta), divide_scaling)
+        if key not in self._cache:
+            if len(self._cache) >= COS_SIN_CACHE:
+                self._cache.clear()
+            cos, sin = self.rotary(torch.zeros(1), torch.tensor([[int(delta)]]))
+            scale = self.attention_scaling if divide_scaling else 1.0
+            self._cache[key] = (cos[0, 0] / scale, sin[0, 0] / scale)
+        return self._cache[key]
 
     def move(self, keys: torch.Tensor, delta: int, *, divide_scaling: bool = True) -> torch.Tensor:
         """`keys` [..., head_dim] cached at positions q -> the keys at positions q + delta."""

@@ -38,6 +38,9 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
     otlp_traces_endpoint: str | None = None  # program spans (and vLLM's) go to this OTLP collector
     tenants: TenantsConfig | None = None  # API keys, scoping, cache salts, limits (server/tenants.py)
     kvshare: bool = False  # KV sharing across agents (agentserve/kvshare/connector.py, server/shared_prompts.py)
+    kvshare_gate: float = 0.3  # KVCOMM's entropy gate gamma (inf: reuse whenever 2 anchors qualify)
+    kvshare_temperature: float = 1.0  # the anchors' softmax temperature
+    kvshare_correction: str = "anchors"  # or "none": shared parts' KV only RoPE-moved
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -59,7 +62,9 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> En
     if options.kvshare:
         from agentserve.kvshare.connector import kv_transfer_config
 
-        settings = msgspec.structs.replace(settings, kv_transfer_config=kv_transfer_config())
+        settings = msgspec.structs.replace(settings, kv_transfer_config=kv_transfer_config(
+            temperature=options.kvshare_temperature, entropy_gamma=options.kvshare_gate,
+            correction=options.kvshare_correction))
     if options.policy == "vllm":
         return settings
     extra = dict(settings.additional_config or {})

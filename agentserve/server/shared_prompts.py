@@ -8,8 +8,9 @@ A `/v1/completions` body whose `agentserve` object has `share` (`SharedPrompt`) 
 - `kv_transfer_params.agentserve_share` = the template and the token ranges of the shared parts;
 - a `cache_salt` of its own, so blocks holding reused (approximate) KV never serve a prompt that did
   not ask for sharing (see the connector's docstring).
-Before the request goes on, every shared part the server has not produced yet is *produced*: a
-one-token request whose prompt is the part alone, whose KV the connector keeps as the part's base.
+Before the request goes on, every shared part (and template text between two shared parts) the server
+has not produced yet is *produced*: a one-token request whose prompt is the part alone, whose KV the
+connector keeps as the part's base.
 The produced set is bounded; forgetting a part costs one more produce request (cheap: its blocks are
 usually still in the prefix cache), never a wrong answer.
 """
@@ -46,13 +47,15 @@ class SharedPrompts:
         self._known: OrderedDict[str, None] = OrderedDict()
 
     def translate(self, data: dict, share: SharedPrompt, scope: str) -> list[list[int]]:
-        """Rewrite the body `data` for `share` (in place); returns the shared parts' token ids.
-        Raises ShareError naming the bad field."""
+        """Rewrite the body `data` for `share` (in place); returns what to produce: the shared parts'
+        token ids and those of the template text between two shared parts. Raises ShareError naming
+        the bad field."""
         if data.get("prompt") not in (None, "", []):
             raise ShareError("give the prompt either as `prompt` or as agentserve.share.parts, not both", "prompt")
         ids: list[int] = []
         segments: list[tuple[int, int]] = []
         shared: list[list[int]] = []
+        between: list[int] = []  # template text since the last shared part
         for i, part in enumerate(share.parts):
             where = f"agentserve.share.parts[{i}]"
             if (part.text is None) == (part.token_ids is None):
@@ -64,8 +67,13 @@ class SharedPrompts:
             if not tokens:
                 raise ShareError("a part has no tokens", where)
             if part.shared:
+                if segments and between:  # the text between two shared parts has a base too (planner.py)
+                    shared.append(between)
                 segments.append((len(ids), len(tokens)))
                 shared.append(list(tokens))
+                between = []
+            else:
+                between = between + list(tokens)
             ids += tokens
         if not segments:
             raise ShareError("no part is shared", "agentserve.share.parts")
