@@ -8,7 +8,10 @@ prefix and answers a question about them (the trained `kvret` model: agentserve/
 reports are marked as shared parts (`agentserve.sdk.part(..., shared=True)`), so the server computes
 each report's KV once and the four readers reuse it with KVCOMM's offset correction; a reader whose
 anchors cannot vouch for the reuse is prefilled in full and leaves anchors behind. Printed per round:
-how many readers reused shared KV (from `GET /v1/kvshare/stats`) and how many answered right.
+how many readers reused shared KV (from `GET /v1/kvshare/stats`) and how many answered right. With
+anchors, reuse starts once a reader's anchor pools hold two anchors at least as long as a new report
+(KVCOMM's rule), so the first rounds are prefilled and recorded; `--correction none` reuses from the
+second round on (docs/benchmarks.md compares the two).
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ def main() -> None:
     ap.add_argument("--url", default=None, help="a running `agentserve serve --model kvret --kvshare`")
     ap.add_argument("--gate", default="inf", help="--kvshare-gate of the server this starts (default: inf; "
                     "KVCOMM's 0.3 refuses anchors of unrelated contents, which random reports are)")
+    ap.add_argument("--correction", default="anchors", choices=["anchors", "none"],
+                    help="--kvshare-correction of the server this starts: KVCOMM's anchors, or the RoPE move alone")
     args = ap.parse_args()
     from agentserve.server.process import ServerProcess
 
     server = nullcontext() if args.url else ServerProcess(
-        ["--model", "kvret", "--kv-tokens", "16384", "--max-model-len", "2048", "--kvshare", "--kvshare-gate", args.gate])
+        ["--model", "kvret", "--kv-tokens", "16384", "--max-model-len", "2048", "--kvshare", "--kvshare-gate", args.gate,
+         "--kvshare-correction", args.correction])
     with server as srv:
         url = args.url or srv.base_url
         client = AgentServe(url)
