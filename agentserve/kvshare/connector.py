@@ -186,7 +186,7 @@ class KVShareConnector(KVConnectorBase_V1):
         if spec.produce:
             self._to_save[request.request_id] = (spec, tokens, len(tokens))
         elif decision.record:
-            self._to_save[request.request_id] = (spec, tokens, spec.segments[-1][0] + spec.segments[-1][1])
+            self._to_save[request.request_id] = (spec, tokens, spec.end)
         if decision.plan is None:
             self._planned.pop(request.request_id, None)
             return 0, False

@@ -21,10 +21,8 @@ With `correction="none"` the bases are only moved (the naive reuse KVCOMM improv
 prompt per template, no anchors, and no estimate to pay for; which is better depends on the model and
 the content (docs/benchmarks.md measures both).
 
-Why the text between segments gets a base of its own rather than an earlier prompt's real KV of the
-same text: that KV was computed over another prompt's segments and carries their content (attention
-mixes it in); reused wholesale it let questions read stale answers (measured on the served path: 40 %
-accuracy instead of 100 %).
+The text between segments gets a base of its own, as in KVCOMM, rather than an earlier prompt's real
+KV of the same text: that KV was computed over another prompt's segments and carries their content.
 """
 
 from __future__ import annotations
@@ -68,6 +66,11 @@ class ShareSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if at >= prompt_len:
             raise ValueError("the prompt must go on after its last shared segment (the engine computes that part)")
 
+    @property
+    def end(self) -> int:
+        """The end of the last shared segment: what a consumer's plan covers."""
+        return self.segments[-1][0] + self.segments[-1][1]
+
 
 def decode_spec(params: dict | None) -> ShareSpec | None:
     raw = (params or {}).get(PARAMS_KEY)
@@ -84,9 +87,10 @@ class Plan:
 class Decision:
     plan: Plan | None  # None: prefill it (what is locally cached, and the rest computed)
     record: bool  # after its full prefill, its real KV becomes anchors
-    reason: str  # reused | cached | no_base | new_template | template_changed | anchors_refused
+    reason: str  # reused | cached | no_base | new_template | template_changed | anchors_refused | produce
 
 
+NO_TEXT = torch.zeros(0)  # no template text between two segments
 CORRECTIONS = ("anchors", "none")  # KVCOMM's offset estimate, or the naive RoPE move alone
 
 
@@ -108,8 +112,11 @@ class SharePlanner:
         self.tokens_reused = 0
 
     def plan(self, spec: ShareSpec, tokens: list[int], num_computed: int) -> Decision:
-        """Reused KV for `tokens` [num_computed, end of the last segment), or why not."""
+        """Reused KV for `tokens` [num_computed, end of the last segment), or why not. A produce
+        request has nothing to plan (and is counted when its KV is saved)."""
         spec.check(len(tokens))
+        if spec.produce:
+            return Decision(None, False, "produce")
         decision = self._plan(spec, tokens, num_computed)
         self.counts[decision.reason] += 1
         if decision.plan is not None:
@@ -117,42 +124,35 @@ class SharePlanner:
         return decision
 
     def _plan(self, spec: ShareSpec, tokens: list[int], num_computed: int) -> Decision:
-        if spec.produce or not spec.segments:
-            return Decision(None, False, "cached")
-        end = spec.segments[-1][0] + spec.segments[-1][1]
-        if num_computed >= end:
+        if not spec.segments or num_computed >= spec.end:
             return Decision(None, False, "cached")
         bases, texts = self._bases(spec, tokens), self._text_bases(spec, tokens)
         if any(b is None for b in bases + texts):
             return Decision(None, False, "no_base")
-        first = spec.segments[0][0]
         known = self.prefix.get((spec.scope, spec.template))
         if known is None:
             return Decision(None, True, "new_template")
-        if known[0] != tokens[:first] or any(
+        if known[0] != tokens[:spec.segments[0][0]] or any(
                 self.between.get((spec.scope, spec.template, slot)) != self._text_after(spec, tokens, slot)
                 for slot in range(len(spec.segments) - 1)):
             return Decision(None, True, "template_changed")
         pieces = [known[1]]
-        if self.correction == "none":  # every base moved to its place, nothing corrected
-            for slot, ((start, n), base) in enumerate(zip(spec.segments, bases)):
-                pieces.append(place(base, start, self.shift))
-                if slot < len(texts) and texts[slot].numel():
-                    pieces.append(place(texts[slot], start + n, self.shift))
-            kv = torch.cat(pieces, dim=3)
-            return Decision(Plan(num_computed, kv[:, :, :, num_computed:end].contiguous()), False, "reused")
         for slot, ((start, n), base) in enumerate(zip(spec.segments, bases)):
-            fix = self.pools.setdefault((spec.scope, spec.template, slot), AnchorPool(**self.pool_args)).estimate(base)
-            if fix is None:
-                return Decision(None, True, "anchors_refused")
-            pieces.append(place(base + fix.delta, start, self.shift))
-            if slot < len(texts) and texts[slot].numel():
-                text = texts[slot].shape[3]
-                if fix.suffix_delta is None or fix.suffix_delta.shape[3] < text:
+            text = texts[slot] if slot < len(texts) else NO_TEXT
+            delta = text_delta = 0.0  # correction "none": the bases only moved
+            if self.correction == "anchors":
+                fix = self.pools.setdefault((spec.scope, spec.template, slot),
+                                            AnchorPool(**self.pool_args)).estimate(base)
+                if fix is None or text.numel() and (fix.suffix_delta is None
+                                                    or fix.suffix_delta.shape[3] < text.shape[3]):
                     return Decision(None, True, "anchors_refused")
-                pieces.append(place(texts[slot] + fix.suffix_delta[:, :, :, :text], start + n, self.shift))
+                delta = fix.delta
+                text_delta = fix.suffix_delta[:, :, :, :text.shape[3]] if text.numel() else 0.0
+            pieces.append(place(base + delta, start, self.shift))
+            if text.numel():
+                pieces.append(place(text + text_delta, start + n, self.shift))
         kv = torch.cat(pieces, dim=3)
-        return Decision(Plan(num_computed, kv[:, :, :, num_computed:end].contiguous()), False, "reused")
+        return Decision(Plan(num_computed, kv[:, :, :, num_computed:spec.end].contiguous()), False, "reused")
 
     def saved(self, spec: ShareSpec, tokens: list[int], kv: torch.Tensor) -> None:
         """The real KV [layers, 2, heads, n, dim] of a prompt's first n tokens, once computed: a produce
@@ -161,9 +161,8 @@ class SharePlanner:
             self.store.put(self._store_key(spec), tokens[:kv.shape[3]], kv)
             self.counts["produced"] += 1
             return
-        end = spec.segments[-1][0] + spec.segments[-1][1]
-        if kv.shape[3] < end:
-            raise ValueError(f"recording needs the KV of {end} tokens, got {kv.shape[3]}")
+        if kv.shape[3] < spec.end:
+            raise ValueError(f"recording needs the KV of {spec.end} tokens, got {kv.shape[3]}")
         bases, texts = self._bases(spec, tokens), self._text_bases(spec, tokens)
         if any(b is None for b in bases + texts):
             return  # a base was evicted meanwhile: nothing to measure the deviation against
@@ -177,8 +176,8 @@ class SharePlanner:
             if (self.between.get((spec.scope, spec.template, slot)) or []) != text:
                 pool.clear()  # the template changed around this slot: its anchors describe another text
             self.between[(spec.scope, spec.template, slot)] = text
-            pool.add(base, real, texts[slot] if slot < len(texts) and texts[slot].numel() else torch.zeros_like(after),
-                     after)
+            text_base = texts[slot] if slot < len(texts) else NO_TEXT
+            pool.add(base, real, text_base if text_base.numel() else torch.zeros_like(after), after)
         self.counts["recorded"] += 1
 
     def _store_key(self, spec: ShareSpec) -> str:
@@ -188,16 +187,9 @@ class SharePlanner:
         return [self.store.get(self._store_key(spec), tokens[s:s + n]) for s, n in spec.segments]
 
     def _text_bases(self, spec: ShareSpec, tokens: list[int]) -> list[torch.Tensor | None]:
-        """Bases of the template text between consecutive segments (no text: an empty tensor)."""
-        out = []
-        for slot in range(len(spec.segments) - 1):
-            text = self._text_after(spec, tokens, slot)
-            out.append(self.store.get(self._store_key(spec), text) if text else self._empty)
-        return out
-
-    @property
-    def _empty(self) -> torch.Tensor:
-        return torch.zeros(0)
+        """Bases of the template text between consecutive segments (no text between two: NO_TEXT)."""
+        texts = [self._text_after(spec, tokens, slot) for slot in range(len(spec.segments) - 1)]
+        return [self.store.get(self._store_key(spec), text) if text else NO_TEXT for text in texts]
 
     @staticmethod
     def _text_after(spec: ShareSpec, tokens: list[int], slot: int) -> list[int]:
@@ -206,5 +198,6 @@ class SharePlanner:
         return tokens[start + n:stop]
 
     def stats(self) -> dict:
-        return {"decisions": dict(self.counts), "tokens_reused": self.tokens_reused, "segments": len(self.store), "segment_bytes": self.store.bytes,
-                "templates": len(self.prefix), "anchors": sum(len(p) for p in self.pools.values())}
+        return {"decisions": dict(self.counts), "tokens_reused": self.tokens_reused, "segments": len(self.store),
+                "segment_bytes": self.store.bytes, "templates": len(self.prefix),
+                "anchors": sum(len(p) for p in self.pools.values())}
