@@ -165,3 +165,27 @@ def test_live_and_pinned_programs_keep_their_rank(monkeypatch):
         s.add_request(request(h, f"r{i}", f"P{i}", prompt(40, 300 + 100 * i), last=True))
         run_until_done(s)
     assert s._ranks["KEEP"] == rank and "KEEP" in s.pins
+
+
+def test_pin_release_during_admission_keeps_the_admitted_request_at_the_head(monkeypatch):
+    """vLLM peeks the waiting head, allocates for it, then pops the head: a pin released inside that
+    allocation must not re-key the queue in between (here a request crosses its wait bound meanwhile
+    and would jump ahead, so vLLM would run it without blocks and leave the other half-allocated)."""
+    s, h = pressure_setup("soft", max_wait_s=2.0)
+    s.add_request(request(h, "b0", "B", prompt(2500, 3000)))  # the head: needs A's pinned blocks
+    s.add_request(request(h, "c0", "C", prompt(64, 9000), age_s=1.8))  # later program, near its bound
+    allocate = s._allocate
+
+    def slow_allocate(req, *args, **kwargs):
+        if req.request_id == "b0" and len(s.pins):
+            time.sleep(0.3)  # c0 crosses the bound while b0 is being allocated
+        return allocate(req, *args, **kwargs)
+
+    monkeypatch.setattr(s, "_allocate", slow_allocate)
+    out, _ = step(s, lambda: 7)
+    assert out.scheduled_new_reqs[0].req_id == "b0" and s.counters["pins_released_pressure"] == 1
+    for new in out.scheduled_new_reqs:  # everything admitted got its blocks
+        assert s.kv_cache_manager.get_blocks(new.req_id).get_block_ids()[0]
+    run_until_done(s)
+    s.agentserve_control("release_all", {})
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_manager.block_pool.num_gpu_blocks - 1

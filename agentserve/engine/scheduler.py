@@ -77,6 +77,7 @@ class ProgramScheduler(Scheduler):
         self.max_wait_s = float(conf.get("max_wait_s", DEFAULT_MAX_WAIT_S))
         self.ordered_pins = conf.get("pin_mode", DEFAULT_PIN_MODE) == "ordered"
         self._next_aging_check = 0.0
+        self._reorder_due = False  # the queue's keys changed; re-keyed at the next step's start
         self._aged: set[str] = set()  # waiting requests already re-keyed as overdue
         self._ranks: dict[str, int] = {}  # program -> arrival rank, until the program ends (insertion order)
         self._live: Counter[str] = Counter()  # program -> its requests in the scheduler now
@@ -113,7 +114,7 @@ class ProgramScheduler(Scheduler):
         if newly:
             self._aged.update(newly)
             self.counters["requests_aged"] += len(newly)
-            self.waiting.reorder()
+            self._reorder_due = True
 
     def add_request(self, request: Request) -> None:
         program = program_of(request)
@@ -170,7 +171,7 @@ class ProgramScheduler(Scheduler):
             self.kv_cache_manager.block_pool.touch(blocks)
             self.counters["pins_created"] += 1
             self._event("pin", program, blocks=len(blocks), ttl_s=ttl)
-            self.waiting.reorder()
+            self._reorder_due = True
         else:
             self.counters["pins_refused"] += 1
             self._event("pin_refused", program, blocks=len(blocks))
@@ -184,7 +185,7 @@ class ProgramScheduler(Scheduler):
         self._event("unpin", release.pin.program_id, reason=release.reason, blocks=release.pin.num_blocks,
                     held_s=time.monotonic() - release.pin.created_at)
         if release.reason != "consumed":
-            self.waiting.reorder()
+            self._reorder_due = True
 
     def _allocate_or_release_pins(self, request: Request, *args, **kwargs):
         blocks = self._allocate(request, *args, **kwargs)
@@ -211,6 +212,12 @@ class ProgramScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         self._expire()
         self._age_waiting()
+        if self._reorder_due:
+            # Only here, never inside vLLM's schedule(): its waiting loop peeks the head, allocates
+            # (which may release pins, see above) and then pops the head, so re-keying in between
+            # would pop another request than the one it allocated for.
+            self._reorder_due = False
+            self.waiting.reorder()
         output = super().schedule(*args, **kwargs)
         for new in output.scheduled_new_reqs:
             request = self.requests.get(new.req_id)
