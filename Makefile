@@ -19,7 +19,8 @@ BENCH_ARGS ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --token-sc
 RAY_BENCH_ARGS ?= --model tiny --kv-tokens 8192 --programs 16 --rate 1.0 --token-scale 0.25 --max-turns 10 \
 	--seed 0 --no-progress --policies agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix,agentserve+replicas=2+router=pow2
 
-.PHONY: install run bench bench-ray test test-fast models clean
+comma := ,
+.PHONY: install run bench bench-kv bench-ray test test-fast models clean
 
 install: $(STAMP)
 
@@ -49,6 +50,15 @@ bench: install
 	$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \
 		$(BENCH_ARGS) --out bench-out/swe
 	$(VENV)/bin/agentserve replay --trace bfcl:base $(BENCH_ARGS) --out bench-out/bfcl
+
+# The same SWE-bench load at larger KV budgets (docs/benchmarks.md: where pins can and cannot close the gap).
+KV_SWEEP ?= 12288 16384
+bench-kv: install
+	for kv in $(KV_SWEEP); do \
+		$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \
+			$(subst --kv-tokens 8192,--kv-tokens $$kv,$(subst $(comma)agentserve+pin-mode=ordered+max-wait=0+pin-cap=0.9,,$(BENCH_ARGS))) \
+			--out bench-out/swe-kv$$kv || exit 1; \
+	done
 
 bench-ray: install
 	$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \

@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "no anchors needed, one recorded prompt per template) (default: anchors)")
     s.add_argument("--kvshare-temperature", type=float, default=1.0,
                    help="softmax temperature of the anchor weights (default: 1, KVCOMM's)")
+    s.add_argument("--cross-model", default=None, metavar="MODEL",
+                   help="also serve MODEL, a fine-tune of --model's architecture (needs --kvshare): its "
+                   "/v1/completions reuse the KV the served model computed for the same prompt prefix through "
+                   "its last shared part, recomputing a few layers (DroidSpeak, HF path; docs/kvshare.md)")
+    s.add_argument("--cross-model-group", default=None, metavar="S:E",
+                   help="the layers MODEL recomputes over a reused prefix (default: profiled at start-up: the "
+                   "cheapest group on the quality/cost Pareto front within --cross-model-max-kl)")
+    s.add_argument("--cross-model-max-kl", type=float, default=0.05,
+                   help="quality bound of the profiled group: next-token KL to MODEL's own prefill (default: 0.05)")
+    s.add_argument("--cross-model-profile", default=None, metavar="FILE",
+                   help="JSONL of profiling prompts ({\"prompt\": text} or {\"token_ids\": [...]}) "
+                   "(default for the kvret pair: samples of its task)")
     s.add_argument("--tenants", default=None, metavar="FILE",
                    help="tenants file (JSON or YAML; README: Tenants): API keys on every route, program ids "
                    "and prefix cache isolated per tenant, per-tenant limits; without it the API is open")
@@ -259,7 +271,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              tenants=TenantsConfig.load(args.tenants) if args.tenants else None,
                              kvshare=args.kvshare, kvshare_gate=args.kvshare_gate,
                              kvshare_temperature=args.kvshare_temperature,
-                             kvshare_correction=args.kvshare_correction)
+                             kvshare_correction=args.kvshare_correction, cross_model=args.cross_model,
+                             cross_model_group=args.cross_model_group, cross_model_max_kl=args.cross_model_max_kl,
+                             cross_model_profile=args.cross_model_profile)
     if args.replicas is not None and args.kvshare:
         raise SystemExit("--kvshare is not supported with --replicas yet: each replica holds its own segment store")
     if args.replicas is not None and args.tenants:

@@ -84,7 +84,7 @@ CATALOG: dict[str, ModelSpec] = {
 # Models trained by a script in the repo, weights committed under agentserve/models/weights/ (float16,
 # loaded as float32): `python -m agentserve.models.train_kvret` (docs/models.md).
 TRAINED: dict[str, str] = {
-    "kvret": "6-layer Llama, d=192, GQA 6/2: multi-agent key-value retrieval (forward lookup)",
+    "kvret": "4-layer Llama, d=128, 4 heads: multi-agent key-value retrieval (forward lookup)",
     "kvret-ft": "kvret fine-tuned to add reverse lookup: the cross-model (DroidSpeak) partner of kvret",
 }
 

@@ -41,6 +41,11 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
     kvshare_gate: float = 0.3  # KVCOMM's entropy gate gamma (inf: reuse whenever 2 anchors qualify)
     kvshare_temperature: float = 1.0  # the anchors' softmax temperature
     kvshare_correction: str = "anchors"  # or "none": shared parts' KV only RoPE-moved
+    cross_model: str | None = None  # a variant of the model served next to it (server/cross_model.py)
+    cross_model_group: str | None = None  # "S:E": the layers it recomputes; None: profiled at start-up
+    cross_model_max_kl: float = 0.05  # the quality bound the profiled group is chosen under
+    cross_model_profile: str | None = None  # JSONL of profiling prompts
+    cross_model_store_bytes: int = 256 << 20  # sender prefixes kept for it
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -51,6 +56,12 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
             raise ValueError(f"pin_cap_share must be in [0, 1], got {self.pin_cap_share}")
         if self.fixed_ttl_s < 0 or self.max_ttl_s < 0 or self.idle_timeout_s <= 0 or self.max_wait_s < 0:
             raise ValueError("TTLs must be >= 0 s and the idle timeout > 0 s")
+        if self.cross_model is not None and not self.kvshare:
+            raise ValueError("cross_model needs kvshare (the sender's shared parts mark what to reuse)")
+        if self.cross_model_group is not None:
+            from agentserve.server.cross_model import parse_group
+
+            parse_group(self.cross_model_group)
 
 
 def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> EngineSettings:
@@ -119,15 +130,32 @@ async def shared_prompts(engine, model_dir: str):
     return SharedPrompts(engine, AutoTokenizer.from_pretrained(model_dir), engine.model_config.get_vocab_size())
 
 
-def add_kvshare_routes(app, engine) -> None:
+async def cross_model_front(options: ProgramOptions, sender_dir: str, sender_name: str, shares):
+    """The cross-model variant's front (HF path), hooked to the sender's sharing requests; None if off."""
+    if options.cross_model is None:
+        return None
+    from agentserve.server.cross_model import build_cross_model
+
+    front = await asyncio.to_thread(build_cross_model, sender_dir, sender_name, options.cross_model,
+                                    group=options.cross_model_group, max_kl=options.cross_model_max_kl,
+                                    profile_path=options.cross_model_profile,
+                                    max_bytes=options.cross_model_store_bytes)
+    shares.on_translate = front.sender_prompt
+    log.info("cross-model variant %s served next to %s, recomputing layers %s", front.name, sender_name,
+             front.reuse.group)
+    return front
+
+
+def add_kvshare_routes(app, engine, cross=None) -> None:
     from agentserve.server import metrics
 
     @app.get("/v1/kvshare/stats")
     async def kvshare_stats():
-        """The KV-sharing planner: decisions by reason, segments and bytes held, templates, anchors."""
+        """The KV-sharing planner: decisions by reason, segments and bytes held, templates, anchors;
+        with --cross-model, the variant's store, counters and profiled layer groups."""
         stats = await engine.engine_core.call_utility_async("agentserve_kvshare_stats")
         metrics.record_kvshare_stats(stats)
-        return stats
+        return {**stats, "cross_model": cross.stats()} if cross is not None else stats
 
 
 async def kvshare_tick_loop(engine, period_s: float = 1.0) -> None:
@@ -169,11 +197,14 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
         app = build_app(ns, tasks, engine.model_config)
         app.middleware_stack = None  # vLLM's bootstrap built it already; rebuilt at start-up with ours
         shares = await shared_prompts(engine, ns.model) if options.kvshare else None
+        cross = await cross_model_front(options, ns.model, ns.served_model_name[0] if ns.served_model_name
+                                        else settings.model, shares)
         app.add_middleware(AgentFieldsMiddleware, gate=gate,
-                           admit=admit_under_limits(control) if gate is not None else None, shares=shares)
+                           admit=admit_under_limits(control) if gate is not None else None, shares=shares,
+                           cross=cross)
         add_program_routes(app, lambda: control)
         if shares is not None:
-            add_kvshare_routes(app, engine)
+            add_kvshare_routes(app, engine, cross)
         await init_app_state(client, app.state, ns, tasks)
         ticker = asyncio.create_task(tick_loop(control))
         kvshare_ticker = asyncio.create_task(kvshare_tick_loop(engine)) if shares is not None else None

@@ -38,6 +38,11 @@ KVSHARE_TOKENS_REUSED = Counter("agentserve_kvshare_tokens_reused", "Prompt toke
                                 "shared segments (not prefilled)")
 KVSHARE_SEGMENTS = Gauge("agentserve_kvshare_segments", "Shared segments whose base KV is held now")
 KVSHARE_SEGMENT_BYTES = Gauge("agentserve_kvshare_segment_bytes", "Bytes of shared segments' base KV held now")
+CROSS_MODEL_REQUESTS = Counter("agentserve_kvshare_cross_model_requests", "Requests for the cross-model "
+                               "variant (--cross-model), by reason (reused, no_sender_prefix)", ["reason"])
+CROSS_MODEL_TOKENS_REUSED = Counter("agentserve_kvshare_cross_model_tokens_reused", "Prompt tokens of the "
+                                    "cross-model variant served from the sender's KV (layers outside the "
+                                    "recomputed group)")
 KVSHARE_ANCHORS = Gauge("agentserve_kvshare_anchors", "KVCOMM anchors held now, all templates and placeholders")
 
 _last_engine_counters: dict[str, float] = {}

@@ -19,6 +19,7 @@ import msgspec
 from fastapi.responses import JSONResponse
 
 from agentserve.programs.fields import XARG_PROGRAM, SharedPrompt, decode_fields
+from agentserve.server.cross_model import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.tenants import DEFAULT_MAX_BODY_BYTES, Tenant, TenantGate
 
@@ -41,8 +42,10 @@ class AgentFieldsMiddleware:
     tenant's cache salt, and `admit(tenant, program_id)` may refuse a new program (429)."""
 
     def __init__(self, app, gate: TenantGate | None = None,
-                 admit: Callable[[Tenant, str], bool] | None = None, shares: SharedPrompts | None = None):
+                 admit: Callable[[Tenant, str], bool] | None = None, shares: SharedPrompts | None = None,
+                 cross: CrossModelFront | None = None):
         self.app = app
+        self.cross = cross
         self.gate = gate
         self.admit = admit
         self.shares = shares
@@ -73,6 +76,10 @@ class AgentFieldsMiddleware:
                 break
         body = b"".join(chunks)
         produce, scope_name = [], tenant.name if tenant is not None else ""
+        if self.cross is not None and scope["path"] == "/v1/completions" and self.cross.name.encode() in body:
+            response = await cross_model_response(body, self.cross, scope_name)
+            if response is not None:  # a request for the cross-model variant: answered here
+                return await response(scope, receive, send)
         if self.shares is not None and scope["path"] == "/v1/completions" and b'"share"' in body:
             body, produce, error = rewrite_shared_prompt(body, self.shares, scope_name)
             if error is not None:
@@ -111,6 +118,21 @@ def _scoped_program_path(scope, tenant: Tenant):
     return {**scope, "path": unquote(scoped), "raw_path": scoped.encode()}
 
 
+async def cross_model_response(body: bytes, cross: CrossModelFront, scope: str) -> JSONResponse | None:
+    """The response to a completion for the cross-model variant (server/cross_model.py), None for
+    any other body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not cross.wants(data):
+        return None
+    try:
+        return JSONResponse(await cross.complete(data, scope))
+    except ShareError as e:
+        return error_response(400, str(e), e.param)
+
+
 def rewrite_shared_prompt(body: bytes, shares: SharedPrompts, scope: str
                           ) -> tuple[bytes, list[list[int]], JSONResponse | None]:
     """A completion whose `agentserve` object has `share`: its prompt from the parts, the segment map
@@ -124,6 +146,8 @@ def rewrite_shared_prompt(body: bytes, shares: SharedPrompts, scope: str
         return body, [], None
     try:
         share = msgspec.convert(fields.pop("share"), SharedPrompt)
+        if not fields:  # sharing without program fields: a plain (non-program) request
+            del data["agentserve"]
         parts = shares.translate(data, share, scope)
     except msgspec.ValidationError as e:
         return body, [], error_response(400, f"invalid agentserve.share: {e}", "agentserve.share" + _error_path(str(e)))

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 
 import msgspec
 
@@ -39,46 +40,58 @@ class ShareError(ValueError):
         self.param = param
 
 
+def assemble(data: dict, share: SharedPrompt, tokenizer, vocab_size: int
+             ) -> tuple[list[int], list[tuple[int, int]], list[list[int]]]:
+    """(prompt token ids, shared segments as (start, length), what to produce) of a prompt given as
+    parts, each part tokenized on its own. Raises ShareError naming the bad field."""
+    if data.get("prompt") not in (None, "", []):
+        raise ShareError("give the prompt either as `prompt` or as agentserve.share.parts, not both", "prompt")
+    ids: list[int] = []
+    segments: list[tuple[int, int]] = []
+    shared: list[list[int]] = []
+    between: list[int] = []  # template text since the last shared part
+    for i, part in enumerate(share.parts):
+        where = f"agentserve.share.parts[{i}]"
+        if (part.text is None) == (part.token_ids is None):
+            raise ShareError("a part has either text or token_ids", where)
+        tokens = part.token_ids if part.token_ids is not None else tokenizer.encode(part.text, add_special_tokens=False)
+        if any(t >= vocab_size for t in tokens):
+            raise ShareError(f"token ids must be < {vocab_size}", where + ".token_ids")
+        if not tokens:
+            raise ShareError("a part has no tokens", where)
+        if part.shared:
+            if segments and between:  # the text between two shared parts has a base too (planner.py)
+                shared.append(between)
+            segments.append((len(ids), len(tokens)))
+            shared.append(list(tokens))
+            between = []
+        else:
+            between = between + list(tokens)
+        ids += tokens
+    if not segments:
+        raise ShareError("no part is shared", "agentserve.share.parts")
+    if share.parts[-1].shared:
+        raise ShareError("the last part must be the agent's own (the engine computes it)", "agentserve.share.parts")
+    return ids, segments, shared
+
+
 class SharedPrompts:
     def __init__(self, engine, tokenizer, vocab_size: int):
         self.engine = engine
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._known: OrderedDict[str, None] = OrderedDict()
+        # called with (prompt ids, shared segments, scope) for every sharing request to the engine
+        # (the cross-model front prepares the sender's prefix from it)
+        self.on_translate: Callable[[list[int], list[tuple[int, int]], str], None] | None = None
 
     def translate(self, data: dict, share: SharedPrompt, scope: str) -> list[list[int]]:
         """Rewrite the body `data` for `share` (in place); returns what to produce: the shared parts'
         token ids and those of the template text between two shared parts. Raises ShareError naming
         the bad field."""
-        if data.get("prompt") not in (None, "", []):
-            raise ShareError("give the prompt either as `prompt` or as agentserve.share.parts, not both", "prompt")
-        ids: list[int] = []
-        segments: list[tuple[int, int]] = []
-        shared: list[list[int]] = []
-        between: list[int] = []  # template text since the last shared part
-        for i, part in enumerate(share.parts):
-            where = f"agentserve.share.parts[{i}]"
-            if (part.text is None) == (part.token_ids is None):
-                raise ShareError("a part has either text or token_ids", where)
-            tokens = part.token_ids if part.token_ids is not None else self.tokenizer.encode(
-                part.text, add_special_tokens=False)
-            if any(t >= self.vocab_size for t in tokens):
-                raise ShareError(f"token ids must be < {self.vocab_size}", where + ".token_ids")
-            if not tokens:
-                raise ShareError("a part has no tokens", where)
-            if part.shared:
-                if segments and between:  # the text between two shared parts has a base too (planner.py)
-                    shared.append(between)
-                segments.append((len(ids), len(tokens)))
-                shared.append(list(tokens))
-                between = []
-            else:
-                between = between + list(tokens)
-            ids += tokens
-        if not segments:
-            raise ShareError("no part is shared", "agentserve.share.parts")
-        if share.parts[-1].shared:
-            raise ShareError("the last part must be the agent's own (the engine computes it)", "agentserve.share.parts")
+        ids, segments, shared = assemble(data, share, self.tokenizer, self.vocab_size)
+        if self.on_translate is not None:
+            self.on_translate(ids, segments, scope)
         spec = ShareSpec(template=share.template, scope=scope, segments=segments)
         params = dict(data.get("kv_transfer_params") or {})
         params[PARAMS_KEY] = msgspec.to_builtins(spec)
