@@ -52,7 +52,7 @@ bench: install
 	$(VENV)/bin/agentserve replay --trace bfcl:base $(BENCH_ARGS) --out bench-out/bfcl
 
 # The same SWE-bench load at larger KV budgets (docs/benchmarks.md: where pins can and cannot close the gap).
-KV_SWEEP ?= 12288 16384
+KV_SWEEP ?= 12288
 bench-kv: install
 	for kv in $(KV_SWEEP); do \
 		$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \

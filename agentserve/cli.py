@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-wait", type=float, default=2.0,
                     help="seconds a request may wait behind earlier programs' turns before it is served "
                     "in arrival order (bounds program FCFS's TTFT tail; 0 = no bound; default: 2)")
+    pr.add_argument("--admission-share", type=float, default=0.0, metavar="SHARE",
+                    help="program admission: hold a new program's first request while the admitted programs' "
+                    "contexts fill SHARE of the KV budget (0 = off, every program starts at once; default: 0)")
+    pr.add_argument("--admission-max-hold", type=float, default=60.0, metavar="S",
+                    help="a new program held this long is admitted anyway (0 = no bound; default: 60)")
     pr.add_argument("--pin-mode", default="soft", choices=["soft", "ordered"],
                     help="under memory pressure, soft: any request frees pins (latest program first), so pins "
                     "never delay anything; ordered: a waiting request frees only later programs' pins and "
@@ -267,6 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ProgramOptions(policy=args.policy, fixed_ttl_s=args.fixed_ttl, max_ttl_s=args.max_ttl,
                              pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout,
                              max_wait_s=args.max_wait, pin_mode=args.pin_mode,
+                             admission_share=args.admission_share, admission_max_hold_s=args.admission_max_hold,
                              otlp_traces_endpoint=args.otlp_traces_endpoint,
                              tenants=TenantsConfig.load(args.tenants) if args.tenants else None,
                              kvshare=args.kvshare, kvshare_gate=args.kvshare_gate,

@@ -1,6 +1,6 @@
 """The scheduler plugin on vLLM's real scheduler over random program traffic (hypothesis): any mix of
 turns, TTLs, tool pauses, memory pressure and slow steps (the clock moving while vLLM is inside its
-waiting loop) leaves vLLM's allocator consistent, finishes every request, and leaves no pin and no
+waiting loop), with or without program admission, leaves vLLM's allocator consistent, finishes every request, and leaves no pin and no
 block behind once the programs end. A fake clock drives the plugin's wait bound and pin expiry."""
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ def check_allocator(s) -> None:
         assert manager.req_to_blocks.get(request.request_id), f"running {request.request_id} has no blocks"
 
 
-def scheduler_for(pin_mode: str):
+def scheduler_for(pin_mode: str, admission_share: float = 0.0):
     """A fresh scheduler per example, so a failing example shrinks on its own state."""
     return build_scheduler(EngineSettings(
         model="tiny", kv_tokens=2048, max_model_len=2048, max_num_seqs=6, scheduling_policy="priority",
         scheduler_cls=plugin.__name__ + ".ProgramScheduler",
-        additional_config={"agentserve": {"pin_cap_share": 0.6, "max_wait_s": 1.0, "pin_mode": pin_mode}}))
+        additional_config={"agentserve": {"pin_cap_share": 0.6, "max_wait_s": 1.0, "pin_mode": pin_mode,
+                                          "admission_share": admission_share, "admission_max_hold_s": 2.0}}))
 
 
 turn = st.tuples(st.integers(0, 3),            # program
@@ -58,14 +59,14 @@ turn = st.tuples(st.integers(0, 3),            # program
 
 @settings(max_examples=300, deadline=None)
 @given(turns=st.lists(turn, min_size=1, max_size=16), pin_mode=st.sampled_from(plugin.PIN_MODES),
-       burst=st.integers(1, 6))
-def test_random_program_traffic_keeps_the_allocator_consistent(turns, pin_mode, burst):
+       burst=st.integers(1, 6), admission_share=st.sampled_from([0.0, 0.5, 1.0]))
+def test_random_program_traffic_keeps_the_allocator_consistent(turns, pin_mode, burst, admission_share):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
     clock, real_time = FakeClock(), plugin.time
     plugin.time = clock
-    s, hasher = scheduler_for(pin_mode)
+    s, hasher = scheduler_for(pin_mode, admission_share)
     allocate = s._allocate
     slow = {"s": 0.0}
 
@@ -111,6 +112,7 @@ def test_random_program_traffic_keeps_the_allocator_consistent(turns, pin_mode, 
             s.agentserve_control("end", {"program_id": program})
         pool = s.kv_cache_manager.block_pool
         assert len(s.pins) == 0 and not s._live and not s._aged and not s._returning
+        assert not s._newcomers and not s._held and (s.admission is None or not s.admission.programs)
         assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # no block held by anyone
     finally:
         plugin.time = real_time

@@ -277,6 +277,8 @@ def test_policy_specs():
     assert policy_spec("agentserve+replicas=2+router=prefix") == (
         "agentserve", ["--replicas", "2", "--router", "prefix"])
     assert policy_spec("vllm+replicas=2") == ("vllm", ["--replicas", "2"])  # stock vLLM on Ray Serve
+    assert policy_spec("agentserve+admission-share=1.0+admission-max-hold=30") == (
+        "agentserve", ["--admission-share", "1.0", "--admission-max-hold", "30"])
     for bad in ("magic", "agentserve+x", "agentserve+colour=red", "oracle+max-wait=1", "vllm+pin-cap=1",
                 "oracle+replicas=2"):
         with pytest.raises(ValueError):

@@ -34,7 +34,8 @@ POLICIES = ("vllm", "continuum", "fixed", "agentserve", "oracle")
 # `replicas` and `router` serve the policy on Ray Serve (`agentserve serve --replicas N --router R`):
 # `agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix` compares routers; each
 # replica gets the same KV budget.
-POLICY_OPTIONS = ("pin-mode", "max-wait", "pin-cap", "fixed-ttl", "max-ttl", "replicas", "router")
+POLICY_OPTIONS = ("pin-mode", "max-wait", "pin-cap", "fixed-ttl", "max-ttl", "admission-share",
+                  "admission-max-hold", "replicas", "router")
 _RAY_OPTIONS = ("replicas", "router")
 
 

@@ -12,6 +12,9 @@ frontend's TTL policy (it arrives per request in `SamplingParams.extra_args`), t
   abort, and under memory pressure: `allocate_slots` is wrapped so that, before vLLM preempts or leaves
   a request waiting for lack of blocks, pins are released latest program first (pin mode "soft"; in
   mode "ordered" a waiting request frees only later programs' pins until it is past the wait bound).
+- program admission (optional, `admission_share` > 0; agentserve/programs/admission.py): a new
+  program's first request is skipped for the step (vLLM's `_handle_blocked_waiting_request` hook)
+  while the admitted programs' contexts fill that share of the KV budget.
 - program FCFS: every request gets `priority` = its program's arrival rank (vLLM's priority policy then
   preempts the latest program first), and the waiting queue is a `ProgramQueue`; a request that has
   waited longer than `max_wait_s` is served with the preempted ones (a bound on program FCFS's tail).
@@ -35,6 +38,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from agentserve.engine.program_queue import ProgramQueue
+from agentserve.programs.admission import DEFAULT_MAX_HOLD_S, AdmissionGate
 from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
 from agentserve.server.tenants import tenant_of
 from agentserve.ttl.pins import Pin, PinTable, Release
@@ -83,6 +87,13 @@ class ProgramScheduler(Scheduler):
         self._live: Counter[str] = Counter()  # program -> its requests in the scheduler now
         self._rank_seq = itertools.count()
         self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
+        share = float(conf.get("admission_share", 0.0))
+        # Before any program ended, a program is expected to grow to a quarter of the context window.
+        default_peak = int(conf.get("admission_peak_tokens", self.vllm_config.model_config.max_model_len // 4))
+        self.admission = AdmissionGate(total * self.block_size, share, default_peak=default_peak, max_hold_s=float(
+            conf.get("admission_max_hold_s", DEFAULT_MAX_HOLD_S))) if share > 0 else None
+        self._newcomers: set[str] = set()  # first requests of new programs, not admitted yet
+        self._held: set[str] = set()  # newcomers the gate has held at least once
         self.counters: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
         self.waiting = ProgramQueue(self._queue_key)
@@ -125,8 +136,15 @@ class ProgramScheduler(Scheduler):
                 self._ranks[program] = next(self._rank_seq)
                 if len(self._ranks) > MAX_PROGRAM_RANKS:
                     self._forget_idle_programs()
+                if self.admission is not None:
+                    self._newcomers.add(request.request_id)
             else:
                 self._returning.add(request.request_id)
+                if self.admission is not None:
+                    if any(program_of(self.requests[r]) == program for r in self._newcomers):
+                        self._newcomers.add(request.request_id)  # its program is still held
+                    else:
+                        self.admission.started(program, request.num_prompt_tokens, time.time())
             request.priority = self._ranks[program]
             self._live[program] += 1
         super().add_request(request)
@@ -139,11 +157,34 @@ class ProgramScheduler(Scheduler):
             del self._ranks[program]
         self.counters["program_ranks_forgotten"] += len(idle)
 
+    def _handle_blocked_waiting_request(self, request: Request) -> bool:
+        """vLLM asks this of every waiting request it considers; False skips it for this step."""
+        if not super()._handle_blocked_waiting_request(request):
+            return False
+        if request.request_id not in self._newcomers:
+            return True
+        program, now = program_of(request), time.time()
+        if self.admission.admits(program, request.num_prompt_tokens, now - request.arrival_time, now):
+            self._newcomers.discard(request.request_id)
+            self._held.discard(request.request_id)
+            self.admission.started(program, request.num_prompt_tokens, now)
+            return True
+        if request.request_id not in self._held:
+            self._held.add(request.request_id)
+            self.counters["admission_held"] += 1
+            self._event("admission_hold", program, load=self.admission.load, limit=self.admission.limit,
+                        prompt=request.num_prompt_tokens)
+        return False
+
     # ---- pin / unpin ------------------------------------------------------------------------
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         program = program_of(request)
         self._returning.discard(request.request_id)
         self._aged.discard(request.request_id)
+        self._newcomers.discard(request.request_id)
+        self._held.discard(request.request_id)
+        if program is not None and self.admission is not None:
+            self.admission.finished(program, request.num_tokens, time.time())
         if program is not None:
             self._live[program] -= 1
             if self._live[program] <= 0:
@@ -253,6 +294,8 @@ class ProgramScheduler(Scheduler):
         if command == "end":
             self._release(self.pins.release(program, "program_end"))
             self._ranks.pop(program, None)
+            if self.admission is not None:
+                self.admission.end(program)
         elif command == "release":
             self._release(self.pins.release(program, payload.get("reason", "program_end")))
         elif command == "release_all":
@@ -275,7 +318,9 @@ class ProgramScheduler(Scheduler):
             "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
             "total_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks - 1,
             "queued": len(self.waiting) + len(self.running),
-            "counters": dict(self.counters),
+            "counters": {**self.counters, **({f"admission_{k}": v for k, v in self.admission.counters.items()}
+                                             if self.admission is not None else {})},
+            "admitted_programs": len(self.admission.programs) if self.admission is not None else None,
             "events": events,
         }
 

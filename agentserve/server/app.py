@@ -33,6 +33,8 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
     max_ttl_s: float = 60.0  # no pin is held longer, whatever the policy says
     pin_cap_share: float = 0.5  # share of the KV budget pins may hold
     max_wait_s: float = 2.0  # a request waiting longer is served ahead of program order (0: no bound)
+    admission_share: float = 0.0  # start new programs while admitted contexts fit this share of KV (0: off)
+    admission_max_hold_s: float = 60.0  # a new program held longer is admitted anyway
     pin_mode: str = "soft"  # who may free a pin under pressure: "soft" (anyone) or "ordered"
     idle_timeout_s: float = 600.0  # a program silent this long is abandoned (its pin released)
     otlp_traces_endpoint: str | None = None  # program spans (and vLLM's) go to this OTLP collector
@@ -52,6 +54,8 @@ class ProgramOptions(msgspec.Struct, kw_only=True):
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.pin_mode not in ("soft", "ordered"):
             raise ValueError(f"pin_mode must be 'soft' or 'ordered', not {self.pin_mode!r}")
+        if self.admission_share < 0 or self.admission_max_hold_s < 0:
+            raise ValueError("admission_share and admission_max_hold_s must be >= 0")
         if not 0 <= self.pin_cap_share <= 1:
             raise ValueError(f"pin_cap_share must be in [0, 1], got {self.pin_cap_share}")
         if self.fixed_ttl_s < 0 or self.max_ttl_s < 0 or self.idle_timeout_s <= 0 or self.max_wait_s < 0:
@@ -80,7 +84,8 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> En
         return settings
     extra = dict(settings.additional_config or {})
     extra["agentserve"] = {"pin_cap_share": options.pin_cap_share, "max_wait_s": options.max_wait_s,
-                           "pin_mode": options.pin_mode,
+                           "pin_mode": options.pin_mode, "admission_share": options.admission_share,
+                           "admission_max_hold_s": options.admission_max_hold_s,
                            "tenant_pin_shares": options.tenants.pin_shares() if options.tenants else {}}
     return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy="priority",
                                    additional_config=extra)

@@ -19,6 +19,9 @@ PINS_NOW = Gauge("agentserve_pins", "Pins outstanding now")
 PINNED_TOKENS_SERVED = Counter("agentserve_pinned_tokens_served", "Prompt tokens served from pinned KV")
 REQUESTS_AGED = Counter("agentserve_requests_aged", "Requests that waited past --max-wait behind earlier "
                         "programs and were then served in arrival order")
+ADMISSION = Counter("agentserve_admission_decisions", "Program admission (--admission-share), by reason: held "
+                    "(a new program's first request waited), admitted, admitted_idle (nothing else admitted), "
+                    "admitted_overdue (past --admission-max-hold), ended, expired_idle", ["reason"])
 PROGRAMS_LIVE = Gauge("agentserve_programs_live", "Programs being tracked now")
 PROGRAMS_ENDED = Counter("agentserve_programs_ended", "Programs ended, by reason", ["reason"])
 TTL_CHOSEN = Histogram("agentserve_ttl_seconds", "TTL chosen for a turn's pin", buckets=(0,) + _TIME_BUCKETS)
@@ -97,5 +100,7 @@ def record_engine_stats(stats: dict) -> None:
             PINNED_TOKENS_SERVED.inc(delta)
         elif name == "requests_aged":
             REQUESTS_AGED.inc(delta)
+        elif name.startswith("admission_"):
+            ADMISSION.labels(name.removeprefix("admission_")).inc(delta)
         elif name.startswith("pins_released_"):
             PINS_RELEASED.labels(name.removeprefix("pins_released_")).inc(delta)
