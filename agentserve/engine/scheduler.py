@@ -183,9 +183,9 @@ class ProgramScheduler(Scheduler):
         self._aged.discard(request.request_id)
         self._newcomers.discard(request.request_id)
         self._held.discard(request.request_id)
-        if program is not None and self.admission is not None:
-            self.admission.finished(program, request.num_tokens, time.time())
         if program is not None:
+            if self.admission is not None:
+                self.admission.finished(program, request.num_tokens, time.time())
             self._live[program] -= 1
             if self._live[program] <= 0:
                 del self._live[program]

@@ -26,57 +26,43 @@ def recompute(receiver, sender_kv: torch.Tensor, sender_hidden: torch.Tensor, gr
     receiver from the sender's hidden state at the group's input, the others the sender's. A group
     from layer 0 starts from the receiver's own embeddings of `ids` (an embedding lookup costs nothing,
     and a fine-tune may have changed them)."""
-    s, e = group
-    layers = sender_kv.shape[0]
-    if not 0 <= s <= e <= layers:
-        raise ValueError(f"layer group {group} outside [0, {layers}]")
-    if s == e:
-        return sender_kv.clone()
-    n = sender_kv.shape[3]
-    inner = receiver.model
-    if s == 0:
-        if ids is None:
-            raise ValueError("a group from layer 0 needs the prefix's token ids (the receiver's own embeddings)")
-        with torch.no_grad():
-            hidden = inner.embed_tokens(torch.tensor([list(ids)]))
-    else:
-        hidden = sender_hidden[s][None]  # [1, n, d]
-    positions = torch.arange(n)[None]
-    cache = cache_from_kv(sender_kv[:s])
-    with torch.no_grad():
-        embeddings = inner.rotary_emb(hidden, positions)
-        for layer in inner.layers[s:e]:
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=cache,
-                           use_cache=True, position_embeddings=embeddings)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    fresh = torch.stack([torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]]) for i in range(s, e)])
-    return torch.cat([sender_kv[:s], fresh, sender_kv[e:]])
+    return _receiver_pass(receiver, sender_kv, sender_hidden, group, ids, ())[0]
 
 
 def reuse_and_prefill(receiver, sender_kv: torch.Tensor, sender_hidden: torch.Tensor | None,
                       group: tuple[int, int], prefix: Sequence[int], rest: Sequence[int]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """DroidSpeak's receiver prefill in one pass: the prompt `prefix + rest`, where the sender holds the
-    prefix. Every layer runs the `rest` tokens; layers in `group` also run the prefix tokens (from the
-    sender's hidden state at the group's input, or the receiver's embeddings for a group from layer
-    0); every other layer takes the prefix's KV from the sender. Returns (the KV of all tokens, the
-    logits after the last one) - the same as `recompute` then a prefill of `rest`, without the second
-    pass's fixed cost."""
+    prefix. Every layer runs the `rest` tokens; layers in `group` also run the prefix tokens; every
+    other layer takes the prefix's KV from the sender. Returns (the KV of all tokens, the logits after
+    the last one) - the same as `recompute` then a prefill of `rest`, without the second pass's fixed
+    cost."""
+    if sender_kv.shape[3] != len(prefix) or not rest:
+        raise ValueError(f"want the sender's KV of the {len(prefix)}-token prefix and >= 1 more token")
+    return _receiver_pass(receiver, sender_kv, sender_hidden, group, prefix, rest)
+
+
+def _receiver_pass(receiver, sender_kv: torch.Tensor, sender_hidden: torch.Tensor | None,
+                   group: tuple[int, int], prefix: Sequence[int] | None, rest: Sequence[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(KV of prefix + rest, logits after the last token or None without `rest`). The prefix (the
+    sender's `b` tokens) runs only in the group's layers; `rest` runs in every layer."""
     from transformers import DynamicCache
 
     s, e = group
-    layers, b = sender_kv.shape[0], len(prefix)
+    layers, b = sender_kv.shape[0], sender_kv.shape[3]
     if not 0 <= s <= e <= layers:
         raise ValueError(f"layer group {group} outside [0, {layers}]")
-    if sender_kv.shape[3] != b or not rest:
-        raise ValueError(f"want the sender's KV of the {b}-token prefix and >= 1 more token")
+    if s == 0 < e and prefix is None:
+        raise ValueError("a group from layer 0 needs the prefix's token ids (the receiver's own embeddings)")
     if 0 < s < e and sender_hidden is None:
         raise ValueError(f"a group from layer {s} needs the sender's hidden state at its input")
     inner, n = receiver.model, b + len(rest)
     empty = sender_kv[:, :, :, :0]
     cache = DynamicCache()
-    for i in range(layers):  # prefix KV where the sender's is used; nothing yet where it is recomputed
-        kv = empty[i] if s <= i < e else sender_kv[i]
+    runs = [s <= i < e or bool(rest) for i in range(layers)]  # layers a forward pass goes through
+    for i in range(layers):  # the sender's prefix KV where the layer runs only the rest; else nothing yet
+        kv = empty[i] if s <= i < e or not runs[i] else sender_kv[i]
         cache.update(kv[0][None].contiguous(), kv[1][None].contiguous(), i)
     every, tail = torch.arange(n)[None], torch.arange(b, n)[None]
     dtype = inner.embed_tokens.weight.dtype
@@ -84,20 +70,23 @@ def reuse_and_prefill(receiver, sender_kv: torch.Tensor, sender_hidden: torch.Te
     tail_mask = torch.zeros(len(rest), n, dtype=dtype).masked_fill_(
         torch.arange(n)[None, :] > tail[0][:, None], torch.finfo(dtype).min)[None, None]
     with torch.no_grad():
-        hidden = inner.embed_tokens(torch.tensor([list(rest)]))
+        hidden = inner.embed_tokens(torch.tensor([list(rest)], dtype=torch.long))
         at = {n: inner.rotary_emb(hidden, every), len(rest): inner.rotary_emb(hidden, tail)}
         for i, layer in enumerate(inner.layers):
             if i == s and s < e:  # the prefix joins: its hidden state at layer s's input
                 head = inner.embed_tokens(torch.tensor([list(prefix)])) if s == 0 else sender_hidden[s][None]
                 hidden = torch.cat([head, hidden], dim=1)
+            if not runs[i]:
+                continue
             full = s <= i < e
             out = layer(hidden, attention_mask=None if full else tail_mask, position_ids=every if full else tail,
                         past_key_values=cache, use_cache=True, position_embeddings=at[hidden.shape[1]])
             hidden = out[0] if isinstance(out, tuple) else out
             if i == e - 1 and s < e:  # the prefix leaves: later layers use the sender's KV for it
                 hidden = hidden[:, b:]
-        logits = receiver.lm_head(inner.norm(hidden[:, -1:]))[0, -1]
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+        logits = receiver.lm_head(inner.norm(hidden[:, -1:]))[0, -1] if rest else None
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) if runs[i] else sender_kv[i]
+                      for i, layer in enumerate(cache.layers)])
     return kv, logits
 
 

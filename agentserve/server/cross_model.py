@@ -51,9 +51,11 @@ class CrossModelFront:
 
     def sender_prompt(self, ids: list[int], segments: list[tuple[int, int]], scope: str) -> None:
         """A sender request with shared parts is on its way to the engine: prepare its prefix."""
+        from agentserve.kvshare.cross_model import prefix_key
+
         start, length = segments[-1]
         prefix = ids[: start + length]
-        key = f"{scope}\0{len(prefix)}\0{hash(tuple(prefix))}"
+        key = prefix_key(prefix, scope)  # the store's own key: one preparation in flight per prefix
         if key not in self._pending:
             task = asyncio.create_task(asyncio.to_thread(self.reuse.prepare, prefix, scope))
             self._pending[key] = task
