@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no pin is held longer than this many seconds, whatever the policy (default: 60)")
     pr.add_argument("--pin-cap", type=float, default=0.5,
                     help="largest share of the KV budget that pins may hold, 0..1 (default: 0.5)")
-    pr.add_argument("--max-wait", type=float, default=2.0,
+    pr.add_argument("--max-wait", type=float, default=0.5,
                     help="seconds a request may wait behind earlier programs' turns before it is served "
-                    "in arrival order (bounds program FCFS's TTFT tail; 0 = no bound; default: 2)")
+                    "in arrival order (bounds program FCFS's TTFT tail; 0 = no bound; default: 0.5)")
     pr.add_argument("--admission-share", type=float, default=0.0, metavar="SHARE",
                     help="program admission: hold a new program's first request while the admitted programs' "
                     "contexts fill SHARE of the KV budget (0 = off, every program starts at once; default: 0)")
@@ -215,6 +215,10 @@ def add_replay_parser(sub) -> None:
     rp.add_argument("--time-scale", type=float, default=1.0, help="multiply every tool duration (default: 1)")
     rp.add_argument("--max-turns", type=_positive_int, default=10, help="LLM calls per program at most (default: 10)")
     rp.add_argument("--seed", type=int, default=0, help="program sample, arrivals, tool times (default: 0)")
+    rp.add_argument("--rounds", type=_positive_int, default=1,
+                    help="replay every policy this many times, round by round; the table pools the rounds "
+                    "and adds each round's ratios to stock vLLM, so noise shows; an --endpoint server keeps its cache "
+                    "from one round to the next (default: 1)")
     rp.add_argument("--out", default="replay-out", help="output directory (default: replay-out)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = rp.add_argument_group("engine (the same for every policy)")
@@ -226,8 +230,8 @@ def add_replay_parser(sub) -> None:
     g.add_argument("--max-num-seqs", type=_positive_int, default=64)
     g.add_argument("--fixed-ttl", type=float, default=2.0, help="TTL of policy fixed (default: 2)")
     g.add_argument("--pin-cap", type=float, default=0.5, help="share of the KV budget pins may hold (default: 0.5)")
-    g.add_argument("--max-wait", type=float, default=2.0,
-                   help="wait bound of program FCFS, see `agentserve serve --help` (default: 2)")
+    g.add_argument("--max-wait", type=float, default=0.5,
+                   help="wait bound of program FCFS, see `agentserve serve --help` (default: 0.5)")
     g.add_argument("--pin-mode", default="soft", choices=["soft", "ordered"],
                    help="who may free pins under pressure, see `agentserve serve --help` (default: soft)")
 
@@ -248,7 +252,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                         pin_cap_share=args.pin_cap, max_wait_s=args.max_wait, pin_mode=args.pin_mode)
     results = replay(args.trace, fmt=args.format, policies=args.policies, cfg=cfg, setup=setup,
                      out_dir=Path(args.out), endpoints=parse_endpoints(args.endpoint),
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, rounds=args.rounds)
     print(table(results))
     print(f"\nwritten: {args.out}/results.json, records.json, jct_cdf.png, timeline.png")
     return 0

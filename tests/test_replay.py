@@ -51,11 +51,17 @@ def test_replay_every_policy(tmp_path):
     assert (gain is None) == ("share of the achievable gain" not in text)
 
 
-def test_replay_against_a_plain_openai_endpoint(server, tmp_path):
+def test_replay_against_a_plain_openai_endpoint_in_two_rounds(server, tmp_path):
     replay(str(DEFAULT_TRACE), policies=[], cfg=CFG, setup=SETUP, out_dir=tmp_path,
-           endpoints={"stock": server.base_url}, progress=False, log=lambda *_: None)
-    r = check_schema(tmp_path).policies["stock"]
-    assert r.programs_completed == 3 and r.pins_created == 0  # plain requests carry no program fields
+           endpoints={"stock": server.base_url}, progress=False, rounds=2, log=lambda *_: None)
+    results = check_schema(tmp_path)
+    r = results.policies["stock"]
+    assert r.programs_completed == 6 and r.pins_created == 0  # plain requests carry no program fields
+    assert results.config["rounds"] == 2
+    per_round = results.rounds["stock"]
+    assert [x.programs_completed for x in per_round] == [3, 3]
+    assert r.makespan == pytest.approx(sum(x.makespan for x in per_round))
+    assert r.llm_calls == 2 * results.config["plan"]["llm_calls"]
 
 
 def test_bad_policy_and_bad_trace_fail_before_any_server_starts(tmp_path):
@@ -63,6 +69,8 @@ def test_bad_policy_and_bad_trace_fail_before_any_server_starts(tmp_path):
         replay(str(DEFAULT_TRACE), policies=["vllm", "magic"], cfg=CFG, setup=SETUP, out_dir=tmp_path)
     with pytest.raises(ValueError, match="bad policy option"):
         replay(str(DEFAULT_TRACE), policies=["agentserve+colour=red"], cfg=CFG, setup=SETUP, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        replay(str(DEFAULT_TRACE), policies=["vllm"], cfg=CFG, setup=SETUP, out_dir=tmp_path, rounds=0)
     with pytest.raises(ValueError, match="takes no options"):
         replay(str(DEFAULT_TRACE), policies=["vllm+max-wait=1"], cfg=CFG, setup=SETUP, out_dir=tmp_path)
     bad = tmp_path / "bad.jsonl"

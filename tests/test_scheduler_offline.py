@@ -64,6 +64,15 @@ def test_overdue_request_is_served_before_program_order():
     assert not s._aged  # no per-request state survives the request
 
 
+def test_overdue_requests_are_first_come_first_served_among_themselves():
+    s, h = make(max_wait_s=0.5, max_num_seqs=1)
+    s.add_request(request(h, "a0", "A", prompt(64, 0), age_s=3.0))  # program A: rank 0, waited 3 s
+    s.add_request(request(h, "b0", "B", prompt(64, 1000), age_s=5.0))  # rank 1, waited 5 s
+    out, _ = step(s, lambda: 7)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"]  # the longer wait goes first
+    run_until_done(s)
+
+
 def test_no_wait_bound_keeps_program_order():
     s, h = make(max_wait_s=0.0, max_num_seqs=1)
     s.add_request(request(h, "a0", "A", prompt(64, 0)))

@@ -59,6 +59,7 @@ class ProgramRecord(msgspec.Struct):
     tool_wait_s: float  # tool time waited in total
     error: str | None = None
     retries: int = 0  # turns sent again after a server failure
+    round: int = 0  # which repetition of the replay (`--rounds`); times are from that round's start
 
 
 class Driver:

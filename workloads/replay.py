@@ -68,7 +68,7 @@ class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_seqs: int = 64
     fixed_ttl_s: float = 2.0
     pin_cap_share: float = 0.5
-    max_wait_s: float = 2.0
+    max_wait_s: float = 0.5
     pin_mode: str = "soft"
 
     @property
@@ -161,43 +161,72 @@ def drive(name: str, base_url: str, client: str, programs: list[PlannedProgram],
 
 def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: ReplayConfig, setup: EngineSetup,
            out_dir: Path, endpoints: dict[str, str] | None = None, progress: bool = True,
-           log=print) -> Results:
+           rounds: int = 1, log=print) -> Results:
+    """Replay against every policy and endpoint in turn, `rounds` times over (round k runs them all
+    before round k+1 starts, so a slow spell of the machine hits every policy alike)."""
     from agentserve.engine.settings import resolve_model
 
     for spec in policies:
         policy_spec(spec)  # fail before any server starts
     if not policies and not endpoints:
         raise ValueError("nothing to replay against: give --policies and/or --endpoint")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
     trace = load_trace(trace_src, fmt)
     programs = plan(trace, cfg, ToolTimeModel.load(), setup.context)
     model_dir, _ = resolve_model(setup.model)
     filler = Filler(single_token_words(model_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     config = describe(trace_src, fmt, trace.name, len(trace.programs), cfg, setup, programs, policies, endpoints)
+    config["rounds"] = rounds
     log(f"replaying {len(programs)} programs ({config['plan']['llm_calls']} LLM calls, "
         f"{config['plan']['cut_for_context']} cut to the context) from {trace_src} against "
         f"{', '.join(policies + list(endpoints or {}))}")
-    records: dict[str, list[ProgramRecord]] = {}
-    summaries = {}
     runs = [(p, None) for p in policies] + list((endpoints or {}).items())
-    for name, url in runs:
-        t0 = time.monotonic()
-        if url is None:
-            log_path = out_dir / f"server-{name}.log"
-            with ServerProcess(setup.serve_args(name, len(programs)), log_path=str(log_path)) as srv:
-                # stock vLLM gets what a stock client sends; the plugin policies get the SDK
-                client = "openai" if policy_spec(name)[0] in ("vllm", "oracle") else "agentserve"
-                recs, counters = drive(name, srv.base_url, client, programs, cfg, filler, progress)
-        else:
-            recs, counters = drive(name, url, "openai", programs, cfg, filler, progress)
-        records[name] = recs
-        summaries[name] = summarize(recs, counters)
-        log(f"{name}: done in {time.monotonic() - t0:.0f} s")
-    results = Results(config=config, policies=summaries)
+    records: dict[str, list[ProgramRecord]] = {name: [] for name, _ in runs}
+    counters: dict[str, list[dict]] = {name: [] for name, _ in runs}
+    for k in range(rounds):
+        for name, url in runs:
+            t0 = time.monotonic()
+            if url is None:
+                suffix = f"-round{k + 1}" if rounds > 1 else ""
+                log_path = out_dir / f"server-{name}{suffix}.log"
+                with ServerProcess(setup.serve_args(name, len(programs)), log_path=str(log_path)) as srv:
+                    # stock vLLM gets what a stock client sends; the plugin policies get the SDK
+                    client = "openai" if policy_spec(name)[0] in ("vllm", "oracle") else "agentserve"
+                    recs, counts = drive(name, srv.base_url, client, programs, cfg, filler, progress)
+            else:
+                recs, counts = drive(name, url, "openai", programs, cfg, filler, progress)
+            for r in recs:
+                r.round = k
+            records[name] += recs
+            counters[name].append(counts)
+            log(f"{name}{f' (round {k + 1}/{rounds})' if rounds > 1 else ''}: done in "
+                f"{time.monotonic() - t0:.0f} s")
+    summaries = {name: summarize(records[name], sum_counters(counters[name])) for name in records}
+    per_round = {name: [summarize([r for r in records[name] if r.round == k], counters[name][k])
+                        for k in range(rounds)] for name in records} if rounds > 1 else {}
+    results = Results(config=config, policies=summaries, rounds=per_round)
     (out_dir / "results.json").write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
     (out_dir / "records.json").write_bytes(msgspec.json.encode(records))
     plots(records, out_dir)
     return results
+
+
+def sum_counters(rounds: list[dict]) -> dict:
+    """One server-counter dict for several rounds: counts add up; unknown (None) stays unknown."""
+    out: dict = {}
+    for counts in rounds:
+        for key, value in counts.items():
+            if key == "counters":
+                merged = out.setdefault("counters", {})
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+            elif value is None or (key in out and out[key] is None):
+                out[key] = None
+            else:
+                out[key] = out.get(key, 0) + value
+    return out
 
 
 def describe(trace_src, fmt, name, available, cfg, setup, programs, policies, endpoints) -> dict:

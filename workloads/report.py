@@ -39,7 +39,8 @@ class PolicyResult(msgspec.Struct, forbid_unknown_fields=True):
 
 class Results(msgspec.Struct, forbid_unknown_fields=True):
     config: dict
-    policies: dict[str, PolicyResult]
+    policies: dict[str, PolicyResult]  # every round's programs and turns pooled
+    rounds: dict[str, list[PolicyResult]] = {}  # per round, when the replay ran more than one
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -60,7 +61,10 @@ def summarize(records: list[ProgramRecord], server: dict) -> PolicyResult:
     prompt = sum(t.prompt_tokens for t in turns)
     cached = [t.cached_tokens for t in turns]
     hit = (sum(cached) / prompt if prompt else 0.0) if turns and None not in cached else None
-    makespan = (max(r.end for r in records) - min(r.start for r in records)) if records else 0.0
+    by_round: dict[int, list[ProgramRecord]] = {}
+    for r in records:
+        by_round.setdefault(r.round, []).append(r)
+    makespan = sum(max(r.end for r in rs) - min(r.start for r in rs) for rs in by_round.values())
     return PolicyResult(
         jct_mean=sum(jcts) / len(jcts) if jcts else None,
         jct_p50=percentile(jcts, 50), jct_p95=percentile(jcts, 95), jct_p99=percentile(jcts, 99),
@@ -105,11 +109,26 @@ def ratios(results: Results) -> list[str]:
             lines.append(f"{name}/{base}: mean JCT {_ratio(ours.jct_mean, b.jct_mean)}, p95 JCT "
                          f"{_ratio(ours.jct_p95, b.jct_p95)}, p99 TTFT {_ratio(ours.ttft_p99, b.ttft_p99)}, "
                          f"throughput {_ratio(ours.throughput, b.throughput)}")
+    lines += round_ratios(results)
     for name in (n for n in p if n not in ("vllm", "oracle")):
         gain = gap_captured(results, name)
         if gain is not None:
             lines.append(f"{name}: share of the achievable gain captured, (vllm - {name}) / (vllm - oracle) "
                          f"on mean JCT: {gain:.2f}")
+    return lines
+
+
+def round_ratios(results: Results) -> list[str]:
+    """agentserve against stock vLLM round by round: the spread says which differences are noise."""
+    rounds = results.rounds
+    if "vllm" not in rounds:
+        return []
+    lines = []
+    for name in (n for n in rounds if n.startswith("agentserve")):
+        pairs = list(zip(rounds[name], rounds["vllm"]))
+        cells = [f"{label} " + ", ".join(_ratio(getattr(a, field), getattr(b, field)) for a, b in pairs)
+                 for label, field in (("mean JCT", "jct_mean"), ("p95 JCT", "jct_p95"), ("p99 TTFT", "ttft_p99"))]
+        lines.append(f"{name}/vllm per round: " + "; ".join(cells))
     return lines
 
 
@@ -146,9 +165,10 @@ def plots(records: dict[str, list[ProgramRecord]], out: Path) -> list[Path]:
     plt.close(fig)
 
     n = max(1, len(records))
-    height = max(3.0, 0.18 * max((len(r) for r in records.values()), default=1) + 1.2)
+    height = max(3.0, 0.18 * max((sum(r.round == 0 for r in rs) for rs in records.values()), default=1) + 1.2)
     fig, axes = plt.subplots(n, 1, figsize=(10, height * n), squeeze=False, sharex=True)
     for ax, (name, recs) in zip(axes[:, 0], records.items()):
+        recs = [r for r in recs if r.round == 0]  # one round: later rounds reuse the same clock
         for y, r in enumerate(sorted(recs, key=lambda r: r.start)):
             ax.hlines(y, r.start, r.end, color="lightgray", linewidth=1)  # tool waits and queueing
             for t in r.turns:

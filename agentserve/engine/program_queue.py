@@ -1,10 +1,11 @@
 """The waiting queue of program-level scheduling, as a vLLM `RequestQueue`.
 
 Order (Continuum's paper, with its missing first key restored): preempted requests first, then
-requests of programs that hold a pin (their KV is waiting for them), then by program arrival (program
-FCFS: the earliest program's turns go before a later program's), then by request arrival. The class
-key depends on pin state, which changes outside the queue: the owner calls `reorder()` then.
-Starvation-free for finitely many programs: a later program waits only for earlier ones.
+requests past the owner's wait bound (first come first served among them), then requests of programs
+that hold a pin (their KV is waiting for them), then by program arrival (program FCFS: the earliest
+program's turns go before a later program's), then by request arrival. The class key depends on pin
+state and on time, which change outside the queue: the owner calls `reorder()` then. Starvation-free:
+a later program waits only for earlier ones, and with a wait bound only until it is overdue.
 """
 
 from __future__ import annotations

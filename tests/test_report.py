@@ -1,0 +1,42 @@
+"""Replay results without a server: pooling rounds, per-round ratios, counters over rounds."""
+
+from __future__ import annotations
+
+from workloads.driver import ProgramRecord, TurnRecord
+from workloads.replay import sum_counters
+from workloads.report import Results, round_ratios, summarize, table
+
+
+def program(pid: str, start: float, end: float, ttft: float, round_: int) -> ProgramRecord:
+    turn = TurnRecord(sent=start, first_token=start + ttft, done=end, prompt_tokens=100, cached_tokens=50,
+                      output_tokens=10)
+    return ProgramRecord(pid, start, start, end, [turn], 0.0, round=round_)
+
+
+def test_rounds_pool_turns_and_add_their_makespans():
+    recs = [program("a", 0, 10, 1.0, 0), program("b", 2, 12, 2.0, 0), program("a", 0, 20, 3.0, 1)]
+    r = summarize(recs, {"preemptions": 3})
+    # each round's clock starts at 0: makespan is 12 s + 20 s, not the longest round's 20 s
+    assert r.makespan == 32 and r.throughput == 3 / 32
+    assert r.programs_completed == 3 and r.llm_calls == 3
+    assert r.jct_mean == (10 + 10 + 20) / 3 and r.ttft_p50 == 2.0
+
+
+def test_per_round_ratios_against_stock_vllm_show_the_spread():
+    def one(jct: float, ttft: float, round_: int = 0):
+        return summarize([program("a", 0, jct, ttft, round_)], {})
+
+    rounds = {"vllm": [one(10, 1.0), one(20, 2.0)], "agentserve": [one(8, 1.5), one(18, 1.0)]}
+    results = Results(config={}, policies={n: rs[0] for n, rs in rounds.items()}, rounds=rounds)
+    (line,) = round_ratios(results)
+    assert line == ("agentserve/vllm per round: mean JCT 0.800, 0.900; p95 JCT 0.800, 0.900; "
+                    "p99 TTFT 1.500, 0.500")
+    assert line in table(results)
+    assert round_ratios(Results(config={}, policies={})) == []  # one round: nothing to add
+
+
+def test_counters_add_up_over_rounds_and_unknown_stays_unknown():
+    merged = sum_counters([{"preemptions": 2, "pins_created": 1, "counters": {"pins_created": 1}},
+                           {"preemptions": None, "pins_created": 4, "counters": {"pins_created": 4, "x": 1}}])
+    assert merged == {"preemptions": None, "pins_created": 5, "counters": {"pins_created": 5, "x": 1}}
+    assert sum_counters([{"preemptions": 1}, {"preemptions": 2}]) == {"preemptions": 3}
