@@ -28,6 +28,7 @@ import msgspec
 from agentserve.programs.control import ProgramControl
 from agentserve.programs.fields import ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
+from agentserve.server.periodic import every
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
 from agentserve.server.app import ProgramOptions, program_events
 from agentserve.ttl.policy import OnlineBenefit, make_policy
@@ -79,15 +80,8 @@ class ProgramControlPlane:
     async def start(self) -> None:
         """Tick in the background (abandoned programs end, their pins are released)."""
         if self._ticker is None:
-            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(SYNC_S)
-            try:
-                await self.control.tick()
-            except Exception:  # noqa: BLE001 - keep ticking; the failure is in the log
-                log.exception("control plane tick failed")
+            self._ticker = asyncio.get_running_loop().create_task(
+                every(SYNC_S, self.control.tick, "control plane tick"))
 
     # ---- replicas -----------------------------------------------------------------------------
     def register(self, replica_id: str, reload: dict | None) -> bool:

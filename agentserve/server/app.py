@@ -166,15 +166,12 @@ def add_kvshare_routes(app, engine, cross=None) -> None:
 async def kvshare_tick_loop(engine, period_s: float = 1.0) -> None:
     """Keep the KV-sharing metrics on /metrics current."""
     from agentserve.server import metrics
+    from agentserve.server.periodic import every
 
-    while True:
-        await asyncio.sleep(period_s)
-        try:
-            metrics.record_kvshare_stats(await engine.engine_core.call_utility_async("agentserve_kvshare_stats"))
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - keep polling; the failure is in the log
-            log.exception("kvshare stats poll failed")
+    async def poll() -> None:
+        metrics.record_kvshare_stats(await engine.engine_core.call_utility_async("agentserve_kvshare_stats"))
+
+    await every(period_s, poll, "kvshare stats poll")
 
 
 async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int = 8000,

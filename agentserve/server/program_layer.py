@@ -25,6 +25,7 @@ from agentserve.programs.fields import XARG_TURN, ProgramFields, ToolEvent
 from agentserve.programs.tracker import ProgramError
 from agentserve.server import metrics
 from agentserve.server.middleware import error_response
+from agentserve.server.periodic import every
 
 log = logging.getLogger("agentserve.server")
 
@@ -177,13 +178,9 @@ def add_program_routes(app: FastAPI, programs: Callable[[], Any]) -> None:
 
 
 async def tick_loop(control: ProgramControl) -> None:
-    while True:
-        await asyncio.sleep(TICK_S)
-        try:
-            metrics.record_engine_stats(await control.tick())
-            metrics.PROGRAMS_LIVE.set(len(control.tracker))
-            metrics.record_ttl_inputs(control.ttl_inputs())
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - keep ticking; the failure is in the log
-            log.exception("agentserve tick failed")
+    async def tick() -> None:
+        metrics.record_engine_stats(await control.tick())
+        metrics.PROGRAMS_LIVE.set(len(control.tracker))
+        metrics.record_ttl_inputs(control.ttl_inputs())
+
+    await every(TICK_S, tick, "agentserve tick")
