@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from agentserve.programs.fields import XARG_PROGRAM, SharedPrompt, decode_fields
 from agentserve.server.cross_model import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
+from agentserve.server.streams import request_streams
 from agentserve.server.tenants import DEFAULT_MAX_BODY_BYTES, Tenant, TenantGate
 
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
@@ -98,7 +99,8 @@ class AgentFieldsMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        async with request_streams():  # a disconnected client's engine request ends with its response
+            await self.app(scope, replay, send)
 
 
 def _header(scope, name: bytes) -> str | None:

@@ -26,6 +26,7 @@ from agentserve.programs.tracker import ProgramError
 from agentserve.server import metrics
 from agentserve.server.middleware import error_response
 from agentserve.server.periodic import every
+from agentserve.server.streams import track
 
 log = logging.getLogger("agentserve.server")
 
@@ -54,6 +55,7 @@ class ProgramEngineClient:
         self._engine = engine
         self.control = control
         self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Future] = set()
 
     def shutdown(self, *args, **kwargs):
         """vLLM's launcher stops the engine on SIGTERM/SIGINT (from a worker thread): every pin is
@@ -72,7 +74,35 @@ class ProgramEngineClient:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+    def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        """vLLM's `generate`, as a stream its HTTP request closes when the response ends (streams.py)."""
+        return track(self._stream(prompt, sampling_params, request_id, *args, **kwargs))
+
+    async def _stream(self, prompt, sampling_params, request_id, *args, **kwargs):
+        finished, engine_ids = False, None
+        try:
+            async for out in self._generate(prompt, sampling_params, request_id, *args, **kwargs):
+                if engine_ids is None:
+                    engine_ids = self._engine_request_ids(request_id)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished and engine_ids:
+                # vLLM aborts a request whose stream is cancelled, but a disconnected client's stream is
+                # cancelled through Starlette's anyio cancel scope, which re-delivers the cancellation
+                # at every await, vLLM's own abort included: its message to the engine core can be
+                # dropped after the front end forgot the request (a disconnected request generated to
+                # its end in CI). This abort runs in a task of its own, outside that scope, by the
+                # engine core's ids (the front end's mapping is gone by then); the engine ignores an
+                # abort of a request it no longer has.
+                self._background(self._engine.engine_core.abort_requests_async(engine_ids))
+
+    def _engine_request_ids(self, request_id: str) -> list[str]:
+        """The engine core's ids of a request (vLLM gives each request an internal id of its own)."""
+        processor = getattr(self._engine, "output_processor", None)
+        return list(getattr(processor, "external_req_ids", {}).get(request_id, ()))
+
+    async def _generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         extra = sampling_params.extra_args or {}
         raw = extra.pop("agentserve_fields", None)
         if raw is None:
@@ -100,9 +130,16 @@ class ProgramEngineClient:
             context = (len(out.prompt_token_ids or ()) + sum(len(o.token_ids) for o in out.outputs)) if out else 0
             ended = self.control.end_call(fields.program_id, context)
             if inspect.isawaitable(ended):
-                asyncio.ensure_future(self._safe(ended))
+                self._background(ended)
             if not finished:  # client disconnect or abort: the engine drops the pin too
-                asyncio.ensure_future(self._safe(self.control.abort_call(fields.program_id)))
+                self._background(self.control.abort_call(fields.program_id))
+
+    def _background(self, awaitable) -> None:
+        """Run a control or abort call in a task of its own (held until done: the loop keeps only a
+        weak reference), its failure logged, never raised into a request."""
+        task = asyncio.ensure_future(self._safe(awaitable))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     async def _safe(coro) -> None:
