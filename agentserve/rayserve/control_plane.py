@@ -28,9 +28,9 @@ import msgspec
 from agentserve.programs.control import ProgramControl
 from agentserve.programs.fields import ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
-from agentserve.server.periodic import every
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
 from agentserve.server.app import ProgramOptions, program_events
+from agentserve.server.periodic import every
 from agentserve.ttl.policy import OnlineBenefit, make_policy
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile

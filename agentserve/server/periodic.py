@@ -1,7 +1,8 @@
 """A background task that runs a step at a fixed period and survives the step's failures.
 
-Used for the front end's control ticks (pin expiry, engine counters onto /metrics) and the
-KV-sharing stats poll: a failed tick is logged and the next one runs; only cancellation stops it.
+Used for the front end's control ticks (pin expiry, engine counters onto /metrics), the KV-sharing
+stats poll and the Ray Serve control plane's tick: a failed tick is logged and the next one runs;
+only cancellation stops it.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 When a streaming client disconnects, Starlette cancels the response's task but leaves the response's
 body iterator (vLLM's stream generator over our engine client's stream) suspended; the engine
-request is then aborted only when that chain of generators is finalized, and a disconnected request
-was seen generating to its end for nobody. So the HTTP layer opens a scope per request
+request is then aborted only when that chain of generators is finalized (by reference counting
+at once, or by a later garbage collection if a cycle holds it). So the HTTP layer opens a scope per request
 (`request_streams`), the engine client registers each stream it hands out (`track`), and at the end
 of the response every stream still open is closed: the engine client's `finally` then aborts the
 engine request and releases the program's pin. A stream read to its end is closed already; closing
