@@ -97,9 +97,7 @@ class ProgramEngineClient:
                 # vLLM aborts a request whose stream is cancelled, but a disconnected client's stream is
                 # cancelled through Starlette's anyio cancel scope, which re-delivers the cancellation
                 # at every await, vLLM's own abort included: its message to the engine core can be
-                # dropped after the front end forgot the request. (A disconnected request that still
-                # generates to its end, tests/test_hardening.py, has another cause, not found yet: it
-                # happens with this abort too.) This abort runs in a task of its own, outside that
+                # dropped after the front end forgot the request. This abort runs in a task of its own, outside that
                 # scope, by the engine core's ids (the front end's mapping is gone by then); the
                 # engine ignores an abort of a request it no longer has.
                 self._background(self._engine.engine_core.abort_requests_async(engine_ids))
