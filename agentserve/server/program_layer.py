@@ -97,9 +97,9 @@ class ProgramEngineClient:
                 # vLLM aborts a request whose stream is cancelled, but a disconnected client's stream is
                 # cancelled through Starlette's anyio cancel scope, which re-delivers the cancellation
                 # at every await, vLLM's own abort included: its message to the engine core can be
-                # dropped after the front end forgot the request. This abort runs in a task of its own, outside that
-                # scope, by the engine core's ids (the front end's mapping is gone by then); the
-                # engine ignores an abort of a request it no longer has.
+                # dropped after the front end forgot the request. This abort runs in a task of its own,
+                # outside that scope, by the engine core's ids (the front end's mapping is gone by
+                # then); the engine ignores an abort of a request it no longer has.
                 self._background(self._engine.engine_core.abort_requests_async(engine_ids))
             if program is not None:
                 context = ((len(out.prompt_token_ids or ()) + sum(len(o.token_ids) for o in out.outputs))
