@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from agentserve.engine.settings import DEFAULT_BLOCK_SIZE, DEFAULT_DTYPE, EngineSettings
+from agentserve.options import EngineSettings, ProgramOptions, add_flags, from_flags
 from workloads import DEFAULT_TRACE
 
 
@@ -16,63 +16,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
-
-
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """Options that describe the engine: shared by every subcommand that starts one."""
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--model",
-        default="tiny",
-        help="built-in model name (tiny, bench, tiny-qwen2: built locally on first use and cached "
-        "under $AGENTSERVE_CACHE or ~/.cache/agentserve) or a HuggingFace model directory (default: tiny)",
-    )
-    g.add_argument(
-        "--kv-tokens",
-        type=_positive_int,
-        default=16384,
-        help="KV cache budget in tokens, exact: rounded up to whole blocks and given to vLLM as a "
-        "block count and byte size (default: 16384)",
-    )
-    g.add_argument(
-        "--block-size",
-        type=_positive_int,
-        default=DEFAULT_BLOCK_SIZE,
-        help=f"KV block size in tokens, a multiple of 32 on CPU; prefix caching reuses whole blocks "
-        f"only (default: {DEFAULT_BLOCK_SIZE})",
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=_positive_int,
-        default=None,
-        help="longest prompt + output in tokens; longer requests get a 400 "
-        "(default: the smaller of --kv-tokens and the model's context length)",
-    )
-    g.add_argument(
-        "--max-num-seqs",
-        type=_positive_int,
-        default=64,
-        help="most requests the engine runs in one batch (default: 64)",
-    )
-    g.add_argument(
-        "--dtype",
-        default=DEFAULT_DTYPE,
-        choices=["float32", "bfloat16", "float16"],
-        help=f"weight and KV dtype; float32 is fastest on AVX2 CPUs (default: {DEFAULT_DTYPE})",
-    )
-    g.add_argument("--seed", type=int, default=0, help="engine sampling seed (default: 0)")
-
-
-def engine_settings_from(args: argparse.Namespace) -> EngineSettings:
-    return EngineSettings(
-        model=args.model,
-        kv_tokens=args.kv_tokens,
-        block_size=args.block_size,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        dtype=args.dtype,
-        seed=args.seed,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/models, /health and /metrics (vLLM's own OpenAI serving code). Usage reports "
         "usage.prompt_tokens_details.cached_tokens, the prefix-cache hit of each request.",
     )
-    add_engine_options(serve)
+    add_flags(serve.add_argument_group("engine"), EngineSettings)
     s = serve.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
@@ -101,70 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--router", default="affinity", choices=["affinity", "prefix", "pow2"],
                    help="with --replicas: affinity = agentserve's program-affinity router; prefix = Ray Serve "
                    "LLM's PrefixCacheAffinityRouter; pow2 = Serve's default (default: affinity)")
-    pr = serve.add_argument_group("programs")
-    pr.add_argument(
-        "--policy",
-        default="agentserve",
-        choices=["vllm", "continuum", "fixed", "agentserve"],
-        help="KV pin policy across tool calls: vllm = stock vLLM (plugin off, no pins, FCFS); "
-        "continuum = Continuum's published rule (2 s pin for short tools) with program FCFS; "
-        "fixed = --fixed-ttl for every turn; agentserve = the Continuum paper's optimal TTL from the "
-        "measured reload cost and learned tool durations (default: agentserve)",
-    )
-    pr.add_argument("--fixed-ttl", type=float, default=2.0, help="TTL in seconds of --policy fixed (default: 2)")
-    pr.add_argument("--max-ttl", type=float, default=60.0,
-                    help="no pin is held longer than this many seconds, whatever the policy (default: 60)")
-    pr.add_argument("--pin-cap", type=float, default=0.5,
-                    help="largest share of the KV budget that pins may hold, 0..1 (default: 0.5)")
-    pr.add_argument("--max-wait", type=float, default=0.5,
-                    help="seconds a request may wait behind earlier programs' turns before it is served "
-                    "in arrival order (bounds program FCFS's TTFT tail; 0 = no bound; default: 0.5)")
-    pr.add_argument("--admission-share", type=float, default=0.0, metavar="SHARE",
-                    help="program admission: hold a new program's first request while the admitted programs' "
-                    "contexts fill SHARE of the KV budget (0 = off, every program starts at once; default: 0)")
-    pr.add_argument("--admission-max-hold", type=float, default=60.0, metavar="S",
-                    help="a new program held this long is admitted anyway (0 = no bound; default: 60)")
-    pr.add_argument("--pin-mode", default="soft", choices=["soft", "ordered"],
-                    help="under memory pressure, soft: any request frees pins (latest program first), so pins "
-                    "never delay anything; ordered: a waiting request frees only later programs' pins and "
-                    "otherwise waits, until --max-wait; running work always may (default: soft)")
-    s.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
-                   help="send OpenTelemetry traces (a workflow span per program, chat and execute_tool spans, "
-                   "vLLM's request spans nested in them) to this OTLP gRPC collector, e.g. http://127.0.0.1:4317")
-    s.add_argument("--kvshare", action="store_true",
-                   help="KV sharing across agents: /v1/completions prompts given as parts "
-                   "(agentserve.share) reuse shared parts' KV under their own prefix (KVCOMM; docs/kvshare.md)")
-    s.add_argument("--kvshare-gate", type=float, default=0.3, metavar="GAMMA",
-                   help="KVCOMM's reuse gate: a shared part is reused when its anchors' weights are sharp enough "
-                   "(entropy <= GAMMA * log2 anchors); inf = whenever two anchors qualify (default: 0.3, KVCOMM's)")
-    s.add_argument("--kvshare-correction", default="anchors", choices=["anchors", "none"],
-                   help="anchors: KVCOMM's offset correction of reused KV; none: the RoPE move alone (naive reuse; "
-                   "no anchors needed, one recorded prompt per template) (default: anchors)")
-    s.add_argument("--kvshare-temperature", type=float, default=1.0,
-                   help="softmax temperature of the anchor weights (default: 1, KVCOMM's)")
-    s.add_argument("--cross-model", default=None, metavar="MODEL",
-                   help="also serve MODEL, a fine-tune of --model's architecture (needs --kvshare): its "
-                   "/v1/completions reuse the KV the served model computed for the same prompt prefix through "
-                   "its last shared part, recomputing a few layers (DroidSpeak, HF path; docs/kvshare.md)")
-    s.add_argument("--cross-model-group", default=None, metavar="S:E",
-                   help="the layers MODEL recomputes over a reused prefix (default: profiled at start-up: the "
-                   "cheapest group on the quality/cost Pareto front within --cross-model-max-kl)")
-    s.add_argument("--cross-model-max-kl", type=float, default=0.05,
-                   help="quality bound of the profiled group: next-token KL to MODEL's own prefill (default: 0.05)")
-    s.add_argument("--cross-model-profile", default=None, metavar="FILE",
-                   help="JSONL of profiling prompts ({\"prompt\": text} or {\"token_ids\": [...]}) "
-                   "(default for the kvret pair: samples of its task)")
-    s.add_argument("--tenants", default=None, metavar="FILE",
-                   help="tenants file (JSON or YAML; README: Tenants): API keys on every route, program ids "
-                   "and prefix cache isolated per tenant, per-tenant limits; without it the API is open")
-    pr.add_argument("--idle-timeout", type=float, default=600.0,
-                    help="seconds after which a silent program is abandoned and its pin released (default: 600)")
-    s.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="agentserve log level (default: info)",
-    )
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="agentserve log level (default: info)")
+    add_flags(serve.add_argument_group("programs"), ProgramOptions)
 
     add_replay_parser(sub)
 
@@ -181,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _csv(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
+
+
+# The replay's engine takes the replay's own --seed (workload) and --policies instead; its standard
+# load is an 8k-token KV budget (docs/benchmarks.md).
+REPLAY_SKIPS = ("--seed", "--policy", "--otlp-traces-endpoint", "--tenants", "--idle-timeout", "--kvshare",
+                "--kvshare-gate", "--kvshare-temperature", "--kvshare-correction", "--cross-model",
+                "--cross-model-group", "--cross-model-max-kl", "--cross-model-profile")
+REPLAY_KV_TOKENS = 8192
 
 
 def add_replay_parser(sub) -> None:
@@ -201,8 +91,8 @@ def add_replay_parser(sub) -> None:
     rp.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="trace format (default: auto)")
     rp.add_argument("--policies", type=_csv, default=["vllm", "continuum", "agentserve", "oracle"],
                     help=f"comma-separated, run in this order, from {','.join(POLICIES)}; a plugin policy "
-                    "may carry its own serve options as +KEY=VALUE (pin-mode, max-wait, pin-cap, fixed-ttl, "
-                    "max-ttl), e.g. agentserve+pin-mode=ordered+max-wait=0 "
+                    "may carry its own `agentserve serve` program options as +KEY=VALUE (KEY: the flag without --, "
+                    "or replicas, router), e.g. agentserve+pin-mode=ordered+max-wait=0 "
                     "(default: vllm,continuum,agentserve,oracle)")
     rp.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
                     help="also replay against a running OpenAI-compatible server (e.g. a stock vllm serve "
@@ -221,19 +111,10 @@ def add_replay_parser(sub) -> None:
                     "from one round to the next (default: 1)")
     rp.add_argument("--out", default="replay-out", help="output directory (default: replay-out)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = rp.add_argument_group("engine (the same for every policy)")
-    g.add_argument("--model", default="tiny", help="built-in model or model directory (default: tiny)")
-    g.add_argument("--kv-tokens", type=_positive_int, default=8192, help="KV budget in tokens (default: 8192)")
-    g.add_argument("--max-model-len", type=_positive_int, default=None,
-                   help="context length; turns that would not fit are cut (default: min(kv-tokens, 8192))")
-    g.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE)
-    g.add_argument("--max-num-seqs", type=_positive_int, default=64)
-    g.add_argument("--fixed-ttl", type=float, default=2.0, help="TTL of policy fixed (default: 2)")
-    g.add_argument("--pin-cap", type=float, default=0.5, help="share of the KV budget pins may hold (default: 0.5)")
-    g.add_argument("--max-wait", type=float, default=0.5,
-                   help="wait bound of program FCFS, see `agentserve serve --help` (default: 0.5)")
-    g.add_argument("--pin-mode", default="soft", choices=["soft", "ordered"],
-                   help="who may free pins under pressure, see `agentserve serve --help` (default: soft)")
+    add_flags(rp.add_argument_group("engine (the same for every policy)"), EngineSettings,
+              skip=REPLAY_SKIPS, defaults={"--kv-tokens": REPLAY_KV_TOKENS})
+    add_flags(rp.add_argument_group("programs (every plugin policy; +KEY=VALUE in --policies overrides)"),
+              ProgramOptions, skip=REPLAY_SKIPS)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -247,9 +128,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     cfg = ReplayConfig(programs=args.programs, rate=rate, concurrency=args.concurrency,
                        token_scale=args.token_scale, time_scale=args.time_scale, max_turns=args.max_turns,
                        seed=args.seed)
-    setup = EngineSetup(model=args.model, kv_tokens=args.kv_tokens, max_model_len=args.max_model_len,
-                        block_size=args.block_size, max_num_seqs=args.max_num_seqs, fixed_ttl_s=args.fixed_ttl,
-                        pin_cap_share=args.pin_cap, max_wait_s=args.max_wait, pin_mode=args.pin_mode)
+    setup = EngineSetup(engine=from_flags(EngineSettings, args), program=from_flags(ProgramOptions, args))
     results = replay(args.trace, fmt=args.format, policies=args.policies, cfg=cfg, setup=setup,
                      out_dir=Path(args.out), endpoints=parse_endpoints(args.endpoint),
                      progress=not args.no_progress, rounds=args.rounds)
@@ -261,8 +140,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from agentserve.server.app import ProgramOptions, serve
-    from agentserve.server.tenants import TenantsConfig
+    from agentserve.server.app import serve
 
     # agentserve's own logger, not the root one: an import (vLLM, Ray) may have configured the root
     # logger already, which would make basicConfig a no-op and hide our INFO lines
@@ -272,21 +150,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logger.handlers[:] = [handler]
     logger.setLevel(args.log_level.upper())
     logger.propagate = False
-    settings = engine_settings_from(args)
-    options = ProgramOptions(policy=args.policy, fixed_ttl_s=args.fixed_ttl, max_ttl_s=args.max_ttl,
-                             pin_cap_share=args.pin_cap, idle_timeout_s=args.idle_timeout,
-                             max_wait_s=args.max_wait, pin_mode=args.pin_mode,
-                             admission_share=args.admission_share, admission_max_hold_s=args.admission_max_hold,
-                             otlp_traces_endpoint=args.otlp_traces_endpoint,
-                             tenants=TenantsConfig.load(args.tenants) if args.tenants else None,
-                             kvshare=args.kvshare, kvshare_gate=args.kvshare_gate,
-                             kvshare_temperature=args.kvshare_temperature,
-                             kvshare_correction=args.kvshare_correction, cross_model=args.cross_model,
-                             cross_model_group=args.cross_model_group, cross_model_max_kl=args.cross_model_max_kl,
-                             cross_model_profile=args.cross_model_profile)
-    if args.replicas is not None and args.kvshare:
+    settings = from_flags(EngineSettings, args)
+    options = from_flags(ProgramOptions, args)
+    if args.replicas is not None and options.kvshare.enabled:
         raise SystemExit("--kvshare is not supported with --replicas yet: each replica holds its own segment store")
-    if args.replicas is not None and args.tenants:
+    if args.replicas is not None and options.tenants is not None:
         raise SystemExit("--tenants is not supported with --replicas yet: the Ray Serve ingress has no tenant gate")
     if args.replicas is None:
         asyncio.run(serve(settings, host=args.host, port=args.port, options=options))

@@ -74,8 +74,8 @@ def admission_scheduler(share: float, max_hold_s: float = 60.0):
     return build_scheduler(EngineSettings(
         model="tiny", kv_tokens=4096, max_model_len=4096, max_num_seqs=8, scheduling_policy="priority",
         scheduler_cls="agentserve.engine.scheduler.ProgramScheduler",
-        additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": 2.0, "admission_share": share,
-                                          "admission_max_hold_s": max_hold_s}}))
+        additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": 2.0, "admission": {"share": share,
+                                                                                        "max_hold_s": max_hold_s}}}))
 
 
 def test_a_new_program_waits_for_an_admitted_one_to_end():
@@ -86,7 +86,7 @@ def test_a_new_program_waits_for_an_admitted_one_to_end():
     s.add_request(request(h, "b0", "B", prompt(800, 2000)))  # 1500 + 800 > 2048: B waits
     out, _ = step(s, lambda: 7)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["a0"]
-    assert s.counters["admission_held"] == 1 and len(s.waiting) == 1
+    assert s.book.counters["admission_held"] == 1 and len(s.waiting) == 1
     finished = []
     for _ in range(20):  # A runs to completion; B is still held (A's context still counts)
         finished += step(s, lambda: 7)[1]
@@ -115,7 +115,7 @@ def test_a_held_program_is_admitted_past_the_hold_bound():
     admitted = []
     for _ in range(5):
         admitted += [r.req_id for r in step(s, lambda: 7)[0].scheduled_new_reqs]
-    assert "b0" in admitted and s.admission.counters["admitted_overdue"] == 1
+    assert "b0" in admitted and s.book.admission.counters["admitted_overdue"] == 1
 
 
 def test_without_a_share_every_program_starts_at_once():
@@ -125,7 +125,7 @@ def test_without_a_share_every_program_starts_at_once():
     s.add_request(request(h, "a0", "A", prompt(1500, 0)))
     s.add_request(request(h, "b0", "B", prompt(800, 2000)))
     out, _ = step(s, lambda: 7)
-    assert {r.req_id for r in out.scheduled_new_reqs} == {"a0", "b0"} and s.admission is None
+    assert {r.req_id for r in out.scheduled_new_reqs} == {"a0", "b0"} and s.book.admission is None
 
 
 def test_a_second_request_of_a_held_program_is_held_too():
@@ -137,4 +137,4 @@ def test_a_second_request_of_a_held_program_is_held_too():
     step(s, lambda: 7)
     s.add_request(request(h, "b1", "B", prompt(100, 3000)))  # B's parallel call: B is not admitted yet
     out, _ = step(s, lambda: 7)
-    assert "b1" not in [r.req_id for r in out.scheduled_new_reqs] and "B" not in s.admission
+    assert "b1" not in [r.req_id for r in out.scheduled_new_reqs] and "B" not in s.book.admission

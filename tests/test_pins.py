@@ -115,7 +115,7 @@ def test_release_for_pressure_junior_to_spares_earlier_programs():
 @given(adds=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 8)), max_size=40),
        caps=st.tuples(st.integers(0, 20), st.integers(0, 20)), total=st.integers(0, 40))
 def test_a_tenants_pins_stay_under_its_own_cap(adds, caps, total):
-    from agentserve.server.tenants import tenant_of
+    from agentserve.programs.ids import tenant_of
 
     table = PinTable(cap_blocks=total, group_caps={"a": caps[0], "b": caps[1]}, group_of=tenant_of)
     for i, n in adds:
@@ -126,7 +126,7 @@ def test_a_tenants_pins_stay_under_its_own_cap(adds, caps, total):
 
 
 def test_a_tenant_over_its_cap_evicts_its_own_later_pins_not_others():
-    from agentserve.server.tenants import tenant_of
+    from agentserve.programs.ids import tenant_of
 
     t = PinTable(cap_blocks=100, group_caps={"a": 6}, group_of=tenant_of)
     assert t.add(pin("b:x", 50, 5))[0]

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from agentserve.engine.settings import EngineSettings
-from agentserve.server.app import SCHEDULER_CLS, ProgramOptions
+from agentserve.engine.settings import SCHEDULER_CLS
+from agentserve.options import ProgramOptions
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ BLOCK = 32
 
 def test_engine_kwargs_carry_the_plugin_the_exact_kv_budget_and_cached_token_usage():
     from agentserve.rayserve.app import engine_kwargs
-    from agentserve.server.app import engine_settings_for
+    from agentserve.engine.settings import engine_settings_for
 
     source, kw = engine_kwargs(engine_settings_for(SETTINGS, OPTIONS))
     assert (Path(source) / "config.json").exists()  # the locally built model directory

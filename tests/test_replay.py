@@ -8,6 +8,7 @@ import pytest
 
 from workloads import DEFAULT_TRACE
 from workloads.plan import ReplayConfig
+from agentserve.options import EngineSettings
 from workloads.replay import EngineSetup, replay
 from workloads.report import Results, gap_captured, table
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 # Three short programs: small enough for CI, long enough to pin (several turns with tool waits).
 CFG = ReplayConfig(programs=3, rate=2.0, token_scale=0.1, time_scale=0.3, max_turns=3, seed=1)
-SETUP = EngineSetup(model="tiny", kv_tokens=4096, max_model_len=2048)
+SETUP = EngineSetup(engine=EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048))
 
 
 def check_schema(out) -> Results:

@@ -59,9 +59,9 @@ def test_overdue_request_is_served_before_program_order():
     s.add_request(request(h, "b0", "B", prompt(64, 1000), age_s=5.0))  # rank 1, but waited 5 s
     out, _ = step(s, lambda: 7)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"]
-    assert s.counters["requests_aged"] == 1
+    assert s.book.counters["requests_aged"] == 1
     run_until_done(s)
-    assert not s._aged  # no per-request state survives the request
+    assert not s.book._aged  # no per-request state survives the request
 
 
 def test_overdue_requests_are_first_come_first_served_among_themselves():
@@ -86,12 +86,12 @@ def test_pin_is_consumed_by_the_next_turn_and_end_leaves_nothing():
     first = prompt(256, 0)
     s.add_request(request(h, "a0", "A", first))
     run_until_done(s)
-    assert len(s.pins) == 1 and s.pins.pinned_blocks == 256 // 32
+    assert len(s.book.pins) == 1 and s.book.pins.pinned_blocks == 256 // 32
     s.add_request(request(h, "a1", "A", first + prompt(40, 500), last=True))
     out, _ = step(s, lambda: 7)
     (new,) = out.scheduled_new_reqs
     assert new.num_computed_tokens == 256  # the whole pinned context came back as a prefix hit
-    assert len(s.pins) == 0 and s.counters["pins_released_consumed"] == 1
+    assert len(s.book.pins) == 0 and s.book.counters["pins_released_consumed"] == 1
     run_until_done(s)
     stats = s.agentserve_control("end", {"program_id": "A"})
     assert stats["pins"] == 0 and stats["pinned_blocks"] == 0 and stats["programs"] == 0
@@ -114,7 +114,7 @@ def pressure_setup(pin_mode: str, max_wait_s: float = 2.0, cap: float = 0.5):
     s, h = build(settings)
     s.add_request(request(h, "a0", "A", prompt(2048, 0)))  # program A: rank 0, pins 64 of 128 blocks
     run_until_done(s)
-    assert s.pins.pinned_blocks == 64
+    assert s.book.pins.pinned_blocks == 64
     return s, h
 
 
@@ -123,18 +123,18 @@ def test_soft_pins_yield_to_any_request_under_pressure():
     s.add_request(request(h, "b0", "B", prompt(2500, 3000)))  # needs 79 blocks, 64 are free
     out, _ = step(s, lambda: 7)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"]
-    assert s.counters["pins_released_pressure"] == 1 and len(s.pins) == 0
+    assert s.book.counters["pins_released_pressure"] == 1 and len(s.book.pins) == 0
 
 
 def test_ordered_pins_make_a_later_program_wait_until_its_bound():
     s, h = pressure_setup("ordered", max_wait_s=0.3)
     s.add_request(request(h, "b0", "B", prompt(2500, 3000)))
     out, _ = step(s, lambda: 7)
-    assert not out.scheduled_new_reqs and len(s.pins) == 1  # A's KV stays; B waits
-    assert s.counters["pin_waits"] >= 1
+    assert not out.scheduled_new_reqs and len(s.book.pins) == 1  # A's KV stays; B waits
+    assert s.book.counters["pin_waits"] >= 1
     time.sleep(0.35)  # B is now past the wait bound: it may free A's pin
     out, _ = step(s, lambda: 7)
-    assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"] and len(s.pins) == 0
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"] and len(s.book.pins) == 0
     run_until_done(s)
 
 
@@ -142,38 +142,38 @@ def test_ordered_pins_yield_to_an_earlier_program():
     s, h = pressure_setup("ordered", max_wait_s=60, cap=1.0)
     s.add_request(request(h, "b0", "B", prompt(512, 3000), ttl=60))  # B (rank 1) runs and pins 16 blocks
     run_until_done(s)
-    assert set(s.pins.pins) == {"A", "B"}
+    assert set(s.book.pins.pins) == {"A", "B"}
     # A's next turn needs more than is free: B's pin (a later program) goes, A's own stays to be hit
     s.add_request(request(h, "a1", "A", prompt(2048, 0) + prompt(1600, 7000), last=True))  # 50 new blocks, 48 free
     out, _ = step(s, lambda: 7)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["a1"]
-    assert s.counters["pins_released_pressure"] == 1 and s.counters["pins_released_consumed"] == 1
+    assert s.book.counters["pins_released_pressure"] == 1 and s.book.counters["pins_released_consumed"] == 1
 
 
 def test_program_ranks_stay_bounded_without_program_ends(monkeypatch):
-    import agentserve.engine.scheduler as plugin
+    import agentserve.programs.book as plugin
 
     monkeypatch.setattr(plugin, "MAX_PROGRAM_RANKS", 8)
     s, h = make()
     for i in range(20):  # a client that never ends its programs (vllm_xargs straight to the engine)
         s.add_request(request(h, f"r{i}", f"P{i}", prompt(40, 100 * i), last=True))
         run_until_done(s)
-        assert len(s._ranks) <= 8
-    assert s.counters["program_ranks_forgotten"] > 0 and not s._live
+        assert len(s.book._ranks) <= 8
+    assert s.book.counters["program_ranks_forgotten"] > 0 and not s.book._live
 
 
 def test_live_and_pinned_programs_keep_their_rank(monkeypatch):
-    import agentserve.engine.scheduler as plugin
+    import agentserve.programs.book as plugin
 
     monkeypatch.setattr(plugin, "MAX_PROGRAM_RANKS", 4)
     s, h = make()
     s.add_request(request(h, "keep", "KEEP", prompt(128, 0)))  # pinned after it finishes
     run_until_done(s)
-    rank = s._ranks["KEEP"]
+    rank = s.book._ranks["KEEP"]
     for i in range(10):
         s.add_request(request(h, f"r{i}", f"P{i}", prompt(40, 300 + 100 * i), last=True))
         run_until_done(s)
-    assert s._ranks["KEEP"] == rank and "KEEP" in s.pins
+    assert s.book._ranks["KEEP"] == rank and "KEEP" in s.book.pins
 
 
 def test_pin_release_during_admission_keeps_the_admitted_request_at_the_head(monkeypatch):
@@ -186,13 +186,13 @@ def test_pin_release_during_admission_keeps_the_admitted_request_at_the_head(mon
     allocate = s._allocate
 
     def slow_allocate(req, *args, **kwargs):
-        if req.request_id == "b0" and len(s.pins):
+        if req.request_id == "b0" and len(s.book.pins):
             time.sleep(0.3)  # c0 crosses the bound while b0 is being allocated
         return allocate(req, *args, **kwargs)
 
     monkeypatch.setattr(s, "_allocate", slow_allocate)
     out, _ = step(s, lambda: 7)
-    assert out.scheduled_new_reqs[0].req_id == "b0" and s.counters["pins_released_pressure"] == 1
+    assert out.scheduled_new_reqs[0].req_id == "b0" and s.book.counters["pins_released_pressure"] == 1
     for new in out.scheduled_new_reqs:  # everything admitted got its blocks
         assert s.kv_cache_manager.get_blocks(new.req_id).get_block_ids()[0]
     run_until_done(s)

@@ -31,8 +31,10 @@ def test_kv_tokens_round_up_to_whole_blocks():
     ({"scheduling_policy": "lifo"}, "scheduling_policy"),
 ])
 def test_bad_settings_are_refused_with_a_reason(kwargs, message):
+    from agentserve.options import load
+
     with pytest.raises(ValueError, match=message):
-        EngineSettings(**kwargs)
+        load(EngineSettings, kwargs)
 
 
 def test_unknown_model_is_refused():

@@ -9,7 +9,9 @@ import pytest
 
 from agentserve.programs.fields import XARG_PROGRAM
 from agentserve.server.middleware import _scoped_program_path, rewrite_body
-from agentserve.server.tenants import TenantGate, TenantsConfig, tenant_of
+from agentserve.options import TenantsConfig
+from agentserve.programs.ids import tenant_of
+from agentserve.server.tenants import TenantGate
 
 KEY_A, KEY_B = "sk-acme-0123456789abcdef", "sk-bolt-0123456789abcdef"
 CONFIG = msgspec.convert({"tenants": [

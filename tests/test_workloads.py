@@ -270,10 +270,23 @@ def test_policy_specs():
     assert policy_spec("agentserve") == ("agentserve", [])
     assert policy_spec("agentserve+pin-mode=ordered+max-wait=0") == (
         "agentserve", ["--pin-mode", "ordered", "--max-wait", "0"])
-    args = EngineSetup(kv_tokens=4096).serve_args("oracle", programs=4)
+    from agentserve.cli import build_parser
+    from agentserve.options import AdmissionOptions, EngineSettings, ProgramOptions, from_flags
+
+    args = EngineSetup(engine=EngineSettings(kv_tokens=4096)).serve_args("oracle", programs=4)
     assert args[args.index("--kv-tokens") + 1] == "131072" and args[args.index("--policy") + 1] == "vllm"
     args = EngineSetup().serve_args("continuum+pin-cap=0.9", programs=4)
     assert args[-2:] == ["--pin-cap", "0.9"] and args[args.index("--policy") + 1] == "continuum"
+    # what a replay passes on is what `agentserve serve` reads back, for every option the setup holds
+    setup = EngineSetup(engine=EngineSettings(kv_tokens=4096, block_size=64, dtype="bfloat16"),
+                        program=ProgramOptions(max_wait_s=0.0, pin_mode="ordered",
+                                               admission=AdmissionOptions(share=0.8, max_hold_s=5.0)))
+    parsed = build_parser().parse_args(["serve", *setup.serve_args("fixed+fixed-ttl=3", programs=4)])
+    assert from_flags(EngineSettings, parsed) == EngineSettings(kv_tokens=4096, block_size=64, dtype="bfloat16",
+                                                                max_model_len=4096)
+    assert from_flags(ProgramOptions, parsed) == ProgramOptions(
+        policy="fixed", fixed_ttl_s=3.0, max_wait_s=0.0, pin_mode="ordered",
+        admission=AdmissionOptions(share=0.8, max_hold_s=5.0))
     assert policy_spec("agentserve+replicas=2+router=prefix") == (
         "agentserve", ["--replicas", "2", "--router", "prefix"])
     assert policy_spec("vllm+replicas=2") == ("vllm", ["--replicas", "2"])  # stock vLLM on Ray Serve

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import msgspec
 
+from agentserve.options import EngineSettings, ProgramOptions, flag_names, to_flags
 from agentserve.server.process import ServerProcess
 from workloads.driver import Driver, ProgramRecord
 from workloads.filler import Filler, single_token_words
@@ -29,14 +30,18 @@ from workloads.report import Results, plots, summarize, table
 from workloads.tool_times import ToolTimeModel
 
 POLICIES = ("vllm", "continuum", "fixed", "agentserve", "oracle")
-# A policy may carry serve options of its own, `NAME+KEY=VALUE...`, so variants run side by side in
-# one run: `--policies vllm,agentserve,agentserve+pin-mode=ordered+max-wait=0,oracle`.
+# A policy may carry serve options of its own, `NAME+KEY=VALUE...` (KEY: an `agentserve serve` program
+# option's flag without the dashes), so variants run side by side in one run:
+# `--policies vllm,agentserve,agentserve+pin-mode=ordered+max-wait=0,oracle`.
 # `replicas` and `router` serve the policy on Ray Serve (`agentserve serve --replicas N --router R`):
 # `agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix` compares routers; each
 # replica gets the same KV budget.
-POLICY_OPTIONS = ("pin-mode", "max-wait", "pin-cap", "fixed-ttl", "max-ttl", "admission-share",
-                  "admission-max-hold", "replicas", "router")
 _RAY_OPTIONS = ("replicas", "router")
+
+
+def policy_options() -> tuple[str, ...]:
+    """The KEYs a policy spec takes: every program option but the policy itself, and Ray's two."""
+    return tuple(sorted(f[2:] for f in flag_names(ProgramOptions) - {"--policy", "--tenants"})) + _RAY_OPTIONS
 
 
 def policy_spec(spec: str) -> tuple[str, list[str]]:
@@ -45,47 +50,43 @@ def policy_spec(spec: str) -> tuple[str, list[str]]:
     if base not in POLICIES:
         raise ValueError(f"unknown policy {base!r} in {spec!r}; choose from {', '.join(POLICIES)}")
     args: list[str] = []
+    allowed = policy_options()
     for option in options:
         key, sep, value = option.partition("=")
-        if not sep or key not in POLICY_OPTIONS or not value:
+        if not sep or key not in allowed or not value:
             raise ValueError(f"bad policy option {option!r} in {spec!r}: want KEY=VALUE, KEY one of "
-                             f"{', '.join(POLICY_OPTIONS)}")
+                             f"{', '.join(allowed)}")
         if base == "oracle" or (base == "vllm" and key not in _RAY_OPTIONS):
             raise ValueError(f"{spec!r}: policy {base} runs without the plugin and takes no options")
         args += [f"--{key}", value]
     return base, args
 
 
-ORACLE_MIN_KV_TOKENS = 131072  # ANCHORS §7's oracle budget; raised to hold every program at once
+# The oracle's KV budget: large enough that nothing is evicted, raised to hold every program at once.
+ORACLE_MIN_KV_TOKENS = 131072
 STATS_TIMEOUT_S = 10.0
+REPLAY_MAX_MODEL_LEN = 8192  # the context of a replay's engine unless given: min(kv_tokens, this)
 
 
 class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    model: str = "tiny"
-    kv_tokens: int = 8192
-    max_model_len: int | None = None  # default: min(kv_tokens, 8192)
-    block_size: int = 32
-    max_num_seqs: int = 64
-    fixed_ttl_s: float = 2.0
-    pin_cap_share: float = 0.5
-    max_wait_s: float = 0.5
-    pin_mode: str = "soft"
+    """The engine and program options every policy of a replay is served with (`agentserve serve`'s)."""
+
+    engine: EngineSettings = msgspec.field(default_factory=lambda: EngineSettings(kv_tokens=8192))
+    program: ProgramOptions = msgspec.field(default_factory=ProgramOptions)
 
     @property
     def context(self) -> int:
-        return self.max_model_len or min(self.kv_tokens, 8192)
+        return self.engine.max_model_len or min(self.engine.kv_tokens, REPLAY_MAX_MODEL_LEN)
 
     def serve_args(self, policy: str, programs: int) -> list[str]:
-        kv = self.kv_tokens
+        engine = msgspec.structs.replace(self.engine, max_model_len=self.context)
         if policy == "oracle":
-            kv = max(ORACLE_MIN_KV_TOKENS, programs * self.context + self.block_size)
+            engine = msgspec.structs.replace(engine, kv_tokens=max(
+                ORACLE_MIN_KV_TOKENS, programs * self.context + engine.block_size))
         base, extra = policy_spec(policy)
-        return ["--model", self.model, "--kv-tokens", str(kv), "--max-model-len", str(self.context),
-                "--block-size", str(self.block_size), "--max-num-seqs", str(self.max_num_seqs),
-                "--policy", "vllm" if policy == "oracle" else base, "--fixed-ttl", str(self.fixed_ttl_s),
-                "--pin-cap", str(self.pin_cap_share), "--max-wait", str(self.max_wait_s),
-                "--pin-mode", self.pin_mode,
-                "--log-level", "warning", *extra]  # argparse: the policy's own options come last and win
+        program = msgspec.structs.replace(self.program, policy="vllm" if policy == "oracle" else base)
+        # argparse: the policy's own options come last and win
+        return [*to_flags(engine), *to_flags(program), "--log-level", "warning", *extra]
 
 
 def parse_endpoints(specs: list[str]) -> dict[str, str]:
@@ -174,7 +175,7 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
         raise ValueError(f"rounds must be at least 1, not {rounds}")
     trace = load_trace(trace_src, fmt)
     programs = plan(trace, cfg, ToolTimeModel.load(), setup.context)
-    model_dir, _ = resolve_model(setup.model)
+    model_dir, _ = resolve_model(setup.engine.model)
     filler = Filler(single_token_words(model_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     config = describe(trace_src, fmt, trace.name, len(trace.programs), cfg, setup, programs, policies, endpoints)

@@ -1,4 +1,4 @@
-"""Engine settings: one struct that says how a vLLM engine is started, and its translation to vLLM.
+"""Engine settings (`agentserve.options.EngineSettings`) translated to vLLM's arguments.
 
 The translation goes through vLLM's own argument parser (`make_arg_parser`), so the embedded engine,
 the HTTP server and a Ray Serve replica all get the exact arguments `vllm serve` would, with no
@@ -10,49 +10,11 @@ whole blocks plus vLLM's reserved null block, given to vLLM both as a block coun
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import msgspec
 
-# fp32 on CPU: bf16 is ~3x slower on AVX2 machines without AMX/AVX512-BF16.
-DEFAULT_DTYPE = "float32"
-# Prefix caching only reuses full blocks; an agent turn adds few tokens, so small blocks lose less.
-# 32 is the smallest block the CPU attention backend takes.
-DEFAULT_BLOCK_SIZE = 32
-
-
-class EngineSettings(msgspec.Struct, kw_only=True):
-    """How to start one vLLM engine. `model` is a catalog name (`tiny`, ...) or a model directory."""
-
-    model: str = "tiny"
-    kv_tokens: int = 16384
-    block_size: int = DEFAULT_BLOCK_SIZE
-    max_model_len: int | None = None  # default: min(kv_tokens, the model's context length)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # default: max(max_model_len, 2048)
-    dtype: str = DEFAULT_DTYPE
-    seed: int = 0
-    prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"  # or "priority"
-    scheduler_cls: str | None = None  # "module.Class" of a vLLM v1 Scheduler subclass
-    kv_transfer_config: dict | None = None
-    additional_config: dict | None = None  # vLLM's plugin config; agentserve's scheduler reads "agentserve"
-    served_model_name: str | None = None  # default: the catalog name or the directory's name
-    extra_vllm_args: list[str] = []
-
-    def __post_init__(self) -> None:
-        if self.kv_tokens < self.block_size:
-            raise ValueError(f"kv_tokens={self.kv_tokens} is smaller than one block ({self.block_size})")
-        if self.block_size % 32:
-            raise ValueError(f"block_size={self.block_size} must be a multiple of 32 (CPU attention)")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', not {self.scheduling_policy!r}")
-
-    @property
-    def num_blocks(self) -> int:
-        # vLLM reserves one block (the null block) that never holds tokens.
-        return math.ceil(self.kv_tokens / self.block_size) + 1
+from agentserve.options import EngineSettings, ProgramOptions
 
 
 def resolve_model(model: str) -> tuple[Path, str]:
@@ -135,3 +97,26 @@ def engine_args(s: EngineSettings):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs.from_cli_args(vllm_namespace(s))
+
+
+SCHEDULER_CLS = "agentserve.engine.scheduler.ProgramScheduler"
+
+
+def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> EngineSettings:
+    """The engine settings with the scheduler plugin on (any policy but `vllm`), and vLLM's own tracing
+    sent to the same collector as agentserve's."""
+    if options.otlp_traces_endpoint:
+        settings = msgspec.structs.replace(settings, extra_vllm_args=[
+            *settings.extra_vllm_args, "--otlp-traces-endpoint", options.otlp_traces_endpoint])
+    if options.kvshare.enabled:
+        from agentserve.kvshare.connector import kv_transfer_config
+
+        settings = msgspec.structs.replace(settings, kv_transfer_config=kv_transfer_config(
+            temperature=options.kvshare.temperature, entropy_gamma=options.kvshare.gate,
+            correction=options.kvshare.correction))
+    if options.policy == "vllm":
+        return settings
+    extra = dict(settings.additional_config or {})
+    extra["agentserve"] = msgspec.to_builtins(options.scheduler_config())
+    return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy="priority",
+                                   additional_config=extra)

@@ -3,7 +3,7 @@
 `StepTimed` wraps the three scheduler entry points the engine core calls (`add_request`, `schedule`,
 `update_from_output`) with `perf_counter`, plus the whole step (schedule start to
 update_from_output end, model execution included), and keeps the samples in the engine-core process; they are
-read (and reset) through the `agentserve_step_times` vLLM utility call. `TimedScheduler` is stock vLLM's
+read (and reset) through the `agentserve_step_times` vLLM utility call (engine/utilities.py). `TimedScheduler` is stock vLLM's
 scheduler with the timer, `TimedProgramScheduler` agentserve's: the same timer on both sides, so the
 overhead of the plugin is measured on one engine build (bench/step_time.py).
 """
@@ -69,17 +69,3 @@ class TimedScheduler(StepTimed, Scheduler):
 
 class TimedProgramScheduler(StepTimed, ProgramScheduler):
     """agentserve's scheduler plugin, timed."""
-
-
-def _install_utility() -> None:
-    from vllm.v1.engine.core import EngineCore
-
-    def agentserve_step_times(self) -> dict:
-        if not isinstance(self.scheduler, StepTimed):
-            raise RuntimeError("the engine's scheduler is not step-timed (use agentserve.engine.step_timer)")
-        return self.scheduler.take_step_times()
-
-    EngineCore.agentserve_step_times = agentserve_step_times
-
-
-_install_utility()

@@ -35,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from agentserve.engine import utilities
 from agentserve.kvshare.anchors import ENTROPY_GAMMA
 from agentserve.kvshare.planner import Plan, SharePlanner, ShareSpec, decode_spec
 
@@ -266,17 +267,4 @@ class KVShareConnector(KVConnectorBase_V1):
         return self.planner.stats()
 
 
-def _install_stats_utility() -> None:
-    """`agentserve_kvshare_stats` as a vLLM utility call on the engine core (the planner lives there)."""
-    from vllm.v1.engine.core import EngineCore
-
-    def agentserve_kvshare_stats(self) -> dict:
-        connector = getattr(self.scheduler, "connector", None)
-        if not isinstance(connector, KVShareConnector):
-            raise RuntimeError("the engine does not run agentserve's KVShareConnector")
-        return connector.stats()
-
-    EngineCore.agentserve_kvshare_stats = agentserve_kvshare_stats
-
-
-_install_stats_utility()
+utilities.install()  # agentserve_kvshare_stats

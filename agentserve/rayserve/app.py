@@ -24,7 +24,8 @@ import threading
 import msgspec
 
 from agentserve.engine.settings import EngineSettings, vllm_namespace
-from agentserve.server.app import ProgramOptions, engine_settings_for
+from agentserve.engine.settings import engine_settings_for
+from agentserve.options import ProgramOptions
 
 # Ray Serve LLM sets these itself (model_loading_config, the Serve HTTP proxy).
 _SET_BY_RAY = ("model", "served_model_name", "host", "port")

@@ -29,7 +29,8 @@ from agentserve.programs.control import ProgramControl
 from agentserve.programs.fields import ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
-from agentserve.server.app import ProgramOptions, program_events
+from agentserve.observability.events import program_events
+from agentserve.options import ProgramOptions
 from agentserve.server.periodic import every
 from agentserve.ttl.policy import OnlineBenefit, make_policy
 from agentserve.ttl.predictor import ToolDurationPredictor

@@ -16,89 +16,12 @@ import logging
 
 import msgspec
 
-from agentserve.engine.settings import EngineSettings, vllm_namespace
-from agentserve.server.tenants import TenantGate, TenantsConfig, admit_under_limits, ttl_caps
+from agentserve.engine.settings import engine_settings_for, vllm_namespace
+from agentserve.observability.events import program_events
+from agentserve.options import EngineSettings, ProgramOptions
+from agentserve.server.tenants import TenantGate, admit_under_limits, ttl_caps
 
 log = logging.getLogger("agentserve.server")
-
-POLICIES = ("vllm", "continuum", "fixed", "agentserve")
-SCHEDULER_CLS = "agentserve.engine.scheduler.ProgramScheduler"
-
-
-class ProgramOptions(msgspec.Struct, kw_only=True):
-    """How the program layer behaves. `policy="vllm"` = stock vLLM scheduling, no pins."""
-
-    policy: str = "agentserve"
-    fixed_ttl_s: float = 2.0  # the TTL of policy "fixed"
-    max_ttl_s: float = 60.0  # no pin is held longer, whatever the policy says
-    pin_cap_share: float = 0.5  # share of the KV budget pins may hold
-    max_wait_s: float = 0.5  # a request waiting longer is served ahead of program order (0: no bound)
-    admission_share: float = 0.0  # start new programs while admitted contexts fit this share of KV (0: off)
-    admission_max_hold_s: float = 60.0  # a new program held longer is admitted anyway
-    pin_mode: str = "soft"  # who may free a pin under pressure: "soft" (anyone) or "ordered"
-    idle_timeout_s: float = 600.0  # a program silent this long is abandoned (its pin released)
-    otlp_traces_endpoint: str | None = None  # program spans (and vLLM's) go to this OTLP collector
-    tenants: TenantsConfig | None = None  # API keys, scoping, cache salts, limits (server/tenants.py)
-    kvshare: bool = False  # KV sharing across agents (agentserve/kvshare/connector.py, server/shared_prompts.py)
-    kvshare_gate: float = 0.3  # KVCOMM's entropy gate gamma (inf: reuse whenever 2 anchors qualify)
-    kvshare_temperature: float = 1.0  # the anchors' softmax temperature
-    kvshare_correction: str = "anchors"  # or "none": shared parts' KV only RoPE-moved
-    cross_model: str | None = None  # a variant of the model served next to it (server/cross_model.py)
-    cross_model_group: str | None = None  # "S:E": the layers it recomputes; None: profiled at start-up
-    cross_model_max_kl: float = 0.05  # the quality bound the profiled group is chosen under
-    cross_model_profile: str | None = None  # JSONL of profiling prompts
-    cross_model_store_bytes: int = 256 << 20  # sender prefixes kept for it
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.pin_mode not in ("soft", "ordered"):
-            raise ValueError(f"pin_mode must be 'soft' or 'ordered', not {self.pin_mode!r}")
-        if self.admission_share < 0 or self.admission_max_hold_s < 0:
-            raise ValueError("admission_share and admission_max_hold_s must be >= 0")
-        if not 0 <= self.pin_cap_share <= 1:
-            raise ValueError(f"pin_cap_share must be in [0, 1], got {self.pin_cap_share}")
-        if self.fixed_ttl_s < 0 or self.max_ttl_s < 0 or self.idle_timeout_s <= 0 or self.max_wait_s < 0:
-            raise ValueError("TTLs must be >= 0 s and the idle timeout > 0 s")
-        if self.cross_model is not None and not self.kvshare:
-            raise ValueError("cross_model needs kvshare (the sender's shared parts mark what to reuse)")
-        if self.cross_model_group is not None:
-            from agentserve.server.cross_model import parse_group
-
-            parse_group(self.cross_model_group)
-
-
-def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> EngineSettings:
-    """The engine settings with the scheduler plugin on (any policy but `vllm`), and vLLM's own tracing
-    sent to the same collector as agentserve's."""
-    if options.otlp_traces_endpoint:
-        settings = msgspec.structs.replace(settings, extra_vllm_args=[
-            *settings.extra_vllm_args, "--otlp-traces-endpoint", options.otlp_traces_endpoint])
-    if options.kvshare:
-        from agentserve.kvshare.connector import kv_transfer_config
-
-        settings = msgspec.structs.replace(settings, kv_transfer_config=kv_transfer_config(
-            temperature=options.kvshare_temperature, entropy_gamma=options.kvshare_gate,
-            correction=options.kvshare_correction))
-    if options.policy == "vllm":
-        return settings
-    extra = dict(settings.additional_config or {})
-    extra["agentserve"] = {"pin_cap_share": options.pin_cap_share, "max_wait_s": options.max_wait_s,
-                           "pin_mode": options.pin_mode, "admission_share": options.admission_share,
-                           "admission_max_hold_s": options.admission_max_hold_s,
-                           "tenant_pin_shares": options.tenants.pin_shares() if options.tenants else {}}
-    return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy="priority",
-                                   additional_config=extra)
-
-
-def program_events(options: ProgramOptions, model: str):
-    """(on_event sink, tracer) of a control plane: Prometheus metrics and OpenTelemetry spans."""
-    from agentserve.observability.tracing import ProgramTracer, fan_out, tracer_provider
-    from agentserve.server import metrics
-
-    tracer = ProgramTracer(model, tracer_provider=tracer_provider(options.otlp_traces_endpoint))
-    return fan_out(metrics.record_event, tracer.record), tracer
-
 
 async def build_control(engine, options: ProgramOptions, max_model_len: int, model: str,
                         gate: TenantGate | None = None):
@@ -137,14 +60,14 @@ async def shared_prompts(engine, model_dir: str):
 
 async def cross_model_front(options: ProgramOptions, sender_dir: str, sender_name: str, shares):
     """The cross-model variant's front (HF path), hooked to the sender's sharing requests; None if off."""
-    if options.cross_model is None:
+    o = options.kvshare
+    if o.cross_model is None:
         return None
     from agentserve.server.cross_model import build_cross_model
 
-    front = await asyncio.to_thread(build_cross_model, sender_dir, sender_name, options.cross_model,
-                                    group=options.cross_model_group, max_kl=options.cross_model_max_kl,
-                                    profile_path=options.cross_model_profile,
-                                    max_bytes=options.cross_model_store_bytes)
+    front = await asyncio.to_thread(build_cross_model, sender_dir, sender_name, o.cross_model,
+                                    group=o.cross_model_group, max_kl=o.cross_model_max_kl,
+                                    profile_path=o.cross_model_profile, max_bytes=o.cross_model_store_bytes)
     shares.on_translate = front.sender_prompt
     log.info("cross-model variant %s served next to %s, recomputing layers %s", front.name, sender_name,
              front.reuse.group)
@@ -198,7 +121,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
         tasks = await engine.get_supported_tasks()
         app = build_app(ns, tasks, engine.model_config)
         app.middleware_stack = None  # vLLM's bootstrap built it already; rebuilt at start-up with ours
-        shares = await shared_prompts(engine, ns.model) if options.kvshare else None
+        shares = await shared_prompts(engine, ns.model) if options.kvshare.enabled else None
         cross = await cross_model_front(options, ns.model, ns.served_model_name[0] if ns.served_model_name
                                         else settings.model, shares)
         app.add_middleware(AgentFieldsMiddleware, gate=gate,

@@ -22,7 +22,8 @@ from agentserve.programs.fields import XARG_PROGRAM, SharedPrompt, decode_fields
 from agentserve.server.cross_model import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.streams import request_streams
-from agentserve.server.tenants import DEFAULT_MAX_BODY_BYTES, Tenant, TenantGate
+from agentserve.options import DEFAULT_MAX_BODY_BYTES, Tenant
+from agentserve.server.tenants import TenantGate
 
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
 _PROGRAM_ROUTES = ("/v1/chat/completions", "/v1/completions")

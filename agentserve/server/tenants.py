@@ -20,64 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
-from pathlib import Path
 
-import msgspec
-
-SEP = ":"  # tenant:program inside the server; tenant names cannot contain it
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-
-
-class Tenant(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    name: str
-    api_keys: list[str]
-    max_programs: int = 1000  # live programs at once
-    max_ttl_s: float | None = None  # longest pin this tenant's turns get (None: the server's bound)
-    max_pinned_share: float | None = None  # share of the KV budget its pins may hold (None: the pin cap)
-
-    def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise ValueError(f"tenant name {self.name!r}: 1-64 of letters, digits, '_', '.', '-'")
-        if not self.api_keys or any(len(k) < 16 for k in self.api_keys):
-            raise ValueError(f"tenant {self.name!r}: give api_keys, each at least 16 characters")
-        if self.max_programs < 1:
-            raise ValueError(f"tenant {self.name!r}: max_programs must be >= 1")
-        if self.max_ttl_s is not None and self.max_ttl_s < 0:
-            raise ValueError(f"tenant {self.name!r}: max_ttl_s must be >= 0")
-        if self.max_pinned_share is not None and not 0 <= self.max_pinned_share <= 1:
-            raise ValueError(f"tenant {self.name!r}: max_pinned_share must be in [0, 1]")
-
-
-class TenantsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    tenants: list[Tenant]
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-
-    def __post_init__(self) -> None:
-        names = [t.name for t in self.tenants]
-        keys = [k for t in self.tenants for k in t.api_keys]
-        if not names or len(set(names)) != len(names) or len(set(keys)) != len(keys):
-            raise ValueError("tenants: at least one, names and api keys unique")
-        if self.max_body_bytes < 1024:
-            raise ValueError("max_body_bytes must be >= 1024")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TenantsConfig":
-        text = Path(path).read_bytes()
-        try:
-            if str(path).endswith((".yaml", ".yml")):
-                import yaml
-
-                return msgspec.convert(yaml.safe_load(text), cls)
-            return msgspec.json.decode(text, type=cls)
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-
-    def pin_shares(self) -> dict[str, float]:
-        """tenant -> share of the KV budget its pins may hold, for the scheduler plugin."""
-        return {t.name: t.max_pinned_share for t in self.tenants if t.max_pinned_share is not None}
+from agentserve.options import Tenant, TenantsConfig
+from agentserve.programs.ids import SEP, scope_id, tenant_of
 
 
 class TenantGate:
@@ -106,13 +52,7 @@ class TenantGate:
 
     @staticmethod
     def scope(tenant: Tenant, program_id: str) -> str:
-        return f"{tenant.name}{SEP}{program_id}"
-
-
-def tenant_of(program_id: str) -> str | None:
-    """The tenant of a scoped program id (None: the server runs without tenants)."""
-    name, sep, _ = program_id.partition(SEP)
-    return name if sep else None
+        return scope_id(tenant.name, program_id)
 
 
 def admit_under_limits(control):

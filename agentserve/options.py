@@ -1,0 +1,388 @@
+"""Every option of agentserve, declared once: its type, default, bounds and help text.
+
+The structs below are the only place a default lives. Everything else derives from them:
+`agentserve serve` and `agentserve replay` build their flags from the fields (`add_flags`), read them
+back (`from_flags`), the replay passes a policy's options to the server it starts (`to_flags`), the
+Ray Serve config (deploy/serve_config.yaml) decodes into them, and the scheduler plugin decodes its
+part (`SchedulerConfig`) from vLLM's `additional_config`. Adding an option is one field here plus its
+use. A field's flag is `--NAME` (underscores as dashes, a trailing `_s` dropped, a nested struct's
+field name in front) unless its `Meta.extra` names another (`{"flag": ...}`); `{"cli": False}` keeps a
+field off the command line. Bounds are `Meta` constraints, checked whenever options are decoded
+(`load`), so a bad value is refused with the field named before anything starts.
+"""
+
+import argparse
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+# ---- engine ---------------------------------------------------------------------------------------
+
+# fp32 on CPU: bf16 is ~3x slower on AVX2 machines without AMX/AVX512-BF16.
+DEFAULT_DTYPE = "float32"
+# Prefix caching only reuses full blocks; an agent turn adds few tokens, so small blocks lose less.
+# 32 is the smallest block the CPU attention backend takes.
+DEFAULT_BLOCK_SIZE = 32
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+Share = Annotated[float, Meta(ge=0, le=1)]
+Seconds = Annotated[float, Meta(ge=0)]
+
+
+def _help(text: str, **extra: Any) -> Meta:
+    return Meta(description=text, extra=extra) if extra else Meta(description=text)
+
+
+class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How to start one vLLM engine (engine/settings.py translates it to vLLM's arguments)."""
+
+    model: Annotated[str, _help(
+        "built-in model name (tiny, bench, tiny-qwen2: built locally on first use and cached under "
+        "$AGENTSERVE_CACHE or ~/.cache/agentserve), a trained one (kvret, kvret-ft) or a HuggingFace "
+        "model directory")] = "tiny"
+    kv_tokens: Annotated[int, Meta(gt=0), _help(
+        "KV cache budget in tokens, exact: rounded up to whole blocks and given to vLLM as a block "
+        "count and byte size")] = 16384
+    block_size: Annotated[int, Meta(gt=0, multiple_of=32), _help(
+        "KV block size in tokens, a multiple of 32 on CPU; prefix caching reuses whole blocks only")] = \
+        DEFAULT_BLOCK_SIZE
+    max_model_len: Annotated[PositiveInt | None, _help(
+        "longest prompt + output in tokens; longer requests get a 400 (default: the smaller of "
+        "--kv-tokens and the model's context length)")] = None
+    max_num_seqs: Annotated[int, Meta(gt=0), _help("most requests the engine runs in one batch")] = 64
+    max_num_batched_tokens: Annotated[PositiveInt | None, _help(
+        "tokens per engine step at most (default: the larger of max-model-len and 2048)", cli=False)] = None
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], _help(
+        "weight and KV dtype; float32 is fastest on AVX2 CPUs, bfloat16 on GPUs")] = DEFAULT_DTYPE
+    seed: Annotated[int, _help("engine sampling seed")] = 0
+    # Set by the program layer, not by users (cli=False): how the engine runs agentserve's plugins.
+    prefix_caching: Annotated[bool, _help("vLLM prefix caching", cli=False)] = True
+    scheduling_policy: Annotated[Literal["fcfs", "priority"], _help("vLLM's queue policy", cli=False)] = "fcfs"
+    scheduler_cls: Annotated[str | None, _help("module.Class of a vLLM Scheduler subclass", cli=False)] = None
+    kv_transfer_config: Annotated[dict | None, _help("vLLM's KV connector config", cli=False)] = None
+    additional_config: Annotated[dict | None, _help(
+        "vLLM's plugin config; agentserve's scheduler reads its 'agentserve' key", cli=False)] = None
+    served_model_name: Annotated[str | None, _help(
+        "the name clients send as model (default: the catalog name or the directory's name)", cli=False)] = None
+    extra_vllm_args: Annotated[list[str], _help("more `vllm serve` arguments", cli=False)] = []
+
+    def __post_init__(self) -> None:
+        if self.kv_tokens < self.block_size:
+            raise ValueError(f"kv_tokens={self.kv_tokens} is smaller than one block ({self.block_size})")
+        if self.block_size % 32:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of 32 (CPU attention)")
+
+    @property
+    def num_blocks(self) -> int:
+        # vLLM reserves one block (the null block) that never holds tokens.
+        return -(-self.kv_tokens // self.block_size) + 1
+
+
+# ---- programs -------------------------------------------------------------------------------------
+
+POLICIES = ("vllm", "continuum", "fixed", "agentserve")
+
+
+class AdmissionOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Program admission (programs/admission.py): off while share is 0."""
+
+    share: Annotated[float, Meta(ge=0), _help(
+        "program admission: hold a new program's first request while the admitted programs' contexts "
+        "fill this share of the KV budget (0 = off, every program starts at once)", metavar="SHARE")] = 0.0
+    max_hold_s: Annotated[float, Meta(ge=0), _help(
+        "a new program held this long is admitted anyway (0 = no bound)", metavar="S")] = 60.0
+    # Before any program has ended, a program is expected to grow to this share of the context window.
+    default_peak_share: Annotated[Share, _help(
+        "expected peak context of a program before any has ended, as a share of max-model-len",
+        cli=False)] = 0.25
+
+
+class KVShareOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """KV sharing across agents (KVCOMM) and across models (DroidSpeak): docs/kvshare.md."""
+
+    enabled: Annotated[bool, _help(
+        "KV sharing across agents: /v1/completions prompts given as parts (agentserve.share) reuse shared "
+        "parts' KV under their own prefix (KVCOMM; docs/kvshare.md)", flag="--kvshare")] = False
+    gate: Annotated[float, Meta(ge=0), _help(
+        "KVCOMM's reuse gate: a shared part is reused when its anchors' weights are sharp enough "
+        "(entropy <= GAMMA * log2 anchors); inf = whenever two anchors qualify", metavar="GAMMA")] = 0.3
+    temperature: Annotated[float, Meta(gt=0), _help("softmax temperature of the anchor weights")] = 1.0
+    correction: Annotated[Literal["anchors", "none"], _help(
+        "anchors: KVCOMM's offset correction of reused KV; none: the RoPE move alone (naive reuse; no "
+        "anchors needed, one recorded prompt per template)")] = "anchors"
+    cross_model: Annotated[str | None, _help(
+        "also serve MODEL, a fine-tune of --model's architecture (needs --kvshare): its /v1/completions "
+        "reuse the KV the served model computed for the same prompt prefix through its last shared part, "
+        "recomputing a few layers (DroidSpeak, HF path; docs/kvshare.md)", flag="--cross-model",
+        metavar="MODEL")] = None
+    cross_model_group: Annotated[Annotated[str, Meta(pattern=r"^\d+:\d+$")] | None, _help(
+        "the layers MODEL recomputes over a reused prefix (default: profiled at start-up: the cheapest "
+        "group on the quality/cost Pareto front within --cross-model-max-kl)", flag="--cross-model-group",
+        metavar="S:E")] = None
+    cross_model_max_kl: Annotated[float, Meta(gt=0), _help(
+        "quality bound of the profiled group: next-token KL to MODEL's own prefill",
+        flag="--cross-model-max-kl")] = 0.05
+    cross_model_profile: Annotated[str | None, _help(
+        "JSONL of profiling prompts ({\"prompt\": text} or {\"token_ids\": [...]}) (default for the kvret "
+        "pair: samples of its task)", flag="--cross-model-profile", metavar="FILE")] = None
+    cross_model_store_bytes: Annotated[int, Meta(gt=0), _help(
+        "bytes of sender prefixes kept for the cross-model variant", cli=False)] = 256 << 20
+
+    def __post_init__(self) -> None:
+        if self.cross_model is not None and not self.enabled:
+            raise ValueError("cross_model needs kvshare (the sender's shared parts mark what to reuse)")
+
+
+# ---- tenants --------------------------------------------------------------------------------------
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class Tenant(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One tenant of a tenants file (server/tenants.py: what the server does with it)."""
+
+    name: str
+    api_keys: list[str]
+    max_programs: Annotated[int, Meta(ge=1), _help("live programs at once")] = 1000
+    max_ttl_s: Annotated[Seconds | None, _help(
+        "longest pin this tenant's turns get (None: the server's bound)")] = None
+    max_pinned_share: Annotated[Share | None, _help(
+        "share of the KV budget its pins may hold (None: the pin cap)")] = None
+
+    def __post_init__(self) -> None:
+        if not _TENANT_NAME.match(self.name):
+            raise ValueError(f"tenant name {self.name!r}: 1-64 of letters, digits, '_', '.', '-'")
+        if not self.api_keys or any(len(k) < 16 for k in self.api_keys):
+            raise ValueError(f"tenant {self.name!r}: give api_keys, each at least 16 characters")
+
+
+class TenantsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    tenants: list[Tenant]
+    max_body_bytes: Annotated[int, Meta(ge=1024), _help("request bodies larger than this get a 413")] = \
+        DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tenants]
+        keys = [k for t in self.tenants for k in t.api_keys]
+        if not names or len(set(names)) != len(names) or len(set(keys)) != len(keys):
+            raise ValueError("tenants: at least one, names and api keys unique")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TenantsConfig":
+        text = Path(path).read_bytes()
+        try:
+            if str(path).endswith((".yaml", ".yml")):
+                import yaml
+
+                return msgspec.convert(yaml.safe_load(text), cls)
+            return msgspec.json.decode(text, type=cls)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def pin_shares(self) -> dict[str, float]:
+        """tenant -> share of the KV budget its pins may hold, for the scheduler plugin."""
+        return {t.name: t.max_pinned_share for t in self.tenants if t.max_pinned_share is not None}
+
+
+# ---- the program layer ----------------------------------------------------------------------------
+
+class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How the program layer behaves. `policy="vllm"` = stock vLLM scheduling, no pins."""
+
+    policy: Annotated[Literal["vllm", "continuum", "fixed", "agentserve"], _help(
+        "KV pin policy across tool calls: vllm = stock vLLM (plugin off, no pins, FCFS); continuum = "
+        "Continuum's published rule (2 s pin for short tools) with program FCFS; fixed = --fixed-ttl for "
+        "every turn; agentserve = the Continuum paper's TTL rule from the measured reload cost and "
+        "learned tool durations")] = "agentserve"
+    fixed_ttl_s: Annotated[float, Meta(ge=0), _help("TTL in seconds of --policy fixed")] = 2.0
+    max_ttl_s: Annotated[float, Meta(ge=0), _help(
+        "no pin is held longer than this many seconds, whatever the policy")] = 60.0
+    pin_cap_share: Annotated[Share, _help(
+        "largest share of the KV budget that pins may hold, 0..1", flag="--pin-cap")] = 0.5
+    # Program FCFS lets a later program's turn wait behind every earlier program's turns; a request
+    # waiting longer than this is served ahead of program order (docs/benchmarks.md: why 0.5 s).
+    max_wait_s: Annotated[float, Meta(ge=0), _help(
+        "seconds a request may wait behind earlier programs' turns before it is served in arrival order "
+        "(bounds program FCFS's TTFT tail; 0 = no bound)")] = 0.5
+    pin_mode: Annotated[Literal["soft", "ordered"], _help(
+        "under memory pressure, soft: any request frees pins (latest program first), so pins never delay "
+        "anything; ordered: a waiting request frees only later programs' pins and otherwise waits, until "
+        "--max-wait; running work always may")] = "soft"
+    idle_timeout_s: Annotated[float, Meta(gt=0), _help(
+        "seconds after which a silent program is abandoned and its pin released")] = 600.0
+    admission: AdmissionOptions = msgspec.field(default_factory=AdmissionOptions)
+    kvshare: KVShareOptions = msgspec.field(default_factory=KVShareOptions)
+    otlp_traces_endpoint: Annotated[str | None, _help(
+        "send OpenTelemetry traces (a workflow span per program, chat and execute_tool spans, vLLM's "
+        "request spans nested in them) to this OTLP gRPC collector, e.g. http://127.0.0.1:4317",
+        metavar="URL")] = None
+    tenants: Annotated[TenantsConfig | None, _help(
+        "tenants file (JSON or YAML; README: Tenants): API keys on every route, program ids and prefix "
+        "cache isolated per tenant, per-tenant limits; without it the API is open", metavar="FILE")] = None
+
+    def scheduler_config(self) -> "SchedulerConfig":
+        return SchedulerConfig(pin_cap_share=self.pin_cap_share, max_wait_s=self.max_wait_s,
+                               pin_mode=self.pin_mode, admission=self.admission,
+                               tenant_pin_shares=self.tenants.pin_shares() if self.tenants else {})
+
+
+_PROGRAM_DEFAULTS = ProgramOptions()
+
+
+class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the scheduler plugin reads from vLLM's `additional_config["agentserve"]` (the program
+    options' defaults, derived)."""
+
+    pin_cap_share: Share = _PROGRAM_DEFAULTS.pin_cap_share
+    max_wait_s: Seconds = _PROGRAM_DEFAULTS.max_wait_s
+    pin_mode: Literal["soft", "ordered"] = _PROGRAM_DEFAULTS.pin_mode
+    admission: AdmissionOptions = msgspec.field(default_factory=AdmissionOptions)
+    tenant_pin_shares: dict[str, Share] = {}
+
+
+# ---- decoding and the command line ----------------------------------------------------------------
+
+T = typing.TypeVar("T")
+
+
+def load(cls: type[T], data: dict) -> T:
+    """`data` (builtins: a config file, a namespace's values) as a `cls`, bounds checked; ValueError
+    naming the field."""
+    try:
+        return msgspec.convert(data, cls)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"invalid option: {e}") from None
+
+
+class Flag(msgspec.Struct, frozen=True):
+    path: tuple[str, ...]  # field names from the top struct
+    flag: str
+    kind: Any  # the field's type, Optional and Annotated removed
+    type: Any  # the field's full type (constraints included)
+    default: Any
+    help: str
+    metavar: str | None
+
+
+def flags(cls: type, prefix: tuple[str, ...] = ()) -> list[Flag]:
+    """The command-line flags of `cls`'s fields (nested option structs flattened)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for field in msgspec.structs.fields(cls):
+        name = field.name
+        kind, metas = _unwrap(hints[name])
+        extra = {k: v for m in metas for k, v in (m.extra or {}).items()}
+        if extra.get("cli", True) is False:
+            continue
+        if isinstance(kind, type) and issubclass(kind, msgspec.Struct) and not hasattr(kind, "load"):
+            out += flags(kind, prefix + (name,))
+            continue
+        default = field.default_factory() if field.default_factory is not msgspec.NODEFAULT else field.default
+        text = " ".join(m.description for m in metas if m.description)
+        flag = extra.get("flag") or "--" + "-".join(prefix + (name.removesuffix("_s"),)).replace("_", "-")
+        out.append(Flag(prefix + (name,), flag, kind, hints[name], default, text, extra.get("metavar")))
+    return out
+
+
+def _unwrap(tp) -> tuple[Any, list[Meta]]:
+    metas: list[Meta] = []
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            metas += [m for m in tp.__metadata__ if isinstance(m, Meta)]
+            tp = tp.__origin__
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0]
+        else:
+            return tp, metas
+
+
+def _dest(f: Flag) -> str:
+    return "opt__" + "__".join(f.path)
+
+
+def add_flags(group, cls: type, *, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
+    """Add `cls`'s flags to an argparse group. `skip`: flags left out; `defaults`: flag -> another
+    default for this command (the replay's own standard load, say)."""
+    defaults = defaults or {}
+    for f in flags(cls):
+        if f.flag in skip:
+            continue
+        default = defaults.get(f.flag, f.default)
+        shown = "" if default is None else f" (default: {default})"
+        kw: dict[str, Any] = {"dest": _dest(f), "default": default, "help": f.help + shown}
+        if f.kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif typing.get_origin(f.kind) is Literal:
+            kw["choices"] = list(typing.get_args(f.kind))
+        elif f.kind in (int, float):
+            kw["type"] = _number(f)
+        elif isinstance(f.kind, type) and hasattr(f.kind, "load"):  # a config file: its path
+            kw["type"] = _file_of(f.kind)
+        if f.kind is not bool:
+            kw["metavar"] = f.metavar or f.flag[2:].upper().replace("-", "_")
+        group.add_argument(f.flag, **kw)
+
+
+def _number(f: Flag):
+    """argparse type of a numeric flag: its bounds checked as the struct checks them."""
+    def parse(text: str):
+        try:
+            return msgspec.convert(f.kind(text), f.type)
+        except (ValueError, msgspec.ValidationError) as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+    parse.__name__ = f.kind.__name__
+    return parse
+
+
+def _file_of(cls):
+    def load_file(path: str):
+        try:
+            return cls.load(path)
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return load_file
+
+
+def from_flags(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:
+    """The `cls` that parsed flags describe (flags not added keep their struct default)."""
+    data: dict[str, Any] = {}
+    for f in flags(cls):
+        if hasattr(args, _dest(f)):
+            value = getattr(args, _dest(f))
+            node = data
+            for key in f.path[:-1]:
+                node = node.setdefault(key, {})
+            node[f.path[-1]] = msgspec.to_builtins(value) if isinstance(value, msgspec.Struct) else value
+    data.update(fixed)
+    return load(cls, data)
+
+
+def to_flags(options: msgspec.Struct) -> list[str]:
+    """The command-line flags that reproduce `options` (only values that differ from the defaults)."""
+    out: list[str] = []
+    for f in flags(type(options)):
+        value: Any = options
+        for key in f.path:
+            value = getattr(value, key)
+        if value == f.default:
+            continue
+        if isinstance(value, msgspec.Struct):
+            raise ValueError(f"{f.flag} is a file; it cannot be passed on as a flag value")
+        if f.kind is bool:
+            out.append(f.flag if value else "--no-" + f.flag[2:])
+        else:
+            out += [f.flag, str(value)]
+    return out
+
+
+def flag_names(cls: type) -> set[str]:
+    return {f.flag for f in flags(cls)}

@@ -1,0 +1,257 @@
+"""The program book: what one engine's scheduler knows and decides about agent programs. Plain Python.
+
+vLLM's scheduler sees requests; agentserve schedules programs. The book keeps the program-level
+state of one engine and makes every program-level decision, so that the vLLM adapter
+(`agentserve.engine.scheduler.ProgramScheduler`) only moves blocks and a simulator can run the same
+rules:
+
+- ranks: each program's arrival rank (program FCFS: a request's priority is its program's rank; a
+  request without a program is a one-turn program). Ranks go when the program ends; past
+  `MAX_PROGRAM_RANKS` the oldest idle programs' ranks go too (clients that never end programs).
+- the wait bound: a request waiting longer than `max_wait_s` is overdue (the queue order serves the
+  overdue first come first served); the book notices requests crossing it (`age`).
+- admission (`AdmissionGate`, optional): a new program's first request may be held.
+- pins (`PinTable`): whether a finished turn pins, which pin goes under pressure and who may take
+  it (pin mode), expiry, and the release when the next turn is admitted.
+
+Every decision is counted (`counters`) and traced (`events`, drained by the control tick). Time comes
+from the injected `clock` (wall-clock seconds: vLLM stamps requests with `time.time()`), so tests and
+simulations drive it without sleeping. The trade-off of keeping the book apart from vLLM's request
+objects: the adapter passes plain values (ids, token counts, arrival times) at each hook, a few
+attribute reads per request per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from agentserve.options import SchedulerConfig
+from agentserve.programs.admission import AdmissionGate
+from agentserve.programs.ids import tenant_of
+from agentserve.ttl.pins import Pin, PinTable, Release
+
+MAX_EVENTS = 4096  # events kept between two control ticks (the front end ticks ~5x per second)
+AGING_CHECK_S = 0.05  # how often waiting requests are checked against the wait bound
+# Past this many ranked programs, ranks of programs with no live request and no pin go, oldest first:
+# such a program's next request is ranked as a new arrival, which is what an idle program is.
+MAX_PROGRAM_RANKS = 65536
+
+
+class ProgramBook:
+    def __init__(self, config: SchedulerConfig, *, total_blocks: int, block_size: int, max_model_len: int,
+                 clock: Callable[[], float] = time.time, group_of: Callable[[str], str | None] = tenant_of):
+        self.config = config
+        self.clock = clock
+        self.block_size = block_size
+        self.pins = PinTable(cap_blocks=int(total_blocks * config.pin_cap_share),
+                             group_caps={t: int(total_blocks * s) for t, s in config.tenant_pin_shares.items()},
+                             group_of=group_of)
+        a = config.admission
+        self.admission = AdmissionGate(
+            total_blocks * block_size, a.share, default_peak=int(max_model_len * a.default_peak_share),
+            max_hold_s=a.max_hold_s) if a.share > 0 else None
+        self.counters: Counter[str] = Counter()
+        self.events: list[dict[str, Any]] = []
+        self.reorder_due = False  # queue keys changed (pins, the wait bound): re-key at the next step
+        self._ranks: dict[str, int] = {}  # program -> arrival rank (insertion order)
+        self._rank_seq = itertools.count()
+        self._live: Counter[str] = Counter()  # program -> its requests in the engine now
+        self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
+        self._newcomers: dict[str, str] = {}  # first requests of new programs not admitted yet -> program
+        self._held: set[str] = set()  # newcomers the gate has held at least once
+        self._aged: set[str] = set()  # waiting requests already seen overdue
+        self._next_aging_check = 0.0
+
+    # ---- arrivals, admission, departures -------------------------------------------------------
+    def arrive(self, request_id: str, program: str | None, prompt_tokens: int) -> int:
+        """A request entered the engine; returns its priority (its program's arrival rank)."""
+        if program is None:
+            return next(self._rank_seq)  # a lone request is a one-turn program
+        if program not in self._ranks:
+            self._ranks[program] = next(self._rank_seq)
+            if len(self._ranks) > MAX_PROGRAM_RANKS:
+                self._forget_idle_programs()
+            if self.admission is not None:
+                self._newcomers[request_id] = program
+        else:
+            self._returning.add(request_id)
+            if self.admission is not None:
+                if program in self._newcomers.values():
+                    self._newcomers[request_id] = program  # its program is still held
+                else:
+                    self.admission.started(program, prompt_tokens, self.clock())
+        self._live[program] += 1
+        return self._ranks[program]
+
+    def may_start(self, request_id: str, prompt_tokens: int, arrival_time: float) -> bool:
+        """May this waiting request be scheduled now? False holds a new program (admission)."""
+        program = self._newcomers.get(request_id)
+        if program is None:
+            return True
+        now = self.clock()
+        if self.admission.admits(program, prompt_tokens, now - arrival_time, now):
+            del self._newcomers[request_id]
+            self._held.discard(request_id)
+            self.admission.started(program, prompt_tokens, now)
+            return True
+        if request_id not in self._held:
+            self._held.add(request_id)
+            self.counters["admission_held"] += 1
+            self.event("admission_hold", program, load=self.admission.load, limit=self.admission.limit,
+                       prompt=prompt_tokens)
+        return False
+
+    def started(self, request_id: str, program: str | None, cached_tokens: int, prompt_tokens: int,
+                arrival_time: float) -> list[Release]:
+        """A request was scheduled for the first time with `cached_tokens` of prefix hit: its
+        program's pin is consumed (the hit holds those blocks now)."""
+        returning = request_id in self._returning
+        self._returning.discard(request_id)
+        if program is None:
+            return []
+        release = self.pins.release(program, "consumed")
+        if release is not None:
+            self.counters["pinned_tokens_served"] += min(cached_tokens, release.pin.tokens)
+            return self._released([release])
+        if returning:
+            self.event("admit_unpinned", program, queue_s=self.clock() - arrival_time, cached=cached_tokens,
+                       prompt=prompt_tokens)
+        return []
+
+    def leave(self, request_id: str, program: str | None, context_tokens: int, *, aborted: bool,
+              is_last: bool, ttl_s: float) -> tuple[list[Release], float]:
+        """A request left the engine. Returns (pins to release, TTL to pin its blocks for: 0 = none)."""
+        for ids in (self._returning, self._aged, self._held):
+            ids.discard(request_id)
+        self._newcomers.pop(request_id, None)
+        if program is None:
+            return [], 0.0
+        if self.admission is not None:
+            self.admission.finished(program, context_tokens, self.clock())
+        self._live[program] -= 1
+        if self._live[program] <= 0:
+            del self._live[program]
+        if aborted:
+            return self._released([self.pins.release(program, "abort")]), 0.0
+        if is_last or ttl_s <= 0:
+            return self._released([self.pins.release(program, "replaced")]), 0.0
+        return [], ttl_s
+
+    def pin(self, program: str, blocks: Sequence, ttl_s: float) -> tuple[bool, list[Release]]:
+        """Pin a finished turn's blocks for `ttl_s`. Returns (pinned, pins to release first)."""
+        now = self.clock()
+        pin = Pin(program, blocks, len(blocks) * self.block_size, self._ranks.get(program, 0), now, now + ttl_s)
+        inserted, releases = self.pins.add(pin)
+        if inserted:
+            self.counters["pins_created"] += 1
+            self.event("pin", program, blocks=len(blocks), ttl_s=ttl_s)
+            self.reorder_due = True
+        else:
+            self.counters["pins_refused"] += 1
+            self.event("pin_refused", program, blocks=len(blocks))
+        return inserted, self._released(releases)
+
+    # ---- memory pressure ------------------------------------------------------------------------
+    def release_for(self, program: str | None, rank: int, *, running: bool, preempted: bool,
+                    arrival_time: float) -> Release | None:
+        """A request cannot get blocks: the pin to release for it, or None (it waits). Pin mode soft:
+        any pin, latest program first, the asker's own last. Ordered: running work (else preempted),
+        preempted and overdue requests may take any pin; other waiting requests only later programs'."""
+        junior_to = None
+        if self.config.pin_mode == "ordered" and not (running or preempted or self.overdue(arrival_time)):
+            junior_to = rank
+        release = self.pins.release_for_pressure(spare=program, junior_to=junior_to)
+        if release is None:
+            self.counters["pin_waits"] += 1
+            return None
+        return self._released([release])[0]
+
+    # ---- time -----------------------------------------------------------------------------------
+    def overdue(self, arrival_time: float) -> bool:
+        return self.config.max_wait_s > 0 and self.clock() - arrival_time > self.config.max_wait_s
+
+    def age(self, waiting: Iterable[tuple[str, float]]) -> None:
+        """Note waiting requests ((id, arrival time)) that crossed the wait bound since the last check."""
+        now = self.clock()
+        if self.config.max_wait_s <= 0 or now < self._next_aging_check:
+            return
+        self._next_aging_check = now + AGING_CHECK_S
+        horizon = now - self.config.max_wait_s
+        newly = [rid for rid, arrival in waiting if arrival < horizon and rid not in self._aged]
+        if newly:
+            self._aged.update(newly)
+            self.counters["requests_aged"] += len(newly)
+            self.reorder_due = True
+
+    def expire(self, busy_programs: Callable[[], Iterable[str | None]]) -> list[Release]:
+        """Pins past their TTL, except those of programs with a request waiting (it takes the pin)."""
+        nxt = self.pins.next_expiry()
+        if nxt is None or nxt > self.clock():
+            return []
+        return self._released(self.pins.expire(self.clock(), set(busy_programs())))
+
+    # ---- the control plane's commands ------------------------------------------------------------
+    def end(self, program: str) -> list[Release]:
+        self._ranks.pop(program, None)
+        if self.admission is not None:
+            self.admission.end(program)
+        return self._released([self.pins.release(program, "program_end")])
+
+    def release(self, program: str, reason: str) -> list[Release]:
+        return self._released([self.pins.release(program, reason)])
+
+    def release_all(self, reason: str) -> list[Release]:
+        return self._released(self.pins.release_all(reason))
+
+    def set_ttl(self, program: str, ttl_s: float) -> None:
+        if (pin := self.pins.get(program)) is not None:
+            pin.expires_at = pin.created_at + max(0.0, ttl_s)
+
+    def holds_pin(self, program: str | None) -> bool:
+        return program is not None and program in self.pins
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, pins and program counts; drains the events."""
+        events, self.events = self.events, []
+        counters = dict(self.counters)
+        if self.admission is not None:
+            counters.update({f"admission_{k}": v for k, v in self.admission.counters.items()})
+        return {"pins": len(self.pins), "pinned_blocks": self.pins.pinned_blocks,
+                "pin_cap_blocks": self.pins.cap_blocks, "programs": len(self._ranks), "counters": counters,
+                "admitted_programs": len(self.admission.programs) if self.admission is not None else None,
+                "events": events}
+
+    @property
+    def idle(self) -> bool:
+        """No program has a request in the engine and no per-request state is left."""
+        return not (self._live or self._aged or self._returning or self._newcomers or self._held)
+
+    def rank(self, program: str) -> int | None:
+        return self._ranks.get(program)
+
+    def event(self, kind: str, program: str, **fields: Any) -> None:
+        if len(self.events) < MAX_EVENTS:
+            self.events.append({"kind": kind, "program": program, "t": self.clock(), **fields})
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _released(self, releases: Iterable[Release | None]) -> list[Release]:
+        out = [r for r in releases if r is not None]
+        for r in out:
+            self.counters[f"pins_released_{r.reason}"] += 1
+            self.event("unpin", r.pin.program_id, reason=r.reason, blocks=r.pin.num_blocks,
+                       held_s=self.clock() - r.pin.created_at)
+            if r.reason != "consumed":
+                self.reorder_due = True
+        return out
+
+    def _forget_idle_programs(self) -> None:
+        """Drop the oldest ranks of programs with no live request and no pin, down to 3/4 of the cap."""
+        excess = len(self._ranks) - MAX_PROGRAM_RANKS * 3 // 4
+        idle = [p for p in self._ranks if p not in self._live and p not in self.pins][:excess]
+        for program in idle:
+            del self._ranks[program]
+        self.counters["program_ranks_forgotten"] += len(idle)
