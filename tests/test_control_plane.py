@@ -40,7 +40,7 @@ def test_program_commands_go_to_the_replica_that_served_it():
     assert xargs[XARG_TTL] == 30.0
     cp.end_call("p", 110)
     assert cp.place("p", ["r1", "r2"])[0] == "r2"  # its KV is on r2
-    assert run(cp.call("end_program", "p")) == {"ok": None}
+    assert run(cp.end_program("p")) == {"ok": None}
     assert cp.sync("r1", stats()) == [] and cp.sync("r2", stats()) == [("end", {"program_id": "p"})]
     assert cp.sync("r2", stats()) == [] and not cp.affinity.home and len(cp.control.tracker) == 0
 
@@ -68,7 +68,7 @@ def test_dead_replica_is_forgotten_and_its_programs_move(monkeypatch):
     # a replica that stops syncing leaves the cluster's stats, and is back when it syncs again
     cp.sync("r2", stats(pins=2))
     cp.begin_call("r2", fields("q"), 100, 10)
-    run(cp.call("end_program", "q"))  # queued for r2
+    run(cp.end_program("q"))  # queued for r2
     now = time.monotonic()
     monkeypatch.setattr(cp_module.time, "monotonic", lambda: now + cp_module.REPLICA_SILENT_S + 1)
     assert run(cp.control.tick())["pins"] == 0 and not cp.live()
@@ -78,12 +78,10 @@ def test_dead_replica_is_forgotten_and_its_programs_move(monkeypatch):
 
 def test_program_route_errors_stay_client_errors():
     cp = ProgramControlPlane(FIXED)
-    status, message = run(cp.call("describe", "nope"))["error"]
+    status, message = run(cp.describe("nope"))["error"]
     assert status == 404 and "nope" in message
-    assert run(cp.call("tool_event", "nope", "bash", "end", 1.0))["error"][0] == 404
-    with pytest.raises(ValueError, match="not a program route"):
-        run(cp.call("__init__"))
-    stats_ = run(cp.call("stats"))["ok"]
+    assert run(cp.tool_event("nope", "bash", "end", 1.0))["error"][0] == 404
+    stats_ = run(cp.stats())["ok"]
     assert stats_["policy"] == "fixed" and stats_["programs"] == 0 and stats_["routed_programs"] == 0
 
 
@@ -99,7 +97,7 @@ def test_agentserve_policy_waits_for_a_measured_reload_profile():
 def test_vllm_policy_tracks_and_routes_but_never_pins():
     cp = ProgramControlPlane({"policy": "vllm"})
     assert XARG_TTL not in cp.begin_call("r1", fields("p"), 100, 10)
-    run(cp.call("end_program", "p"))
+    run(cp.end_program("p"))
     assert cp.sync("r1", stats()) == []
 
 
@@ -140,7 +138,7 @@ def test_no_pin_survives_its_program(ops):
             if xargs.get(XARG_TTL):
                 replicas[target].pins.add(program)
         elif op == "end" and program in live:
-            run(cp.call("end_program", program))
+            run(cp.end_program(program))
             live.discard(program)
         elif op == "gone" and replica in replicas and len(replicas) > 1:
             del replicas[replica]  # its pins die with it
@@ -148,7 +146,7 @@ def test_no_pin_survives_its_program(ops):
         elif op == "sync" and replica in replicas:
             replicas[replica].apply(cp.sync(replica, stats()))
     for program in list(live):
-        run(cp.call("end_program", program))
+        run(cp.end_program(program))
     for r, fake in replicas.items():
         fake.apply(cp.sync(r, stats()))
         assert not fake.pins, f"{r} still pins {fake.pins} after every program ended"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from agentserve.server.program_layer import ProgramEngineClient
+from agentserve.server.engine_client import ProgramEngineClient
 
 
 class FakeEngine:

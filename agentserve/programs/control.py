@@ -1,16 +1,23 @@
 """The program control plane: tracker, tool-duration predictor and TTL policy behind one small API.
 
-The front end (HTTP server, later the Ray Serve ingress) calls it at every program event; it decides
-each turn's TTL and tells the engine (`EngineLink`: the scheduler plugin's control utility) what to
-release. It holds no engine objects, so it is tested with a fake link. With `--policy vllm` the link is
-None: programs are still tracked (the API is the same) but nothing is pinned.
+`ProgramControl` is called at every program event; it decides each turn's TTL and tells the engine
+(`EngineLink`: the scheduler plugin's control utility) what to release. It holds no engine objects, so
+it is tested with a fake link. With `--policy vllm` the link is None: programs are still tracked (the
+API is the same) but nothing is pinned.
+
+The front ends reach it through one interface, `Control`: in process (`LocalControl`, the embedded
+server) or across Ray (`agentserve.rayserve.remote.RemoteControl`, a replica's engine client and the
+ingress's routes, answered by the one control plane actor). Every method returns an awaitable, and its
+effect happens when it is called (a remote call is sent then): a caller that does not need the answer
+(an LLM call's end) hands the awaitable to a task instead of waiting on it.
 """
 
 from __future__ import annotations
 
 import logging
+import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agentserve.programs.fields import XARG_TTL, XARG_TURN, ProgramFields, to_xargs
 from agentserve.programs.tracker import ProgramTracker
@@ -118,8 +125,11 @@ class ProgramControl:
         await self._send("end", {"program_id": program_id})
         self.on_event("program_end", {"program": program_id, "reason": reason, "turns": program.llm_calls})
 
-    def live_programs(self, owner: Callable[[str], bool]) -> int:
+    def live_programs(self, owner: Callable[[str], bool] = lambda program_id: True) -> int:
         return sum(1 for p in self.tracker.programs if owner(p))
+
+    def knows(self, program_id: str) -> bool:
+        return program_id in self.tracker.programs
 
     def describe(self, program_id: str) -> dict:
         """A program's state and DAG (the `GET /v1/programs/{id}` body)."""
@@ -158,3 +168,70 @@ class ProgramControl:
         for ev in stats.get("events", ()):
             self.on_event("engine_" + ev["kind"], ev)
         return stats
+
+
+class Control(Protocol):
+    """What a front end asks of the program control plane (see the module docstring)."""
+
+    def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> Awaitable[dict]: ...
+
+    def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
+                    cached_tokens: int | None) -> Awaitable[None]: ...
+
+    def end_call(self, program_id: str, context_tokens: int) -> Awaitable[None]: ...
+
+    def abort_call(self, program_id: str) -> Awaitable[None]: ...
+
+    def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None
+                   ) -> Awaitable[float | None]: ...
+
+    def end_program(self, program_id: str) -> Awaitable[None]: ...
+
+    def describe(self, program_id: str) -> Awaitable[dict]: ...
+
+    def stats(self) -> Awaitable[dict]: ...
+
+    def shutdown(self) -> Awaitable[dict]: ...
+
+
+def _done(value: Any = None) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+class LocalControl:
+    """`Control` over a `ProgramControl` in this process: bookkeeping happens at the call, an engine
+    command when the answer is awaited."""
+
+    def __init__(self, control: ProgramControl):
+        self.control = control
+
+    def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> Awaitable[dict]:
+        return _done(self.control.begin_call(fields, prompt_tokens, max_tokens))
+
+    def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
+                    cached_tokens: int | None) -> Awaitable[None]:
+        return _done(self.control.first_token(program_id, turn, ttft_s, prompt_tokens, cached_tokens))
+
+    def end_call(self, program_id: str, context_tokens: int) -> Awaitable[None]:
+        return _done(self.control.end_call(program_id, context_tokens))
+
+    def abort_call(self, program_id: str) -> Awaitable[None]:
+        return self.control.abort_call(program_id)
+
+    def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None
+                   ) -> Awaitable[float | None]:
+        return _done(self.control.tool_event(program_id, name, event, duration_s))
+
+    def end_program(self, program_id: str) -> Awaitable[None]:
+        return self.control.end_program(program_id)
+
+    def describe(self, program_id: str) -> Awaitable[dict]:
+        return _done(self.control.describe(program_id))
+
+    def stats(self) -> Awaitable[dict]:
+        return self.control.stats()
+
+    def shutdown(self) -> Awaitable[dict]:
+        return self.control.shutdown()

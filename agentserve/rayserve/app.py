@@ -150,8 +150,8 @@ def release_all_pins(timeout_s: float = 5.0) -> None:
 
     try:
         cp = ray.get_actor(actor_name(APP_NAME), namespace=NAMESPACE)
-        ray.get(cp.call.remote("shutdown"), timeout=timeout_s)
-        ray.get(cp.call.remote("stats"), timeout=timeout_s)
+        ray.get(cp.shutdown.remote(), timeout=timeout_s)
+        ray.get(cp.stats.remote(), timeout=timeout_s)
     except Exception:  # noqa: BLE001 - never block shutdown on it; the replicas' engines end with it
         log.warning("could not release pins before shutdown", exc_info=True)
         return

@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-from agentserve.programs.control import ProgramControl
+from agentserve.programs.control import LocalControl, ProgramControl
 from agentserve.programs.fields import ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
@@ -71,6 +72,7 @@ class ProgramControlPlane:
         on_event, tracer = program_events(self.options, model)
         self.control = ProgramControl(ProgramTracker(self.options.idle_timeout_s), predictor, policy, link,
                                       benefit, on_event=on_event, tracer=tracer)
+        self.local = LocalControl(self.control)
         self._ticker: asyncio.Task | None = None
 
     def _policy(self, reload: ReloadProfile | None, predictor, benefit):
@@ -152,22 +154,31 @@ class ProgramControlPlane:
         await self.control.abort_call(program_id)
 
     # ---- program routes (from the ingress) -----------------------------------------------------
-    async def call(self, method: str, *args: Any) -> dict:
-        """`ProgramControl.<method>(*args)` for the program routes (tool_event, end_program, describe,
-        stats) and shutdown, with a client error returned as `{"error": [status, message]}`."""
-        if method not in ("tool_event", "end_program", "describe", "stats", "shutdown"):
-            raise ValueError(f"not a program route method: {method!r}")
+    async def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None) -> dict:
+        return await self._answer(lambda: self.local.tool_event(program_id, name, event, duration_s))
+
+    async def end_program(self, program_id: str) -> dict:
+        return await self._answer(lambda: self.local.end_program(program_id))
+
+    async def describe(self, program_id: str) -> dict:
+        return await self._answer(lambda: self.local.describe(program_id))
+
+    async def stats(self) -> dict:
+        answer = await self._answer(self.local.stats)
+        answer["ok"]["replicas"] = {r: {k: v for k, v in s.items() if k != "counters"} for r, s in self.live().items()}
+        answer["ok"]["routed_programs"] = len(self.affinity.home)
+        return answer
+
+    async def shutdown(self) -> dict:
+        return await self._answer(self.local.shutdown)
+
+    @staticmethod
+    async def _answer(call: Callable[[], Awaitable[Any]]) -> dict:
+        """`{"ok": value}`, or `{"error": [status, message]}` for a client error (see the docstring)."""
         try:
-            result = getattr(self.control, method)(*args)
-            if asyncio.iscoroutine(result):
-                result = await result
+            return {"ok": await call()}
         except ProgramError as e:
             return {"error": [e.status, str(e)]}
-        if method == "stats":
-            result["replicas"] = {r: {k: v for k, v in s.items() if k != "counters"}
-                                  for r, s in self.live().items()}
-            result["routed_programs"] = len(self.affinity.home)
-        return {"ok": result}
 
     # ---- the engine link of ProgramControl -----------------------------------------------------
     async def _link(self, command: str, payload: dict) -> dict:

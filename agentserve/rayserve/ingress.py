@@ -18,16 +18,13 @@ import json
 import logging
 
 from fastapi import FastAPI
-import ray
-from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress, init, make_fastapi_ingress
 
-from agentserve.programs.tracker import ProgramError
 from agentserve.rayserve.replica import ReplicaTag
-from agentserve.rayserve.control_plane import NAMESPACE, actor_name
+from agentserve.rayserve.remote import RemoteControl
 from agentserve.server.middleware import AgentFieldsMiddleware, error_response
-from agentserve.server.program_layer import add_program_routes
+from agentserve.server.program_routes import add_program_routes
 
 log = logging.getLogger("agentserve.rayserve")
 
@@ -38,30 +35,6 @@ REPLICA_RETRIES = 2
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
 REPLICA_DIED_MID_STREAM = {"message": "the replica serving this stream died; send the request again", "type": "ServiceUnavailable",
                            "param": None, "code": 503}
-
-
-class RemotePrograms:
-    """The program routes' control plane: the shared control-plane actor (see control_plane.py)."""
-
-    def __init__(self):
-        self._handle = None
-
-    def __getattr__(self, method: str):
-        if method.startswith("_"):
-            raise AttributeError(method)
-
-        async def call(*args):
-            if self._handle is None:
-                app = serve.get_replica_context().app_name
-                self._handle = ray.get_actor(actor_name(app), namespace=NAMESPACE)
-            if method == "ready":
-                return await self._handle.ready.remote()
-            answer = await self._handle.call.remote(method, *args)
-            if "error" in answer:
-                raise ProgramError(*answer["error"])
-            return answer["ok"]
-
-        return call
 
 
 class ProgramIngress(OpenAiIngress):
@@ -99,8 +72,8 @@ def program_ingress_cls():
     """`ProgramIngress` as a Serve ingress class: vLLM-compatible OpenAI routes + program routes."""
     app: FastAPI = init()
     app.add_middleware(AgentFieldsMiddleware)
-    programs = RemotePrograms()
-    add_program_routes(app, lambda: programs)
+    programs = RemoteControl()
+    add_program_routes(app, programs)
 
     @app.get("/health")
     async def health():

@@ -2,7 +2,7 @@
 shared control plane (control_plane.py).
 
 - its engine client is wrapped in the embedded server's `ProgramEngineClient`, with `RemoteControl`
-  as the control: every program call is tracked and given its TTL by the one control plane;
+  (remote.py) as the control: every program call is tracked and given its TTL by the one control plane;
 - a sync task pulls the commands queued for this replica (end, release) and pushes its pin stats and
   load (free KV blocks, queue) every `SYNC_S`;
 - every response stream starts with a `ReplicaTag`, which the ingress turns into the
@@ -20,7 +20,8 @@ from ray import serve
 from ray.serve.llm import LLMServer
 
 from agentserve.rayserve.control_plane import SYNC_S
-from agentserve.server.program_layer import ProgramEngineClient
+from agentserve.rayserve.remote import RemoteControl
+from agentserve.server.engine_client import ProgramEngineClient
 
 log = logging.getLogger("agentserve.rayserve")
 
@@ -31,33 +32,15 @@ class ReplicaTag(msgspec.Struct, frozen=True):
     replica_id: str
 
 
-class RemoteControl:
-    """`ProgramControl`'s call surface for `ProgramEngineClient`, answered by the control plane."""
-
-    def __init__(self, control_plane, replica_id: str):
-        self.cp = control_plane
-        self.replica_id = replica_id
-
-    def begin_call(self, fields, prompt_tokens: int, max_tokens: int):
-        return self.cp.begin_call.remote(self.replica_id, msgspec.json.encode(fields), prompt_tokens, max_tokens)
-
-    def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int, cached: int | None):
-        return self.cp.first_token.remote(program_id, turn, ttft_s, prompt_tokens, cached)
-
-    def end_call(self, program_id: str, context_tokens: int):
-        return self.cp.end_call.remote(program_id, context_tokens)
-
-    def abort_call(self, program_id: str):
-        return self.cp.abort_call.remote(program_id)
-
-
 def program_engine_cls(control: RemoteControl):
     """Ray's vLLM engine class, its engine client wrapped before the OpenAI serving objects see it."""
     from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 
     class ProgramVLLMEngine(VLLMEngine):
         def _start_async_llm_engine(self, *args, **kwargs):
-            return ProgramEngineClient(super()._start_async_llm_engine(*args, **kwargs), control)
+            # the control plane releases every replica's pins at shutdown (app.release_all_pins)
+            return ProgramEngineClient(super()._start_async_llm_engine(*args, **kwargs), control,
+                                       release_at_shutdown=False)
 
     return ProgramVLLMEngine
 

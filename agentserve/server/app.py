@@ -4,7 +4,7 @@ We reuse vLLM's FastAPI app (`build_app` + `init_app_state`) instead of writing 
 it already implements `/v1/chat/completions` (streaming too), `/v1/completions`, `/v1/models`,
 `/health`, `/metrics` (Prometheus), request validation with 400s, 404 for unknown models and the
 context-length check, and it stays byte-compatible with `vllm serve` as vLLM evolves. agentserve adds
-its program layer on top (`middleware.py`, `program_layer.py`: engine-client wrapper, program routes), so a
+its program layer on top (`middleware.py`, `engine_client.py`, `program_routes.py`), so a
 request without agentserve fields is served exactly as stock vLLM serves it. `ray.serve.llm` wraps
 the same vLLM code for the Ray path, so both front ends behave alike.
 """
@@ -107,7 +107,9 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
     from agentserve.server.middleware import AgentFieldsMiddleware
-    from agentserve.server.program_layer import ProgramEngineClient, add_program_routes, tick_loop
+    from agentserve.programs.control import LocalControl
+    from agentserve.server.engine_client import ProgramEngineClient
+    from agentserve.server.program_routes import add_program_routes, tick_loop
 
     options = options or ProgramOptions()
     ns = vllm_namespace(engine_settings_for(settings, options), host=host, port=port)
@@ -117,7 +119,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
         gate = TenantGate(options.tenants) if options.tenants is not None else None
         control = await build_control(engine, options, engine.model_config.max_model_len,
                                       ns.served_model_name[0] if ns.served_model_name else settings.model, gate)
-        client = ProgramEngineClient(engine, control)
+        client = ProgramEngineClient(engine, LocalControl(control))
         tasks = await engine.get_supported_tasks()
         app = build_app(ns, tasks, engine.model_config)
         app.middleware_stack = None  # vLLM's bootstrap built it already; rebuilt at start-up with ours
@@ -127,7 +129,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
         app.add_middleware(AgentFieldsMiddleware, gate=gate,
                            admit=admit_under_limits(control) if gate is not None else None, shares=shares,
                            cross=cross)
-        add_program_routes(app, lambda: control)
+        add_program_routes(app, LocalControl(control))
         if shares is not None:
             add_kvshare_routes(app, engine, cross)
         await init_app_state(client, app.state, ns, tasks)

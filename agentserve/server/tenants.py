@@ -60,7 +60,7 @@ def admit_under_limits(control):
     tenant has fewer live programs than its limit (a count over live programs: O(programs))."""
 
     def admit(tenant: Tenant, program_id: str) -> bool:
-        if program_id in control.tracker.programs:
+        if control.knows(program_id):
             return True
         return control.live_programs(lambda p: tenant_of(p) == tenant.name) < tenant.max_programs
 
