@@ -8,7 +8,7 @@ import pytest
 from agentserve.programs.control import ProgramControl
 from agentserve.programs.fields import XARG_PROGRAM, XARG_TTL, ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
-from agentserve.server.middleware import rewrite_body
+from agentserve.server.middleware import rewrite
 from agentserve.ttl.policy import FixedTTL, OnlineBenefit
 from agentserve.ttl.reload import ReloadProfile
 from agentserve.ttl.predictor import ToolDurationPredictor
@@ -83,9 +83,9 @@ def test_in_flight_program_is_not_reaped():
     assert tr.reap() == []
 
 
-def test_rewrite_body_moves_fields_to_vllm_xargs():
+def test_rewrite_moves_fields_to_vllm_xargs():
     body = json.dumps({"model": "m", "messages": [], "agentserve": {"program_id": "p", "turn": 2}}).encode()
-    out, err = rewrite_body(body)
+    out, _, err = rewrite(body)
     assert err is None
     data = json.loads(out)
     assert "agentserve" not in data and data["vllm_xargs"][XARG_PROGRAM] == "p"
@@ -98,16 +98,51 @@ def test_rewrite_body_moves_fields_to_vllm_xargs():
     ({"program_id": "p", "turn": -1}, "agentserve.turn"),
     ({"program_id": "p", "colour": "red"}, "agentserve.colour"),
 ])
-def test_rewrite_body_names_the_bad_field(fields, param):
-    _, err = rewrite_body(json.dumps({"model": "m", "agentserve": fields}).encode())
+def test_rewrite_names_the_bad_field(fields, param):
+    _, _, err = rewrite(json.dumps({"model": "m", "agentserve": fields}).encode())
     assert err.status_code == 400
     payload = json.loads(err.body)
     assert payload["error"]["param"] == param
 
 
+@pytest.mark.parametrize("xargs", [{"agentserve_ttl_s": 1e9}, {"agentserve_program_id": "other"},
+                                   {"agentserve_is_last_turn": False, "mine": 1}])
+def test_a_clients_own_agentserve_xargs_are_refused(xargs):
+    """They would reach the scheduler unchecked: a TTL past --max-ttl, another program's pin."""
+    for extra in ({}, {"agentserve": {"program_id": "p"}}):
+        _, _, err = rewrite(json.dumps({"model": "m", "vllm_xargs": xargs, **extra}).encode())
+        assert err.status_code == 400 and json.loads(err.body)["error"]["param"] == "vllm_xargs"
+    body = json.dumps({"model": "m", "vllm_xargs": {"mine": 1}}).encode()
+    assert rewrite(body) == (body, [], None)  # other xargs are the client's own business
+
+
+def test_a_body_is_decoded_once_and_encoded_once(monkeypatch):
+    import msgspec
+
+    from agentserve.options import TenantsConfig
+    from agentserve.server.tenants import TenantGate
+
+    calls = {"decode": 0, "encode": 0}
+    decode, encode = msgspec.json.decode, msgspec.json.encode
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(msgspec.json, "decode", counted("decode", decode))
+    monkeypatch.setattr(msgspec.json, "encode", counted("encode", encode))
+    gate = TenantGate(msgspec.convert({"tenants": [{"name": "a", "api_keys": ["k" * 16]}]}, TenantsConfig))
+    body = json.dumps({"model": "m", "messages": [], "agentserve": {"program_id": "p", "turn": 1}}).encode()
+    out, _, err = rewrite(body, tenant=gate.tenants["a"], gate=gate, admit=lambda t, p: True)
+    assert err is None and calls == {"decode": 1, "encode": 1}
+    assert json.loads(out)["vllm_xargs"][XARG_PROGRAM] == "a:p"
+
+
 def test_bodies_without_agentserve_pass_untouched():
     for body in (b"{not json", b"[1,2]", b'{"model": "m"}'):
-        assert rewrite_body(body) == (body, None)
+        assert rewrite(body) == (body, [], None)
 
 
 def test_control_plane_with_a_fake_engine_link():

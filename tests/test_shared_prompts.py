@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from agentserve.kvshare.planner import PARAMS_KEY, decode_spec
-from agentserve.programs.fields import SharedPrompt
-from agentserve.server.middleware import rewrite_body, rewrite_shared_prompt
+from agentserve.programs.fields import XARG_PROGRAM, SharedPrompt
+from agentserve.server.middleware import rewrite
 from agentserve.server.shared_prompts import SALT, ShareError, SharedPrompts
 
 
@@ -71,17 +71,16 @@ def test_the_middleware_rewrite_and_a_prompt_given_twice():
     shares = SharedPrompts(FakeEngine(), WordTokenizer(), vocab_size=100)
     body = json.dumps({"model": "m", "prompt": "", "agentserve": {"program_id": "p", "share": {
         "template": "t", "parts": [{"text": "x", "shared": True}, {"text": "yy"}]}}}).encode()
-    out, produce, error = rewrite_shared_prompt(body, shares, "")
+    out, produce, error = rewrite(body, path="/v1/completions", shares=shares)
     assert error is None and produce == [[1]]
-    out, error = rewrite_body(out)  # the program fields go on as usual, without the parts
-    data = json.loads(out)
-    assert error is None and data["prompt"] == [1, 2] and "share" not in data["vllm_xargs"]["agentserve_fields"]
+    data = json.loads(out)  # the program fields go on as usual, without the parts
+    assert data["prompt"] == [1, 2] and data["vllm_xargs"][XARG_PROGRAM] == "p" and "agentserve" not in data
     twice = json.dumps({"model": "m", "prompt": "hi", "agentserve": {"program_id": "p", "share": {
         "template": "t", "parts": [{"text": "x", "shared": True}, {"text": "yy"}]}}}).encode()
-    _, _, error = rewrite_shared_prompt(twice, shares, "")
+    _, _, error = rewrite(twice, path="/v1/completions", shares=shares)
     assert error.status_code == 400 and json.loads(error.body)["error"]["param"] == "prompt"
     # a share the server did not take (no --kvshare): refused, not silently ignored
-    _, error = rewrite_body(body)
+    _, _, error = rewrite(body, path="/v1/completions")
     assert error.status_code == 400 and json.loads(error.body)["error"]["param"] == "agentserve.share"
 
 

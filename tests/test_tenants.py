@@ -7,10 +7,10 @@ import json
 import msgspec
 import pytest
 
-from agentserve.programs.fields import XARG_PROGRAM
-from agentserve.server.middleware import _scoped_program_path, rewrite_body
 from agentserve.options import TenantsConfig
+from agentserve.programs.fields import XARG_PARENT, XARG_PROGRAM
 from agentserve.programs.ids import tenant_of
+from agentserve.server.middleware import _scoped_program_path, rewrite
 from agentserve.server.tenants import TenantGate
 
 KEY_A, KEY_B = "sk-acme-0123456789abcdef", "sk-bolt-0123456789abcdef"
@@ -64,21 +64,21 @@ def body(**kw) -> bytes:
 def test_request_bodies_are_scoped_salted_and_limited():
     gate = TenantGate(CONFIG)
     acme = gate.tenants["acme"]
-    out, error = rewrite_body(body(agentserve={"program_id": "p", "parent_program_id": "root"}), acme, gate)
+    out, _, error = rewrite(body(agentserve={"program_id": "p", "parent_program_id": "root"}), tenant=acme, gate=gate)
     data = json.loads(out)
     assert error is None and data["vllm_xargs"][XARG_PROGRAM] == "acme:p" and tenant_of("acme:p") == "acme"
-    assert json.loads(data["vllm_xargs"]["agentserve_fields"])["parent_program_id"] == "acme:root"
+    assert data["vllm_xargs"][XARG_PARENT] == "acme:root"
     assert data["cache_salt"] == gate.cache_salt(acme)
-    plain, error = rewrite_body(body(), acme, gate)  # no program: still salted
+    plain, _, error = rewrite(body(), tenant=acme, gate=gate)  # no program: still salted
     assert error is None and json.loads(plain)["cache_salt"] == gate.cache_salt(acme)
-    _, error = rewrite_body(body(vllm_xargs={"agentserve_program_id": "bolt:p"}), acme, gate)
+    _, _, error = rewrite(body(vllm_xargs={"agentserve_program_id": "bolt:p"}), tenant=acme, gate=gate)
     assert error.status_code == 400 and b"reserved" in error.body
-    _, error = rewrite_body(body(cache_salt=7), acme, gate)
+    _, _, error = rewrite(body(cache_salt=7), tenant=acme, gate=gate)
     assert error.status_code == 400
-    _, error = rewrite_body(body(agentserve={"program_id": "new"}), acme, gate, admit=lambda t, p: False)
+    _, _, error = rewrite(body(agentserve={"program_id": "new"}), tenant=acme, gate=gate, admit=lambda t, p: False)
     assert error.status_code == 429 and b"acme" in error.body
     untouched = body()
-    assert rewrite_body(untouched) == (untouched, None)  # no tenants, no program: as stock vLLM
+    assert rewrite(untouched) == (untouched, [], None)  # no tenants, no program: as stock vLLM
 
 
 def test_program_route_paths_are_scoped():

@@ -14,6 +14,7 @@ import msgspec
 
 ID = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
+XARG_PREFIX = "agentserve_"  # every engine key of agentserve's; clients may not send them
 XARG_PROGRAM = "agentserve_program_id"
 XARG_TURN = "agentserve_turn"
 XARG_IS_LAST = "agentserve_is_last_turn"
@@ -61,11 +62,6 @@ class ToolEvent(msgspec.Struct, forbid_unknown_fields=True):
     duration_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] | None = None
 
 
-def decode_fields(raw: object) -> ProgramFields:
-    """Validate the `agentserve` object of a request; raises msgspec.ValidationError naming the field."""
-    return msgspec.convert(raw, ProgramFields)
-
-
 def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
     out: dict[str, str | int | bool] = {XARG_PROGRAM: f.program_id, XARG_IS_LAST: f.is_last_turn}
     if f.turn is not None:
@@ -75,3 +71,12 @@ def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
     if f.parent_program_id is not None:
         out[XARG_PARENT] = f.parent_program_id
     return out
+
+
+def from_xargs(xargs: dict) -> ProgramFields | None:
+    """The program fields the middleware put into a request's xargs (None: not a program's request)."""
+    program = xargs.get(XARG_PROGRAM)
+    if program is None:
+        return None
+    return ProgramFields(program_id=program, turn=xargs.get(XARG_TURN), is_last_turn=bool(xargs.get(XARG_IS_LAST)),
+                         tool=xargs.get(XARG_TOOL), parent_program_id=xargs.get(XARG_PARENT))

@@ -11,10 +11,8 @@ import logging
 import time
 from typing import Any
 
-import msgspec
-
 from agentserve.programs.control import TRACEPARENT, Control
-from agentserve.programs.fields import XARG_TURN, ProgramFields
+from agentserve.programs.fields import XARG_TURN, from_xargs
 from agentserve.server.streams import track
 
 log = logging.getLogger("agentserve.server")
@@ -99,10 +97,9 @@ class ProgramEngineClient:
         attach the xargs it answers (TTL, turn) and the program's trace context. Returns (program id,
         turn), or None for a request with no program fields."""
         extra = sampling_params.extra_args or {}
-        raw = extra.pop("agentserve_fields", None)
-        if raw is None:
+        fields = from_xargs(extra)
+        if fields is None:
             return None
-        fields = msgspec.json.decode(raw, type=ProgramFields)
         tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
         xargs = await self.control.begin_call(fields, len(tokens or ()), sampling_params.max_tokens or 0)
         traceparent = xargs.pop(TRACEPARENT, None)

@@ -7,18 +7,23 @@ are not touched, so such requests are served exactly as stock vLLM serves them. 
 configured (server/tenants.py) it also checks the API key on every route, scopes program ids by
 tenant in bodies and program-route paths, salts the prefix cache per tenant and applies the
 program and body-size limits.
+
+A body is decoded once (`Incoming.decode`: JSON into builtins, the fields agentserve reads into
+typed structs), edited by an ordered list of rewriters (`Rewriter`: the shared prompt, the tenant,
+the program fields into `vllm_xargs`), and encoded once; vLLM then parses it as it parses any body.
+A body that mentions nothing of agentserve's, on a server without tenants, is not decoded at all.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote, unquote
 
 import msgspec
 from fastapi.responses import JSONResponse
 
-from agentserve.programs.fields import XARG_PROGRAM, SharedPrompt, decode_fields
+from agentserve.programs.fields import XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
 from agentserve.server.cross_model import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.streams import request_streams
@@ -49,9 +54,9 @@ class AgentFieldsMiddleware:
         self.app = app
         self.cross = cross
         self.gate = gate
-        self.admit = admit
         self.shares = shares
         self.max_body = gate.config.max_body_bytes if gate is not None else MAX_BODY_BYTES
+        self.rewriters = {path: rewriters(path, shares=shares, gate=gate, admit=admit) for path in _PROGRAM_ROUTES}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -77,20 +82,18 @@ class AgentFieldsMiddleware:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        produce, scope_name = [], tenant.name if tenant is not None else ""
-        if self.cross is not None and scope["path"] == "/v1/completions" and self.cross.name.encode() in body:
-            response = await cross_model_response(body, self.cross, scope_name)
-            if response is not None:  # a request for the cross-model variant: answered here
-                return await response(scope, receive, send)
-        if self.shares is not None and scope["path"] == "/v1/completions" and b'"share"' in body:
-            body, produce, error = rewrite_shared_prompt(body, self.shares, scope_name)
+        incoming = None
+        if tenant is not None or self.cross is not None or _mentions_agentserve(body):
+            incoming = Incoming.decode(body, tenant)
+        if incoming is not None:
+            if self.cross is not None and scope["path"] == "/v1/completions" and self.cross.wants(incoming.data):
+                return await cross_model_response(incoming.data, self.cross, incoming.scope)(scope, receive, send)
+            error = apply(incoming, self.rewriters[scope["path"]])
             if error is not None:
                 return await error(scope, receive, send)
-        body, error = rewrite_body(body, tenant, self.gate, self.admit)
-        if error is not None:
-            return await error(scope, receive, send)
-        if produce:
-            await self.shares.produce(produce, scope_name)
+            body = incoming.encode()
+            if incoming.produce:
+                await self.shares.produce(incoming.produce, incoming.scope)
         sent = False
 
         async def replay():
@@ -102,6 +105,11 @@ class AgentFieldsMiddleware:
 
         async with request_streams():  # a disconnected client's engine request ends with its response
             await self.app(scope, replay, send)
+
+
+def _mentions_agentserve(body: bytes) -> bool:
+    """Cheap test before any decode: the object, or a client's own agentserve_* xargs (refused)."""
+    return b"agentserve" in body
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -121,84 +129,166 @@ def _scoped_program_path(scope, tenant: Tenant):
     return {**scope, "path": unquote(scoped), "raw_path": scoped.encode()}
 
 
-async def cross_model_response(body: bytes, cross: CrossModelFront, scope: str) -> JSONResponse | None:
-    """The response to a completion for the cross-model variant (server/cross_model.py), None for
-    any other body."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not cross.wants(data):
-        return None
-    try:
-        return JSONResponse(await cross.complete(data, scope))
-    except ShareError as e:
-        return error_response(400, str(e), e.param)
+class Incoming:
+    """A chat / completion body, decoded once. `data` is the body as builtins (rewriters edit it in
+    place); `fields` and `share` are the `agentserve` object as typed structs (None when absent)."""
+
+    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce")
+
+    def __init__(self, data: dict[str, Any], fields: ProgramFields | None, share: SharedPrompt | None,
+                 tenant: Tenant | None):
+        self.data = data
+        self.fields = fields
+        self.share = share
+        self.tenant = tenant
+        self.scope = tenant.name if tenant is not None else ""  # the KV-sharing scope
+        self.produce: list[list[int]] = []  # shared parts to produce before the request runs
+
+    @classmethod
+    def decode(cls, body: bytes, tenant: Tenant | None = None) -> "Incoming | None":
+        """None for a body that is not a JSON object (vLLM answers it with its own 400)."""
+        try:
+            data = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        return cls(data, None, None, tenant)
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self.data)
 
 
-def rewrite_shared_prompt(body: bytes, shares: SharedPrompts, scope: str
-                          ) -> tuple[bytes, list[list[int]], JSONResponse | None]:
-    """A completion whose `agentserve` object has `share`: its prompt from the parts, the segment map
-    and the cache salt set (server/shared_prompts.py); returns the shared parts to produce first."""
+# A rewriter edits an incoming body in place, or refuses it with the response to send.
+Rewriter = Callable[[Incoming], JSONResponse | None]
+
+
+def apply(incoming: Incoming, steps: list[Rewriter]) -> JSONResponse | None:
+    for step in steps:
+        if (error := step(incoming)) is not None:
+            return error
+    return None
+
+
+def rewriters(path: str, *, shares: SharedPrompts | None = None, gate: TenantGate | None = None,
+              admit: Callable[[Tenant, str], bool] | None = None) -> list[Rewriter]:
+    """The rewriters of a route, in order: typed fields, the shared prompt (completions with
+    --kvshare), the tenant (salt, scoping, limits), the program fields into vllm_xargs."""
+    steps: list[Rewriter] = [typed_fields]
+    if shares is not None and path == "/v1/completions":
+        steps.append(shared_prompt(shares))
+    if gate is not None:
+        steps.append(tenancy(gate, admit))
+    steps.append(program_xargs)
+    return steps
+
+
+def typed_fields(incoming: Incoming) -> JSONResponse | None:
+    """The `agentserve` object out of the body, as `ProgramFields` and `SharedPrompt`. Sharing
+    without a program id is a plain (non-program) request."""
+    raw = incoming.data.pop("agentserve", None)
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        return error_response(400, "invalid agentserve object: expected an object", "agentserve")
+    share = raw.pop("share", None)
     try:
-        data = json.loads(body)
-    except ValueError:
-        return body, [], None
-    fields = data.get("agentserve") if isinstance(data, dict) else None
-    if not isinstance(fields, dict) or "share" not in fields:
-        return body, [], None
-    try:
-        share = msgspec.convert(fields.pop("share"), SharedPrompt)
-        if not fields:  # sharing without program fields: a plain (non-program) request
-            del data["agentserve"]
-        parts = shares.translate(data, share, scope)
+        incoming.share = msgspec.convert(share, SharedPrompt) if share is not None else None
     except msgspec.ValidationError as e:
-        return body, [], error_response(400, f"invalid agentserve.share: {e}", "agentserve.share" + _error_path(str(e)))
-    except ShareError as e:
-        return body, [], error_response(400, str(e), e.param)
-    return json.dumps(data).encode(), parts, None
+        return error_response(400, f"invalid agentserve.share: {e}", "agentserve.share" + _error_path(str(e)))
+    if raw or share is None:
+        try:
+            incoming.fields = msgspec.convert(raw, ProgramFields)
+        except msgspec.ValidationError as e:
+            return error_response(400, f"invalid agentserve object: {e}", "agentserve" + _error_path(str(e)))
+    return None
 
 
-def rewrite_body(body: bytes, tenant: Tenant | None = None, gate: TenantGate | None = None,
-                 admit: Callable[[Tenant, str], bool] | None = None) -> tuple[bytes, JSONResponse | None]:
-    """Move `agentserve` into `vllm_xargs`; with a tenant, scope its program ids and salt its cache.
-    Bodies that are not JSON objects pass through (vLLM answers them with its own 400)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body, None
-    if not isinstance(data, dict) or ("agentserve" not in data and tenant is None):
-        return body, None
-    xargs = data.get("vllm_xargs") or {}
-    if not isinstance(xargs, dict):
-        return body, error_response(400, "vllm_xargs must be an object", "vllm_xargs")
-    if tenant is not None:
-        if any(str(k).startswith("agentserve_") for k in xargs):
-            return body, error_response(400, "vllm_xargs keys agentserve_* are reserved; use the agentserve "
-                                             "object", "vllm_xargs")
+def shared_prompt(shares: SharedPrompts) -> Rewriter:
+    """A completion whose `agentserve` object has `share`: its prompt from the parts, the segment map
+    and the cache salt set (server/shared_prompts.py); the shared parts are produced first."""
+
+    def rewrite(incoming: Incoming) -> JSONResponse | None:
+        if incoming.share is None:
+            return None
+        try:
+            incoming.produce = shares.translate(incoming.data, incoming.share, incoming.scope)
+        except ShareError as e:
+            return error_response(400, str(e), e.param)
+        incoming.share = None  # taken
+        return None
+
+    return rewrite
+
+
+def tenancy(gate: TenantGate, admit: Callable[[Tenant, str], bool] | None) -> Rewriter:
+    """The tenant's cache salt (a client's own kept, appended), its program ids scoped, its program limit."""
+
+    def rewrite(incoming: Incoming) -> JSONResponse | None:
+        tenant, data = incoming.tenant, incoming.data
         salt = data.get("cache_salt")
         if salt is not None and not isinstance(salt, str):
-            return body, error_response(400, "cache_salt must be a string", "cache_salt")
+            return error_response(400, "cache_salt must be a string", "cache_salt")
         data["cache_salt"] = gate.cache_salt(tenant, salt)
-    if "agentserve" in data:
-        raw = data.pop("agentserve")
+        fields = incoming.fields
+        if fields is None:
+            return None
+        parent = fields.parent_program_id
+        incoming.fields = fields = msgspec.structs.replace(
+            fields, program_id=TenantGate.scope(tenant, fields.program_id),
+            parent_program_id=TenantGate.scope(tenant, parent) if parent else None)
+        if admit is not None and not admit(tenant, fields.program_id):
+            return error_response(429, f"tenant {tenant.name!r} has {tenant.max_programs} live programs, "
+                                       "its limit", "agentserve.program_id")
+        return None
+
+    return rewrite
+
+
+def program_xargs(incoming: Incoming) -> JSONResponse | None:
+    """The program fields into `vllm_xargs`, where the engine client and the scheduler read them. A
+    client's own `agentserve_*` xargs are refused: they would reach the scheduler unchecked (a TTL
+    past --max-ttl, another tenant's program)."""
+    data = incoming.data
+    xargs = data.get("vllm_xargs")
+    if xargs is not None and not isinstance(xargs, dict):
+        return error_response(400, "vllm_xargs must be an object", "vllm_xargs")
+    if xargs and any(str(k).startswith(XARG_PREFIX) for k in xargs):
+        return error_response(400, f"vllm_xargs keys {XARG_PREFIX}* are reserved; use the agentserve object",
+                              "vllm_xargs")
+    if incoming.share is not None:  # not taken by shared_prompt
+        return error_response(400, "agentserve.share needs a server started with --kvshare, on /v1/completions",
+                              "agentserve.share")
+    if incoming.fields is not None:
+        data["vllm_xargs"] = {**(xargs or {}), **to_xargs(incoming.fields)}
+    return None
+
+
+def cross_model_response(data: dict, cross: CrossModelFront, scope: str):
+    """The ASGI response to a completion for the cross-model variant (server/cross_model.py)."""
+
+    async def respond(asgi_scope, receive, send):
         try:
-            fields = decode_fields(raw)
-        except msgspec.ValidationError as e:
-            return body, error_response(400, f"invalid agentserve object: {e}", "agentserve" + _error_path(str(e)))
-        if fields.share is not None:  # not taken by rewrite_shared_prompt
-            return body, error_response(400, "agentserve.share needs a server started with --kvshare, on "
-                                             "/v1/completions", "agentserve.share")
-        if tenant is not None:
-            parent = fields.parent_program_id
-            fields = msgspec.structs.replace(fields, program_id=TenantGate.scope(tenant, fields.program_id),
-                                             parent_program_id=TenantGate.scope(tenant, parent) if parent else None)
-            if admit is not None and not admit(tenant, fields.program_id):
-                return body, error_response(429, f"tenant {tenant.name!r} has {tenant.max_programs} live programs, "
-                                                 "its limit", "agentserve.program_id")
-        xargs.update({XARG_PROGRAM: fields.program_id, "agentserve_fields": msgspec.json.encode(fields).decode()})
-        data["vllm_xargs"] = xargs
-    return json.dumps(data).encode(), None
+            response = JSONResponse(await cross.complete(data, scope))
+        except ShareError as e:
+            response = error_response(400, str(e), e.param)
+        await response(asgi_scope, receive, send)
+
+    return respond
+
+
+def rewrite(body: bytes, *, path: str = "/v1/chat/completions", tenant: Tenant | None = None,
+            gate: TenantGate | None = None, admit: Callable[[Tenant, str], bool] | None = None,
+            shares: SharedPrompts | None = None) -> tuple[bytes, list[list[int]], JSONResponse | None]:
+    """What the middleware does to one body: (body to pass on, shared parts to produce, or the error
+    response). A body it does not decode passes through unchanged."""
+    if tenant is None and not _mentions_agentserve(body):
+        return body, [], None
+    incoming = Incoming.decode(body, tenant)
+    if incoming is None:
+        return body, [], None
+    error = apply(incoming, rewriters(path, shares=shares, gate=gate, admit=admit))
+    return (body, [], error) if error is not None else (incoming.encode(), incoming.produce, None)
 
 
 def _error_path(message: str) -> str:
