@@ -7,7 +7,7 @@ import pytest
 
 from agentserve.ttl.policy import (CONTINUUM_TTL_S, DEFAULT_TOOL_MEAN_S, ETA_MIN_PROGRAMS, ETA_PRIOR,
                                    ContinuumDemoTTL, FixedTTL,
-                                   OnlineBenefit, OptimalTTL, make_policy)
+                                   OnlineBenefit, CostBenefitTTL, make_policy)
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
 
@@ -68,7 +68,7 @@ def test_optimal_ttl_is_the_argmax_of_the_paper_rule():
     durations = [0.2, 0.4, 0.6, 3.0, 8.0]
     p = predictor_with(durations)
     reload = ReloadProfile(a=2.0, b=0.0, c=0.0, max_tokens=1)  # B = 2 s
-    pol = OptimalTTL(p, reload, OnlineBenefit())
+    pol = CostBenefitTTL(p, reload, OnlineBenefit())
     # value(tau) = CDF(tau) * 2 - tau: 0.2 -> 0.2, 0.4 -> 0.4, 0.6 -> 0.6, 3.0 -> -1.4
     assert pol.ttl("bash", 100) == pytest.approx(0.6)
     brute = max([0.0] + durations, key=lambda t: (sum(d <= t for d in durations) / 5) * 2 - t)
@@ -77,9 +77,9 @@ def test_optimal_ttl_is_the_argmax_of_the_paper_rule():
 
 def test_optimal_ttl_cold_start_is_exponential_optimum():
     reload = ReloadProfile(a=3.0, b=0.0, c=0.0, max_tokens=1)
-    pol = OptimalTTL(ToolDurationPredictor(), reload, OnlineBenefit())
+    pol = CostBenefitTTL(ToolDurationPredictor(), reload, OnlineBenefit())
     assert pol.ttl(None, 10) == pytest.approx(DEFAULT_TOOL_MEAN_S * math.log(3.0 / DEFAULT_TOOL_MEAN_S))
-    cheap = OptimalTTL(ToolDurationPredictor(), ReloadProfile(a=0.5, b=0, c=0, max_tokens=1), OnlineBenefit())
+    cheap = CostBenefitTTL(ToolDurationPredictor(), ReloadProfile(a=0.5, b=0, c=0, max_tokens=1), OnlineBenefit())
     assert cheap.ttl(None, 10) == 0.0
 
 
@@ -109,3 +109,16 @@ def test_make_policy_validates():
         make_policy("lru", predictor=p, reload=None)
     with pytest.raises(ValueError):
         FixedTTL(-1)
+
+
+@pytest.mark.parametrize("name", ["fixed", "continuum", "agentserve"])
+def test_max_ttl_bounds_every_policy(name):
+    """--max-ttl says "whatever the policy": the fixed and Continuum rules obey it too."""
+    p = ToolDurationPredictor()
+    for _ in range(5):
+        p.observe("bash", 0.5, client_measured=True)
+    reload = ReloadProfile(a=50.0, b=0, c=0, max_tokens=1)  # a reload so costly the rule pins long
+    bounded = make_policy(name, predictor=p, reload=reload, fixed_ttl_s=30.0, max_ttl_s=0.25)
+    free = make_policy(name, predictor=p, reload=reload, fixed_ttl_s=30.0, max_ttl_s=1000.0)
+    assert free.ttl("bash", 1000) > 0.25  # the rule alone would pin longer ...
+    assert bounded.ttl("bash", 1000) <= 0.25  # ... than the bound lets it

@@ -4,7 +4,7 @@ One small interface, one class per policy (as vLLM's request queues):
 - `FixedTTL`: always the same TTL (a baseline).
 - `ContinuumDemoTTL` (`continuum`): Continuum's published behaviour: 2 s when the tool's mean duration
   is at most 2 s (or the tool is unseen), else no pin.
-- `OptimalTTL` (`agentserve`): the Continuum paper's rule
+- `CostBenefitTTL` (`--policy agentserve`, the default): the Continuum paper's rule
       tau* = argmax_tau  P(tau, tool) * (T * eta + reload(ctx)) - tau
   over tau in {0} U {observed durations of the tool}, where P is the tool's empirical CDF, reload(ctx)
   the measured re-prefill time of the context, T the mean queueing delay suffered by requests whose KV
@@ -19,6 +19,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import deque
 
+from agentserve.options import ProgramOptions
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
 
@@ -35,35 +36,43 @@ ETA_WINDOW = 256
 # cost of an eviction) for the whole first wave of programs, exactly when the cache is coldest.
 ETA_PRIOR = 1.0
 ETA_MIN_PROGRAMS = 8
+DEFAULT_MAX_TTL_S = ProgramOptions().max_ttl_s
 
 
 class TTLPolicy(ABC):
     name: str
+    max_ttl_s: float = DEFAULT_MAX_TTL_S  # no policy pins longer (the operator's bound)
+
+    def ttl(self, tool: str | None, context_tokens: int) -> float:
+        """Seconds to keep the program's KV pinned after this turn (0 = do not pin), at most max_ttl_s."""
+        return min(self.max_ttl_s, self.choose(tool, context_tokens))
 
     @abstractmethod
-    def ttl(self, tool: str | None, context_tokens: int) -> float:
-        """Seconds to keep the program's KV pinned after this turn (0 = do not pin)."""
+    def choose(self, tool: str | None, context_tokens: int) -> float:
+        """The policy's own TTL for this turn, before the bound."""
 
 
 class FixedTTL(TTLPolicy):
     name = "fixed"
 
-    def __init__(self, ttl_s: float):
+    def __init__(self, ttl_s: float, max_ttl_s: float = DEFAULT_MAX_TTL_S):
         if ttl_s < 0:
             raise ValueError(f"fixed TTL must be >= 0 s, got {ttl_s}")
         self.ttl_s = ttl_s
+        self.max_ttl_s = max_ttl_s
 
-    def ttl(self, tool: str | None, context_tokens: int) -> float:
+    def choose(self, tool: str | None, context_tokens: int) -> float:
         return self.ttl_s
 
 
 class ContinuumDemoTTL(TTLPolicy):
     name = "continuum"
 
-    def __init__(self, predictor: ToolDurationPredictor):
+    def __init__(self, predictor: ToolDurationPredictor, max_ttl_s: float = DEFAULT_MAX_TTL_S):
         self.predictor = predictor
+        self.max_ttl_s = max_ttl_s
 
-    def ttl(self, tool: str | None, context_tokens: int) -> float:
+    def choose(self, tool: str | None, context_tokens: int) -> float:
         mean = self.predictor.predict_mean(tool)
         return CONTINUUM_TTL_S if mean is None or mean <= CONTINUUM_SHORT_TOOL_S else 0.0
 
@@ -113,11 +122,11 @@ class OnlineBenefit:
         return max(0.0, min(1.0, -cov / math.sqrt(vk * vl)))
 
 
-class OptimalTTL(TTLPolicy):
+class CostBenefitTTL(TTLPolicy):
     name = "agentserve"
 
     def __init__(self, predictor: ToolDurationPredictor, reload: ReloadProfile, benefit: OnlineBenefit,
-                 max_ttl_s: float = 60.0):
+                 max_ttl_s: float = DEFAULT_MAX_TTL_S):
         self.predictor = predictor
         self.reload = reload
         self.benefit = benefit
@@ -127,7 +136,7 @@ class OptimalTTL(TTLPolicy):
         """B = T * eta + reload(ctx): seconds a hit saves the program's next turn."""
         return self.benefit.T * self.benefit.eta + self.reload.seconds(context_tokens)
 
-    def ttl(self, tool: str | None, context_tokens: int) -> float:
+    def choose(self, tool: str | None, context_tokens: int) -> float:
         b = self.gain(context_tokens)
         dist = self.predictor.distribution(tool)
         if not len(dist):
@@ -145,13 +154,14 @@ class OptimalTTL(TTLPolicy):
 
 def make_policy(name: str, *, predictor: ToolDurationPredictor, reload: ReloadProfile | None,
                 benefit: OnlineBenefit | None = None, fixed_ttl_s: float = CONTINUUM_TTL_S,
-                max_ttl_s: float = 60.0) -> TTLPolicy:
+                max_ttl_s: float = DEFAULT_MAX_TTL_S) -> TTLPolicy:
+    """The TTL rule of a `--policy` (every rule bounded by `max_ttl_s`)."""
     if name == "fixed":
-        return FixedTTL(fixed_ttl_s)
+        return FixedTTL(fixed_ttl_s, max_ttl_s)
     if name == "continuum":
-        return ContinuumDemoTTL(predictor)
+        return ContinuumDemoTTL(predictor, max_ttl_s)
     if name == "agentserve":
         if reload is None:
             raise ValueError("the agentserve policy needs a reload profile measured on the engine")
-        return OptimalTTL(predictor, reload, benefit or OnlineBenefit(), max_ttl_s)
+        return CostBenefitTTL(predictor, reload, benefit or OnlineBenefit(), max_ttl_s)
     raise ValueError(f"unknown TTL policy {name!r} (fixed, continuum, agentserve)")
