@@ -26,7 +26,7 @@ import httpx
 
 def answer(body: dict) -> int:
     """The answer token of a completion (-1 when it is no word of the task)."""
-    from agentserve.kvshare import kvret
+    from agentserve.models import kvret_task as kvret
 
     words = body["choices"][0]["text"].split()
     try:
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from agentserve.kvshare import kvret
+    from agentserve.models import kvret_task as kvret
     from agentserve.kvshare.parts import Shared, flatten
     from agentserve.server.process import ServerProcess
 

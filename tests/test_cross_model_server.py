@@ -12,7 +12,7 @@ import random
 import httpx
 import pytest
 
-from agentserve.kvshare import kvret
+from agentserve.models import kvret_task as kvret
 from agentserve.kvshare.parts import Shared, flatten
 from agentserve.sdk import AgentServe, part
 
@@ -34,7 +34,7 @@ def library(base):
     """The library's answer for the group the server chose (same weights, same group)."""
     from transformers import AutoModelForCausalLM
 
-    from agentserve.kvshare.cross_model import CrossModelReuse
+    from agentserve.kvshare.cross_reuse import CrossModelReuse
     from agentserve.models.catalog import trained_model_dir
 
     from transformers import AutoTokenizer

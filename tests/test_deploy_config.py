@@ -30,3 +30,13 @@ def test_router_names():
     assert router_config("prefix").request_router_class.endswith("PrefixCacheAffinityRouter")
     with pytest.raises(ValueError, match="unknown router"):
         router_config("random")
+
+
+def test_the_configs_program_options_are_the_options_modules_defaults():
+    """The file documents the defaults a deployment starts from: a value it spells out that differs
+    from agentserve.options (it once said max_wait_s 2.0 when the default was 0.5) fails here."""
+    from agentserve.options import ProgramOptions
+
+    written = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]["program_options"]
+    defaults = msgspec.to_builtins(ProgramOptions())
+    assert written and {k: v for k, v in written.items()} == {k: defaults[k] for k in written}

@@ -1,4 +1,4 @@
-"""ANCHORS.md §5 invariants 5-6 on the HF path: generation from an exact all-but-last-token cache is
+"""KV-sharing invariants 5-6 (docs/kvshare.md) on the HF path: generation from an exact all-but-last-token cache is
 plain generation (naive rotate-only reuse is not); DroidSpeak recomputing every layer is full prefill."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from agentserve.kvshare import kvret
+from agentserve.models import kvret_task as kvret
 from agentserve.kvshare.parts import Shared, Text, flatten
 from agentserve.kvshare.reuse import SharedPrefill, decode, forward_over
 from agentserve.kvshare.segments import SegmentStore

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from agentserve.programs.control import ProgramControl
+from agentserve.programs.control import ControlPlane
 from agentserve.programs.fields import XARG_PROGRAM, XARG_TTL, ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.server.middleware import rewrite
@@ -153,7 +153,7 @@ def test_control_plane_with_a_fake_engine_link():
         return {"pins": 0, "pinned_blocks": 0, "counters": {}, "events": []}
 
     clock = Clock()
-    control = ProgramControl(ProgramTracker(idle_timeout_s=5, clock=clock), ToolDurationPredictor(),
+    control = ControlPlane(ProgramTracker(idle_timeout_s=5, clock=clock), ToolDurationPredictor(),
                              FixedTTL(3.0), link)
     xargs = control.begin_call(ProgramFields(program_id="p"), prompt_tokens=100, max_tokens=10)
     assert xargs[XARG_TTL] == 3.0 and xargs[XARG_PROGRAM] == "p"
@@ -168,7 +168,7 @@ def test_control_plane_with_a_fake_engine_link():
 
 
 def test_evicted_returning_turns_feed_T():
-    control = ProgramControl(ProgramTracker(idle_timeout_s=60), ToolDurationPredictor(), FixedTTL(1.0), None)
+    control = ControlPlane(ProgramTracker(idle_timeout_s=60), ToolDurationPredictor(), FixedTTL(1.0), None)
     control.first_token("p", 0, ttft_s=5.0, prompt_tokens=100, cached_tokens=0)  # a first turn: no KV to lose
     control.first_token("p", 1, ttft_s=5.0, prompt_tokens=100, cached_tokens=90)  # a hit
     assert control.benefit.T == 0

@@ -1,4 +1,4 @@
-"""ANCHORS.md §5 invariants 1-2 for the RoPE move, on tiny random Llama and Qwen2 models (HF)."""
+"""KV-sharing invariants 1-2 (docs/kvshare.md) for the RoPE move, on tiny random Llama and Qwen2 models (HF)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_a_segment_moved_from_position_zero_equals_it_computed_there_in_every_la
     for (k0, v0), (kp, vp) in zip(at_zero, there):
         assert (shift.move(k0, p) - kp).abs().max() <= 5e-6
         assert (v0 - vp).abs().max() <= 5e-6
-    if rope == "yarn":  # forgetting HF's attention_scaling breaks it (ANCHORS.md §5.2)
+    if rope == "yarn":  # forgetting HF's attention_scaling breaks it (docs/kvshare.md, invariant 2)
         k0, kp = at_zero[0][0], there[0][0]
         assert (shift.move(k0, p, divide_scaling=False) - kp).abs().max() > 1e-2
 

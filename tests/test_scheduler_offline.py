@@ -93,7 +93,7 @@ def test_pin_is_consumed_by_the_next_turn_and_end_leaves_nothing():
     assert new.num_computed_tokens == 256  # the whole pinned context came back as a prefix hit
     assert len(s.book.pins) == 0 and s.book.counters["pins_released_consumed"] == 1
     run_until_done(s)
-    stats = s.agentserve_control("end", {"program_id": "A"})
+    stats = s.command("end", {"program_id": "A"})
     assert stats["pins"] == 0 and stats["pinned_blocks"] == 0 and stats["programs"] == 0
 
 
@@ -101,7 +101,7 @@ def test_pin_is_consumed_by_the_next_turn_and_end_leaves_nothing():
 def test_unknown_control_command_is_an_error(bad):
     s, _ = make()
     with pytest.raises(ValueError, match="unknown agentserve control command"):
-        s.agentserve_control(bad["command"], {})
+        s.command(bad["command"], {})
 
 
 def pressure_setup(pin_mode: str, max_wait_s: float = 2.0, cap: float = 0.5):
@@ -196,5 +196,5 @@ def test_pin_release_during_admission_keeps_the_admitted_request_at_the_head(mon
     for new in out.scheduled_new_reqs:  # everything admitted got its blocks
         assert s.kv_cache_manager.get_blocks(new.req_id).get_block_ids()[0]
     run_until_done(s)
-    s.agentserve_control("release_all", {})
+    s.command("release_all", {})
     assert s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_manager.block_pool.num_gpu_blocks - 1

@@ -105,7 +105,7 @@ def test_random_program_traffic_keeps_the_allocator_consistent(turns, pin_mode, 
     assert not s.has_requests(), "every request is eventually scheduled and finishes"
     assert s.book.pins.pinned_blocks <= s.book.pins.cap_blocks
     for program in contexts:
-        s.agentserve_control("end", {"program_id": program})
+        s.command("end", {"program_id": program})
     pool = s.kv_cache_manager.block_pool
     assert len(s.book.pins) == 0 and s.book.idle
     assert s.book.admission is None or not s.book.admission.programs

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agentserve.observability.tracing import ProgramTracer, fan_out
-from agentserve.programs.control import ProgramControl
+from agentserve.programs.control import ControlPlane
 from agentserve.programs.fields import ProgramFields
 from agentserve.programs.tracker import ProgramTracker
 from agentserve.ttl.policy import FixedTTL
@@ -30,7 +30,7 @@ def traced():
         return {"events": [{"kind": "unpin", "program": payload.get("program_id"), "reason": "program_end",
                             "blocks": 3}]} if command == "end" else {}
 
-    control = ProgramControl(ProgramTracker(), ToolDurationPredictor(), FixedTTL(5.0), link,
+    control = ControlPlane(ProgramTracker(), ToolDurationPredictor(), FixedTTL(5.0), link,
                              on_event=fan_out(lambda k, d: None, tracer.record))
     return control, tracer, exporter
 

@@ -19,7 +19,7 @@ Why a scheduler subclass rather than a KV connector's delayed free: the connecto
 not admission or allocation failure, so "unpin when the next turn is admitted" and "release before
 preempting" would need the scheduler anyway; the connector slot stays free for KV sharing.
 
-The front end talks to it through the engine core's `agentserve_control` utility (engine/utilities.py).
+The front end talks to it through the engine core's `agentserve_scheduler_command` utility (engine/utilities.py).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class ProgramScheduler(Scheduler):
     def _waiting_programs(self) -> set[str | None]:
         return {program_of_request(r) for r in self.waiting.unordered()}
 
-    def agentserve_control(self, command: str, payload: dict) -> dict[str, Any]:
+    def command(self, command: str, payload: dict) -> dict[str, Any]:
         """A control command from the front end (end / release / release_all / set_ttl / tick); answers
         the book's stats and this engine's load (free blocks count evictable cached ones)."""
         program = payload.get("program_id")

@@ -7,7 +7,7 @@ plugin module is imported (the scheduler plugin, the KV-sharing connector), whic
 engine-core process before any call arrives, and is idempotent. Each method answers only if the engine
 runs the plugin it needs, else raises (the caller gets vLLM's utility error).
 
-- `agentserve_control(command, payload)`: pin and program commands (engine/scheduler.py)
+- `agentserve_scheduler_command(command, payload)`: pin and program commands (engine/scheduler.py)
 - `agentserve_step_times()`: the scheduler's step timings (engine/step_timer.py)
 - `agentserve_kvshare_stats()`: the KV-sharing planner's stats (kvshare/connector.py)
 """
@@ -15,12 +15,12 @@ runs the plugin it needs, else raises (the caller gets vLLM's utility error).
 from __future__ import annotations
 
 
-def agentserve_control(core, command: str, payload: dict) -> dict:
+def agentserve_scheduler_command(core, command: str, payload: dict) -> dict:
     from agentserve.engine.scheduler import ProgramScheduler
 
     if not isinstance(core.scheduler, ProgramScheduler):
         raise RuntimeError("the engine does not run agentserve's ProgramScheduler")
-    return core.scheduler.agentserve_control(command, payload)
+    return core.scheduler.command(command, payload)
 
 
 def agentserve_step_times(core) -> dict:
@@ -40,7 +40,7 @@ def agentserve_kvshare_stats(core) -> dict:
     return connector.stats()
 
 
-UTILITIES = (agentserve_control, agentserve_step_times, agentserve_kvshare_stats)
+UTILITIES = (agentserve_scheduler_command, agentserve_step_times, agentserve_kvshare_stats)
 
 
 def install() -> None:

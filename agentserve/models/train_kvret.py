@@ -1,4 +1,4 @@
-"""Train the `kvret` model (multi-agent key-value retrieval, agentserve/kvshare/kvret.py) and its
+"""Train the `kvret` model (multi-agent key-value retrieval, agentserve/models/kvret_task.py) and its
 fine-tuned variant `kvret-ft` on this CPU, and write them as HF model directories:
 
     python -m agentserve.models.train_kvret --out agentserve/models/weights
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from agentserve.kvshare import kvret
+from agentserve.models import kvret_task as kvret
 
 # 4 layers with full multi-head attention: with GQA (6 query / 2 KV heads, d=192) the copy circuit had
 # not formed after 1,000 warm-up steps (a probe run, not kept); this one formed it after 2,620 in the

@@ -1,6 +1,6 @@
 """OpenTelemetry traces of agent programs, after the GenAI semantic conventions.
 
-`ProgramTracer` turns the control plane's program events (`ProgramControl.on_event`) into spans, so
+`ProgramTracer` turns the control plane's program events (`ControlPlane.on_event`) into spans, so
 it needs no hook of its own and works the same on the embedded server and on Ray Serve:
 
     invoke_workflow {program}              a top-level program, from its first call to its end

@@ -1,6 +1,6 @@
 """The program control plane: tracker, tool-duration predictor and TTL policy behind one small API.
 
-`ProgramControl` is called at every program event; it decides each turn's TTL and tells the engine
+`ControlPlane` is called at every program event; it decides each turn's TTL and tells the engine
 (`EngineLink`: the scheduler plugin's control utility) what to release. It holds no engine objects, so
 it is tested with a fake link. With `--policy vllm` the link is None: programs are still tracked (the
 API is the same) but nothing is pinned.
@@ -32,11 +32,11 @@ EVICTED_HIT_SHARE = 0.5
 # begin_call's answer carries the W3C trace context of the call's span here (when traced), which the
 # engine client hands to vLLM as the request's trace headers; it never reaches the engine as an xarg.
 TRACEPARENT = "agentserve_traceparent"
-# engine control: (command, payload) -> stats dict (see ProgramScheduler.agentserve_control)
+# engine control: (command, payload) -> stats dict (see ProgramScheduler.command)
 EngineLink = Callable[[str, dict], Awaitable[dict]]
 
 
-class ProgramControl:
+class ControlPlane:
     def __init__(self, tracker: ProgramTracker, predictor: ToolDurationPredictor, policy: TTLPolicy | None,
                  link: EngineLink | None, benefit: OnlineBenefit | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None, tracer=None,
@@ -201,10 +201,10 @@ def _done(value: Any = None) -> asyncio.Future:
 
 
 class LocalControl:
-    """`Control` over a `ProgramControl` in this process: bookkeeping happens at the call, an engine
+    """`Control` over a `ControlPlane` in this process: bookkeeping happens at the call, an engine
     command when the answer is awaited."""
 
-    def __init__(self, control: ProgramControl):
+    def __init__(self, control: ControlPlane):
         self.control = control
 
     def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> Awaitable[dict]:

@@ -7,7 +7,7 @@ beside it: the same EngineSettings that start the embedded engine are translated
 defaults, so nothing is hand-copied), and the program options are the embedded server's.
 
     ingress (ProgramIngress) --router--> ProgramLLMServer x N   (each: vLLM + ProgramScheduler)
-          \\___________________  ProgramControlPlane  ___________/   (tracker, predictor, TTL, homes)
+          \\___________________  ClusterControlPlane  ___________/   (tracker, predictor, TTL, homes)
 
 `router="prefix"` swaps in Ray Serve LLM's own `PrefixCacheAffinityRouter` (the benchmark's baseline);
 everything else stays the same.
@@ -104,7 +104,7 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
     options = options or ProgramOptions()
     config = llm_config(engine_settings_for(settings, options), model_id=model_id, replicas=replicas,
                         accelerator=accelerator, router=router)
-    control_plane = serve.deployment(ControlPlaneDeployment, name="ProgramControlPlane", num_replicas=1,
+    control_plane = serve.deployment(ControlPlaneDeployment, name="ClusterControlPlane", num_replicas=1,
                                      ray_actor_options={"num_cpus": 0}).bind(msgspec.to_builtins(options), replicas, model_id)
     llm = build_llm_deployment(config, bind_kwargs={
         "control_plane": control_plane, "measure_reload": options.policy == "agentserve",

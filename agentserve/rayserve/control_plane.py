@@ -2,7 +2,7 @@
 and every LLM replica share, so there is one tracker, one tool-duration predictor, one TTL policy
 state and one program -> replica map, not a copy per replica that drifts.
 
-Design: the embedded server's `ProgramControl` runs here unchanged; only its engine link differs.
+Design: the embedded server's `ControlPlane` runs here unchanged; only its engine link differs.
 Pins live inside each replica's scheduler, so a command about a program (end, release) goes to the
 replica that served the program's last turn (its home, from `ProgramAffinity`). The link does not
 call replicas: commands wait in a per-replica outbox and every replica pulls its own when it syncs
@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from agentserve.programs.control import LocalControl, ProgramControl
+from agentserve.programs.control import LocalControl, ControlPlane
 from agentserve.programs.fields import ProgramFields
 from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
@@ -53,7 +53,7 @@ MAX_EVENTS = 4096
 _SUMMED = ("pins", "pinned_blocks", "pin_cap_blocks", "programs", "free_blocks", "total_blocks", "queued")
 
 
-class ProgramControlPlane:
+class ClusterControlPlane:
     def __init__(self, options: dict, replicas: int = 1, model: str = ""):
         self.options = msgspec.convert(options, ProgramOptions)
         self.expected_replicas = replicas
@@ -70,7 +70,7 @@ class ProgramControlPlane:
         # `agentserve` needs the reload profile measured on a replica's engine: set on registration.
         link = None if self.options.policy == "vllm" else self._link
         on_event, tracer = program_events(self.options, model)
-        self.control = ProgramControl(ProgramTracker(self.options.idle_timeout_s), predictor, policy, link,
+        self.control = ControlPlane(ProgramTracker(self.options.idle_timeout_s), predictor, policy, link,
                                       benefit, on_event=on_event, tracer=tracer)
         self.local = LocalControl(self.control)
         self._ticker: asyncio.Task | None = None
@@ -180,7 +180,7 @@ class ProgramControlPlane:
         except ProgramError as e:
             return {"error": [e.status, str(e)]}
 
-    # ---- the engine link of ProgramControl -----------------------------------------------------
+    # ---- the engine link of ControlPlane -----------------------------------------------------
     async def _link(self, command: str, payload: dict) -> dict:
         program = payload.get("program_id")
         if command == "release_all":
@@ -231,7 +231,7 @@ class ControlPlaneDeployment:
         from ray import serve
 
         name = actor_name(serve.get_replica_context().app_name)
-        self.actor = ray.remote(ProgramControlPlane).options(
+        self.actor = ray.remote(ClusterControlPlane).options(
             name=name, namespace=NAMESPACE, num_cpus=0, get_if_exists=True).remote(options, replicas, model)
         await self.actor.start.remote()
 

@@ -7,7 +7,7 @@ shared control plane (control_plane.py).
   load (free KV blocks, queue) every `SYNC_S`;
 - every response stream starts with a `ReplicaTag`, which the ingress turns into the
   `x-agentserve-replica` header (and strips), so operators and tests see who served a request;
-- `agentserve_control` runs a control command on this replica's engine directly (tests, operators).
+- `agentserve_scheduler_command` runs a control command on this replica's engine directly (tests, operators).
 """
 
 from __future__ import annotations
@@ -78,22 +78,22 @@ class ProgramLLMServer(LLMServer):
         while True:
             await asyncio.sleep(SYNC_S)
             try:
-                stats = await self.agentserve_control("tick")
+                stats = await self.agentserve_scheduler_command("tick")
                 stats["events"] = events + stats.get("events", [])
                 events = []
                 for command, payload in await self._control_plane.sync.remote(self.replica_id, stats):
-                    events += (await self.agentserve_control(command, payload)).get("events", [])
+                    events += (await self.agentserve_scheduler_command(command, payload)).get("events", [])
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - keep syncing; the failure is in the log
                 log.exception("replica %s: control plane sync failed", self.replica_id)
 
-    async def agentserve_control(self, command: str, payload: dict | None = None) -> dict:
-        """`ProgramScheduler.agentserve_control` on this replica's engine (end / release / tick ...)."""
+    async def agentserve_scheduler_command(self, command: str, payload: dict | None = None) -> dict:
+        """`ProgramScheduler.command` on this replica's engine (end / release / tick ...)."""
         client = getattr(self.engine, "_engine_client", None) if self.engine is not None else None
         if client is None:
             raise RuntimeError("the replica's vLLM engine is not started")
-        return await client.engine_core.call_utility_async("agentserve_control", command, payload or {})
+        return await client.engine_core.call_utility_async("agentserve_scheduler_command", command, payload or {})
 
     async def chat(self, request, raw_request_info=None):
         return self._tagged(await super().chat(request, raw_request_info))

@@ -32,7 +32,7 @@ log = logging.getLogger("agentserve.rayserve")
 PLACE_TIMEOUT_S = 2.0
 
 
-def program_of(pending_request) -> str | None:
+def program_of_pending(pending_request) -> str | None:
     """The program id of a routed LLM call: the first argument is the OpenAI request object, whose
     `vllm_xargs` carries the program fields (the ingress moved the `agentserve` object there)."""
     if pending_request is None or not pending_request.args:
@@ -56,7 +56,7 @@ class ProgramAffinityRouter(RequestRouter):
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         try:
-            ranked = await asyncio.wait_for(self._cp().place.remote(program_of(pending_request), list(by_id)),
+            ranked = await asyncio.wait_for(self._cp().place.remote(program_of_pending(pending_request), list(by_id)),
                                             PLACE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - degrade to Serve's order, never fail the request here
             log.exception("program placement failed; routing without affinity")

@@ -23,10 +23,10 @@ from agentserve.server.tenants import TenantGate, admit_under_limits, ttl_caps
 
 log = logging.getLogger("agentserve.server")
 
-async def build_control(engine, options: ProgramOptions, max_model_len: int, model: str,
+async def build_control_plane(engine, options: ProgramOptions, max_model_len: int, model: str,
                         gate: TenantGate | None = None):
     from agentserve.engine.profiling import measure_reload_profile
-    from agentserve.programs.control import ProgramControl
+    from agentserve.programs.control import ControlPlane
     from agentserve.programs.tracker import ProgramTracker
     from agentserve.ttl.policy import OnlineBenefit, make_policy
     from agentserve.ttl.predictor import ToolDurationPredictor
@@ -43,10 +43,10 @@ async def build_control(engine, options: ProgramOptions, max_model_len: int, mod
                              fixed_ttl_s=options.fixed_ttl_s, max_ttl_s=options.max_ttl_s)
 
         async def link(command: str, payload: dict) -> dict:
-            return await engine.engine_core.call_utility_async("agentserve_control", command, payload)
+            return await engine.engine_core.call_utility_async("agentserve_scheduler_command", command, payload)
 
     on_event, tracer = program_events(options, model)
-    return ProgramControl(ProgramTracker(options.idle_timeout_s), predictor, policy, link, benefit,
+    return ControlPlane(ProgramTracker(options.idle_timeout_s), predictor, policy, link, benefit,
                           on_event=on_event, tracer=tracer, ttl_cap=ttl_caps(gate) if gate is not None else None)
 
 
@@ -63,7 +63,7 @@ async def cross_model_front(options: ProgramOptions, sender_dir: str, sender_nam
     o = options.kvshare
     if o.cross_model is None:
         return None
-    from agentserve.server.cross_model import build_cross_model
+    from agentserve.server.cross_model_front import build_cross_model
 
     front = await asyncio.to_thread(build_cross_model, sender_dir, sender_name, o.cross_model,
                                     group=o.cross_model_group, max_kl=o.cross_model_max_kl,
@@ -117,7 +117,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
     listen_address, sock = setup_server(ns, reuse_port=False)
     async with build_async_engine_client_from_engine_args(AsyncEngineArgs.from_cli_args(ns)) as engine:
         gate = TenantGate(options.tenants) if options.tenants is not None else None
-        control = await build_control(engine, options, engine.model_config.max_model_len,
+        control = await build_control_plane(engine, options, engine.model_config.max_model_len,
                                       ns.served_model_name[0] if ns.served_model_name else settings.model, gate)
         client = ProgramEngineClient(engine, LocalControl(control))
         tasks = await engine.get_supported_tasks()

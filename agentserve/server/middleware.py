@@ -24,7 +24,7 @@ import msgspec
 from fastapi.responses import JSONResponse
 
 from agentserve.programs.fields import XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
-from agentserve.server.cross_model import CrossModelFront
+from agentserve.server.cross_model_front import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.streams import request_streams
 from agentserve.options import DEFAULT_MAX_BODY_BYTES, Tenant
@@ -265,7 +265,7 @@ def program_xargs(incoming: Incoming) -> JSONResponse | None:
 
 
 def cross_model_response(data: dict, cross: CrossModelFront, scope: str):
-    """The ASGI response to a completion for the cross-model variant (server/cross_model.py)."""
+    """The ASGI response to a completion for the cross-model variant (server/cross_model_front.py)."""
 
     async def respond(asgi_scope, receive, send):
         try:

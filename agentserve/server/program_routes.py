@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI, Request
 
-from agentserve.programs.control import Control, ProgramControl
+from agentserve.programs.control import Control, ControlPlane
 from agentserve.programs.fields import ProgramFields, ToolEvent
 from agentserve.programs.tracker import ProgramError
 from agentserve.server import metrics
@@ -85,7 +85,7 @@ def add_program_routes(app: FastAPI, control: Control) -> None:
         return result
 
 
-async def tick_loop(control: ProgramControl) -> None:
+async def tick_loop(control: ControlPlane) -> None:
     """Periodic: end abandoned programs, expire pins while the engine is idle, refresh the metrics."""
     async def tick() -> None:
         metrics.record_engine_stats(await control.tick())

@@ -2,7 +2,7 @@
 
 The engine serves the sender (the `--model`); NAME is a fine-tuned variant of one architecture. A
 `/v1/completions` body with `"model": NAME` is answered here, on the HuggingFace path of
-agentserve/kvshare/cross_model.py (why not vLLM: that module's docstring), with the same fields as
+agentserve/kvshare/cross_reuse.py (why not vLLM: that module's docstring), with the same fields as
 any completion: the prompt as `prompt` or as `agentserve.share` parts. When a sender request with
 shared parts goes to the engine, the sender's state of its prompt through the last shared part is
 prepared in the background; a receiver prompt starting with that prefix reuses it, recomputing the
@@ -51,7 +51,7 @@ class CrossModelFront:
 
     def sender_prompt(self, ids: list[int], segments: list[tuple[int, int]], scope: str) -> None:
         """A sender request with shared parts is on its way to the engine: prepare its prefix."""
-        from agentserve.kvshare.cross_model import prefix_key
+        from agentserve.kvshare.cross_reuse import prefix_key
 
         start, length = segments[-1]
         prefix = ids[: start + length]
@@ -152,7 +152,7 @@ def profiling_prompts(path: str | None, sender_name: str, receiver_name: str, to
             raise ValueError(f"{path}: no profiling prompts")
         return prompts
     if {sender_name, receiver_name} == {"kvret", "kvret-ft"}:
-        from agentserve.kvshare import kvret
+        from agentserve.models import kvret_task as kvret
 
         rng = random.Random(0)
         out = []
@@ -173,7 +173,7 @@ def build_cross_model(sender_dir: str, sender_name: str, receiver: str, *, group
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agentserve.engine.settings import resolve_model
-    from agentserve.kvshare.cross_model import CrossModelReuse, check_compatible, pick_group
+    from agentserve.kvshare.cross_reuse import CrossModelReuse, check_compatible, pick_group
     from agentserve.kvshare.droidspeak import profile_groups
 
     receiver_dir, receiver_name = resolve_model(receiver)

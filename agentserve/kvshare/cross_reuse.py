@@ -6,7 +6,7 @@ KV connector API. (1) The group's input is the sender's residual stream at layer
 a connector sees each layer's KV, never hidden states. (2) The receiver must run layers [s, e) for
 the reused tokens and load the sender's KV for the other layers; a vLLM token is either scheduled
 (every layer runs) or external (no layer runs). So a request for the receiver model that names a
-sender's prefix is served here, behind the same `/v1/completions` API (server/cross_model.py); the
+sender's prefix is served here, behind the same `/v1/completions` API (server/cross_model_front.py); the
 receiver's own question tokens and the decode run here too (the cache they extend lives here).
 
 Store: per sender prefix (keyed by token content, the sender's prompt through its last shared part),
