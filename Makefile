@@ -20,7 +20,7 @@ RAY_BENCH_ARGS ?= --model tiny --kv-tokens 8192 --programs 16 --rate 1.0 --token
 	--seed 0 --no-progress --policies agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix,agentserve+replicas=2+router=pow2
 
 comma := ,
-.PHONY: install run bench bench-kv bench-ray test test-fast models clean
+.PHONY: install run bench bench-kv bench-ray swe-trace test test-fast models clean
 
 install: $(STAMP)
 
@@ -46,22 +46,26 @@ run: install
 
 # The standard benchmark: SWE-bench (mini-swe-agent) and BFCL replays, results in bench-out/.
 SWE_TRACE ?= ../shared/traces/swe/minisweagent_gemini3pro/per_turn_400.jsonl
-bench: install
-	$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \
+# Without ../shared the SWE benchmarks replay the embedded 16-program sample instead, and say so.
+SWE_SRC := $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl)
+swe-trace:
+	@test -f "$(SWE_TRACE)" || echo "NOTE: $(SWE_TRACE) not found: replaying the embedded sample $(SWE_SRC); numbers differ from docs/benchmarks.md" >&2
+bench: install swe-trace
+	$(VENV)/bin/agentserve replay --trace $(SWE_SRC) \
 		$(BENCH_ARGS) --out bench-out/swe
 	$(VENV)/bin/agentserve replay --trace bfcl:base $(BENCH_ARGS) --out bench-out/bfcl
 
 # The same SWE-bench load at larger KV budgets (docs/benchmarks.md: where pins can and cannot close the gap).
 KV_SWEEP ?= 12288
-bench-kv: install
+bench-kv: install swe-trace
 	for kv in $(KV_SWEEP); do \
-		$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \
+		$(VENV)/bin/agentserve replay --trace $(SWE_SRC) \
 			$(subst --kv-tokens 8192,--kv-tokens $$kv,$(subst $(comma)agentserve+pin-mode=ordered+max-wait=0+pin-cap=0.9,,$(BENCH_ARGS))) \
 			--out bench-out/swe-kv$$kv || exit 1; \
 	done
 
-bench-ray: install
-	$(VENV)/bin/agentserve replay --trace $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl) \
+bench-ray: install swe-trace
+	$(VENV)/bin/agentserve replay --trace $(SWE_SRC) \
 		$(RAY_BENCH_ARGS) --out bench-out/ray
 
 # The whole suite, engine and server integration tests included.

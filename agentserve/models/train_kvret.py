@@ -43,11 +43,8 @@ FILLER = (8, 120)  # filler words per report: prompts of ~150-750 tokens
 FACTS = (4, 10)  # facts per report
 CURRICULUM = 0.25  # share of the task phase over which facts and filler grow to the full task
 TOKENS_PER_STEP = 2048
-# The variant: every layer fine-tuned, gently. Measured alternatives: 300 steps at 3e-4 learnt reverse
-# lookup to 4.5 %; 600 at 1e-3 to 100 %, but moved every layer's KV so far that reusing the base's KV
-# answered 54 % and recomputing the top layer 53 % (the variant alone: 99 %);
-# training only the top layer reached 2 % on reverse lookup, the top two were at the forward-only 50 %
-# of the training mix when stopped at step 275 of 600 (it needs features of the early layers). 1,000 steps at 3e-4: forward 99.5 %, reverse 65 %, and early layers critical.
+# The variant: every layer fine-tuned, gently: faster or narrower fine-tunes either did not learn
+# reverse lookup or moved the KV so far that nothing was left to reuse (docs/benchmarks.md, the end).
 FT_STEPS = 1000
 FT_LR = 3e-4
 FT_LAYERS = 4
