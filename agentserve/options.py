@@ -138,6 +138,21 @@ class KVShareOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("cross_model needs kvshare (the sender's shared parts mark what to reuse)")
 
 
+class HostTierOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The host-memory KV tier (agentserve/hosttier/): vLLM's offloading connector; off while kv_tokens is 0."""
+
+    kv_tokens: Annotated[int, Meta(ge=0), _help(
+        "host-memory KV tier in tokens (0 = off): KV the device evicts is kept in host memory and loaded "
+        "back on the next hit instead of recomputed (vLLM's offloading connector; on vLLM-CPU agentserve's "
+        "copy worker)")] = 0
+    policy: Annotated[Literal["next-use", "lru"], _help(
+        "which host KV goes when the tier is full: next-use = the program whose next turn is furthest "
+        "away (one-off requests and ended programs first); lru = vLLM's least recently used")] = "next-use"
+    copy_throttle: Annotated[float, Meta(ge=1), _help(
+        "make every host-tier copy this many times slower (a slower host link, e.g. a GPU's PCIe "
+        "relative to its prefill; 1 = as fast as this machine copies)")] = 1.0
+
+
 # ---- tenants --------------------------------------------------------------------------------------
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -217,6 +232,7 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idle_timeout_s: Annotated[float, Meta(gt=0), _help(
         "seconds after which a silent program is abandoned and its pin released")] = 600.0
     admission: AdmissionOptions = msgspec.field(default_factory=AdmissionOptions)
+    host: HostTierOptions = msgspec.field(default_factory=HostTierOptions)
     kvshare: KVShareOptions = msgspec.field(default_factory=KVShareOptions)
     otlp_traces_endpoint: Annotated[str | None, _help(
         "send OpenTelemetry traces (a workflow span per program, chat and execute_tool spans, vLLM's "

@@ -34,7 +34,8 @@ from agentserve.engine import utilities
 from agentserve.engine.program_queue import ProgramFCFS, ProgramQueue
 from agentserve.options import SchedulerConfig
 from agentserve.programs.book import ProgramBook
-from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
+from agentserve.hosttier import policy as host_policy
+from agentserve.programs.fields import XARG_IS_LAST, XARG_NEXT_USE, XARG_PROGRAM, XARG_TTL
 from agentserve.ttl.pins import Release
 
 
@@ -52,8 +53,14 @@ class ProgramScheduler(Scheduler):
                                 block_size=self.cache_config.block_size,
                                 max_model_len=self.vllm_config.model_config.max_model_len)
         self.waiting = ProgramQueue(ProgramFCFS(self.book, program_of_request))
+        # the host tier's eviction policy (if the engine runs one) orders by the book's next-use predictions
+        host_policy.attach(self._program_of_id, self.book.next_use)
         self._allocate = self.kv_cache_manager.allocate_slots
         self.kv_cache_manager.allocate_slots = self._allocate_or_release_pins
+
+    def _program_of_id(self, request_id: str) -> str | None:
+        request = self.requests.get(request_id)
+        return program_of_request(request) if request is not None else None
 
     def add_request(self, request: Request) -> None:
         request.priority = self.book.arrive(request.request_id, program_of_request(request),
@@ -68,10 +75,12 @@ class ProgramScheduler(Scheduler):
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         program = program_of_request(request)
         extra = request.sampling_params.extra_args if program is not None else {}
+        next_use = extra.get(XARG_NEXT_USE)
         releases, ttl = self.book.leave(request.request_id, program, request.num_tokens,
                                         aborted=request.status == RequestStatus.FINISHED_ABORTED,
                                         is_last=bool(extra.get(XARG_IS_LAST)),
-                                        ttl_s=float(extra.get(XARG_TTL, 0.0) or 0.0))
+                                        ttl_s=float(extra.get(XARG_TTL, 0.0) or 0.0),
+                                        next_use_s=float(next_use) if next_use is not None else None)
         self._free(releases)
         if ttl > 0:
             blocks = [b for group in self.kv_cache_manager.get_blocks(request.request_id).blocks

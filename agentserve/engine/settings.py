@@ -108,12 +108,23 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> En
     if options.otlp_traces_endpoint:
         settings = msgspec.structs.replace(settings, extra_vllm_args=[
             *settings.extra_vllm_args, "--otlp-traces-endpoint", options.otlp_traces_endpoint])
+    share = host = None
     if options.kvshare.enabled:
         from agentserve.kvshare.connector import kv_transfer_config
 
-        settings = msgspec.structs.replace(settings, kv_transfer_config=kv_transfer_config(
-            temperature=options.kvshare.temperature, entropy_gamma=options.kvshare.gate,
-            correction=options.kvshare.correction))
+        share = kv_transfer_config(temperature=options.kvshare.temperature, entropy_gamma=options.kvshare.gate,
+                                   correction=options.kvshare.correction)
+    if options.host.kv_tokens > 0:
+        from agentserve.hosttier.config import offloading_config
+
+        model_dir, _ = resolve_model(settings.model)
+        host = offloading_config(options.host, block_size=settings.block_size,
+                                 kv_bytes_per_token=kv_bytes_per_token(model_dir, settings.dtype),
+                                 programs=options.policy != "vllm")
+    if share or host:
+        from agentserve.hosttier.config import combined
+
+        settings = msgspec.structs.replace(settings, kv_transfer_config=combined(share, host))
     if options.policy == "vllm":
         return settings
     extra = dict(settings.additional_config or {})

@@ -32,6 +32,7 @@ from typing import Any
 from agentserve.options import SchedulerConfig
 from agentserve.programs.admission import AdmissionGate
 from agentserve.programs.ids import tenant_of
+from agentserve.programs.next_use import NextUse
 from agentserve.ttl.pins import Pin, PinTable, Release
 
 MAX_EVENTS = 4096  # events kept between two control ticks (the front end ticks ~5x per second)
@@ -54,6 +55,7 @@ class ProgramBook:
         self.admission = AdmissionGate(
             total_blocks * block_size, a.share, default_peak=int(max_model_len * a.default_peak_share),
             max_hold_s=a.max_hold_s) if a.share > 0 else None
+        self.next_use = NextUse(clock)  # when each program's KV is needed again (the host tier evicts by it)
         self.counters: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
         self.reorder_due = False  # queue keys changed (pins, the wait bound): re-key at the next step
@@ -85,6 +87,7 @@ class ProgramBook:
                 else:
                     self.admission.started(program, prompt_tokens, self.clock())
         self._live[program] += 1
+        self.next_use.started(program)
         return self._ranks[program]
 
     def may_start(self, request_id: str, prompt_tokens: int, arrival_time: float) -> bool:
@@ -123,8 +126,9 @@ class ProgramBook:
         return []
 
     def leave(self, request_id: str, program: str | None, context_tokens: int, *, aborted: bool,
-              is_last: bool, ttl_s: float) -> tuple[list[Release], float]:
-        """A request left the engine. Returns (pins to release, TTL to pin its blocks for: 0 = none)."""
+              is_last: bool, ttl_s: float, next_use_s: float | None = None) -> tuple[list[Release], float]:
+        """A request left the engine; its program's next turn is predicted `next_use_s` from now (the
+        tool's predicted duration). Returns (pins to release, TTL to pin its blocks for: 0 = none)."""
         for ids in (self._returning, self._aged, self._held):
             ids.discard(request_id)
         self._newcomers.pop(request_id, None)
@@ -135,6 +139,7 @@ class ProgramBook:
         self._live[program] -= 1
         if self._live[program] <= 0:
             del self._live[program]
+        self.next_use.finished(program, next_use_s, is_last)
         if aborted:
             return self._released([self.pins.release(program, "abort")]), 0.0
         if is_last or ttl_s <= 0:
@@ -197,6 +202,7 @@ class ProgramBook:
     # ---- the control plane's commands ------------------------------------------------------------
     def end(self, program: str) -> list[Release]:
         self._ranks.pop(program, None)
+        self.next_use.ended(program)
         if self.admission is not None:
             self.admission.end(program)
         return self._released([self.pins.release(program, "program_end")])

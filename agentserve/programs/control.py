@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from agentserve.programs.fields import XARG_TTL, XARG_TURN, ProgramFields, to_xargs
+from agentserve.programs.fields import XARG_NEXT_USE, XARG_TTL, XARG_TURN, ProgramFields, to_xargs
 from agentserve.programs.tracker import ProgramTracker
 from agentserve.ttl.policy import OnlineBenefit, TTLPolicy
 from agentserve.ttl.predictor import ToolDurationPredictor
@@ -75,6 +75,8 @@ class ControlPlane:
                 ttl = min(ttl, cap)
             xargs[XARG_TTL] = float(ttl)
             predicted = self.predictor.predict_mean(tool)
+            if predicted is not None:  # when the program's KV is next needed (the host tier's eviction order)
+                xargs[XARG_NEXT_USE] = float(predicted)
             self.on_event("ttl", {"program": fields.program_id, "turn": turn, "tool": tool, "ttl_s": ttl,
                                   "predicted_tool_s": predicted})
         if self.tracer is not None:

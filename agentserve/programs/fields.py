@@ -21,6 +21,7 @@ XARG_IS_LAST = "agentserve_is_last_turn"
 XARG_TOOL = "agentserve_tool"
 XARG_PARENT = "agentserve_parent_program_id"
 XARG_TTL = "agentserve_ttl_s"
+XARG_NEXT_USE = "agentserve_next_use_s"  # predicted seconds from this turn's end to the program's next turn
 
 
 MAX_PARTS = 64  # parts of a shared prompt (agentserve/kvshare/planner.py bounds its segments alike)

@@ -1,0 +1,95 @@
+"""The host tier's eviction policy: vLLM's LRU cache policy, choosing its victims by predicted next use.
+
+A vLLM `CachePolicy` (v1/kv_offload/cpu/policies), loaded by name through the spec's
+`cache_policy_module_path`, so vLLM's `CPUOffloadingManager` keeps doing the bookkeeping (chunks,
+transfer reference counts, protection). What changes is which evictable chunk goes: the one whose
+program's next use is furthest away (`agentserve.programs.next_use.NextUse`: one-off requests and
+ended programs first, then programs deep in long tool calls; programs due soon last); LRU order only
+breaks ties, so within one program the least recently used chunks (its context's tail, touched last
+in reverse) go first.
+
+The chunk -> program map is learnt from the requests that store or reuse a chunk (`ReqContext.req_id`,
+resolved by the scheduler plugin, which registers itself in `attach`). A chunk shared by several
+programs belongs to the one that touched it last. Without the plugin (no `attach`) every chunk is a
+one-off's and the policy is LRU.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Sequence
+
+from vllm.v1.kv_offload.base import OffloadKey, ReqContext
+from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
+from vllm.v1.kv_offload.cpu.policies.lru import LRUCachePolicy
+
+from agentserve.programs.next_use import NextUse
+
+# Set by the scheduler plugin in the engine-core process, where vLLM's offloading manager lives.
+_owner_of: Callable[[str], str | None] = lambda req_id: None
+_next_use: NextUse | None = None
+
+
+def attach(owner_of: Callable[[str], str | None], next_use: NextUse) -> None:
+    """The scheduler plugin's request -> program lookup and its next-use predictions."""
+    global _owner_of, _next_use
+    _owner_of, _next_use = owner_of, next_use
+
+
+class NextUseCachePolicy(LRUCachePolicy):
+    def __init__(self, cache_capacity: int):
+        super().__init__(cache_capacity)
+        self.owner: dict[OffloadKey, str | None] = {}
+        self.evicted_by_reason: dict[str, int] = {"never": 0, "later": 0}
+
+    def _claim(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
+        program = _owner_of(req_context.req_id)
+        for key in keys:
+            if program is not None or key not in self.owner:  # a one-off reading a program's chunk
+                self.owner[key] = program
+
+    def on_store_miss(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
+        keys = list(keys)
+        self._claim(keys, req_context)
+        super().on_store_miss(keys, req_context)
+
+    def touch(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
+        keys = list(keys)
+        self._claim(keys, req_context)
+        super().touch(keys, req_context)
+
+    def on_request_finished(self, key_groups: Sequence[Sequence[OffloadKey]], insertion_only_keys: set[OffloadKey],
+                            reused_keys: set[OffloadKey], req_context: ReqContext) -> None:
+        self._claim((k for group in key_groups for k in group), req_context)
+        super().on_request_finished(key_groups, insertion_only_keys, reused_keys, req_context)
+
+    def remove(self, key: OffloadKey) -> None:
+        super().remove(key)
+        self.owner.pop(key, None)
+
+    def clear(self) -> None:
+        super().clear()
+        self.owner.clear()
+
+    def evict(self, n: int, protected: set[OffloadKey]) -> list[tuple[OffloadKey, ChunkStatus]] | None:
+        if n == 0:
+            return []
+        candidates = [k for k in self._evictable if k not in protected]
+        if len(candidates) < n:
+            return None
+        next_use = _next_use
+        until = {k: next_use.seconds_until(self.owner.get(k)) if next_use is not None else 0.0 for k in candidates}
+        # furthest next use first; among equals the least recently used (lowest LRU rank)
+        victims = heapq.nsmallest(n, candidates, key=lambda k: (-until[k], self._ranks[k]))
+        out = []
+        for key in victims:
+            chunk = self.chunks[key]
+            assert chunk.ref_cnt == 0
+            self._evictable.remove(key)
+            del self.chunks[key]
+            del self._ranks[key]
+            self.owner.pop(key, None)
+            self.evicted_by_reason["never" if until[key] == float("inf") else "later"] += 1
+            out.append((key, chunk))
+        self._maybe_compact_heap()
+        return out

