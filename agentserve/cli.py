@@ -92,7 +92,8 @@ def add_replay_parser(sub) -> None:
     rp.add_argument("--policies", type=_csv, default=["vllm", "continuum", "agentserve", "oracle"],
                     help=f"comma-separated, run in this order, from {','.join(POLICIES)}; a plugin policy "
                     "may carry its own `agentserve serve` program options as +KEY=VALUE (KEY: the flag without --, "
-                    "or replicas, router), e.g. agentserve+pin-mode=ordered+max-wait=0 "
+                    "or replicas, router), e.g. agentserve+pin-mode=ordered+max-wait=0; vllm+offload is stock vLLM with "
+                    "the host tier of --host-kv-tokens (which every plugin policy gets too, vllm and oracle never) "
                     "(default: vllm,continuum,agentserve,oracle)")
     rp.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
                     help="also replay against a running OpenAI-compatible server (e.g. a stock vllm serve "

@@ -37,6 +37,14 @@ POLICIES = ("vllm", "continuum", "fixed", "agentserve", "oracle")
 # `agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix` compares routers; each
 # replica gets the same KV budget.
 _RAY_OPTIONS = ("replicas", "router")
+# `vllm+offload`: stock vLLM with the same host tier (--host-kv-tokens) and vLLM's LRU, the choice a
+# user would make instead of agentserve. `vllm` and `oracle` never get the tier.
+OFFLOAD = "offload"
+
+
+def uses_host_tier(spec: str) -> bool:
+    base, *options = spec.split("+")
+    return base not in ("vllm", "oracle") or OFFLOAD in options
 
 
 def policy_options() -> tuple[str, ...]:
@@ -52,6 +60,11 @@ def policy_spec(spec: str) -> tuple[str, list[str]]:
     args: list[str] = []
     allowed = policy_options()
     for option in options:
+        if option == OFFLOAD:
+            if base != "vllm":
+                raise ValueError(f"{spec!r}: +{OFFLOAD} is stock vLLM with the host tier (vllm+{OFFLOAD}); the "
+                                 "plugin policies use the tier whenever --host-kv-tokens sizes one")
+            continue
         key, sep, value = option.partition("=")
         if not sep or key not in allowed or not value:
             raise ValueError(f"bad policy option {option!r} in {spec!r}: want KEY=VALUE, KEY one of "
@@ -85,6 +98,8 @@ class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 ORACLE_MIN_KV_TOKENS, programs * self.context + engine.block_size))
         base, extra = policy_spec(policy)
         program = msgspec.structs.replace(self.program, policy="vllm" if policy == "oracle" else base)
+        if not uses_host_tier(policy):
+            program = msgspec.structs.replace(program, host=msgspec.structs.replace(program.host, kv_tokens=0))
         # argparse: the policy's own options come last and win
         return [*to_flags(engine), *to_flags(program), "--log-level", "warning", *extra]
 
@@ -110,14 +125,19 @@ def http_get(url: str, timeout: float = STATS_TIMEOUT_S) -> str | None:
         return None
 
 
+def _metric_sum(text: str, name: str) -> int | None:
+    """A Prometheus counter summed over its labels (engines), None if the server does not export it."""
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)]
+    return int(sum(values)) if values else None
+
+
 def server_counters(base_url: str) -> dict:
     """Preemptions from vLLM's Prometheus metrics; pins from agentserve's stats route (if it has one)."""
     out: dict = {}
     text = http_get(base_url + "/metrics")
     if text is not None:
-        values = [float(m.group(1)) for m in re.finditer(r"^vllm:num_preemptions_total(?:\{[^}]*\})? (\S+)$",
-                                                         text, re.M)]
-        out["preemptions"] = int(sum(values)) if values else None
+        out["preemptions"] = _metric_sum(text, "vllm:num_preemptions_total")
+        out["host_hit_tokens"] = _metric_sum(text, "vllm:external_prefix_cache_hits_total")
     stats = http_get(base_url + "/v1/agentserve/stats")
     if stats is not None:
         engine = msgspec.json.decode(stats).get("engine", {})
@@ -152,7 +172,7 @@ def drive(name: str, base_url: str, client: str, programs: list[PlannedProgram],
 
         records = asyncio.run(driver.run(programs, cfg.concurrency, on_done=done))
     after = server_counters(base_url)
-    for counter in ("preemptions", "pins_created"):  # a shared server may have counted before this run
+    for counter in ("preemptions", "pins_created", "host_hit_tokens"):  # a shared server may have counted before
         if after.get(counter) is not None and before.get(counter) is not None:
             after[counter] -= before[counter]
     if "counters" in after:

@@ -16,7 +16,7 @@ Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class PolicyResult(msgspec.Struct, forbid_unknown_fields=True):
+class PolicyResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     jct_mean: Seconds | None
     jct_p50: Seconds | None
     jct_p95: Seconds | None
@@ -24,6 +24,7 @@ class PolicyResult(msgspec.Struct, forbid_unknown_fields=True):
     ttft_p50: Seconds | None
     ttft_p99: Seconds | None
     prefix_hit_rate: Ratio | None  # cached prompt tokens / prompt tokens; None if the server does not say
+    host_hit_rate: Ratio | None = None  # of those, tokens loaded from the host tier / prompt tokens
     preemptions: Count | None  # None if the server exports no vLLM metrics
     pins_created: Count
     pins_outstanding_at_end: Count
@@ -70,6 +71,8 @@ def summarize(records: list[ProgramRecord], server: dict) -> PolicyResult:
         jct_p50=percentile(jcts, 50), jct_p95=percentile(jcts, 95), jct_p99=percentile(jcts, 99),
         ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
         prefix_hit_rate=hit, preemptions=server.get("preemptions"),
+        host_hit_rate=(min(1.0, server["host_hit_tokens"] / prompt) if prompt and server.get("host_hit_tokens")
+                       is not None else None),
         pins_created=server.get("pins_created", 0), pins_outstanding_at_end=server.get("pins_outstanding", 0),
         makespan=makespan, programs_completed=len(ok), programs_failed=len(records) - len(ok),
         throughput=len(ok) / makespan if makespan > 0 else 0.0, llm_calls=len(turns),
@@ -83,13 +86,14 @@ def _fmt(x: float | None, pattern: str = "{:.2f}") -> str:
 
 
 def table(results: Results) -> str:
-    head = ("| policy | mean JCT s | p50 JCT | p95 JCT | p50 TTFT s | p99 TTFT | hit rate | preempt | pins "
-            "| done/failed | prog/s |")
-    rows = [head, "|" + "---|" * 11]
+    head = ("| policy | mean JCT s | p50 JCT | p95 JCT | p50 TTFT s | p99 TTFT | hit rate | host hits | preempt "
+            "| pins | done/failed | prog/s |")
+    rows = [head, "|" + "---|" * 12]
     for name, r in results.policies.items():
         rows.append(f"| {name} | {_fmt(r.jct_mean)} | {_fmt(r.jct_p50)} | {_fmt(r.jct_p95)} | "
                     f"{_fmt(r.ttft_p50, '{:.3f}')} | {_fmt(r.ttft_p99, '{:.3f}')} | "
-                    f"{_fmt(r.prefix_hit_rate)} | {_fmt(r.preemptions, '{}')} | {r.pins_created} | "
+                    f"{_fmt(r.prefix_hit_rate)} | {_fmt(r.host_hit_rate)} | {_fmt(r.preemptions, '{}')} | "
+                    f"{r.pins_created} | "
                     f"{r.programs_completed}/{r.programs_failed} | {r.throughput:.3f} |")
     return "\n".join(rows + [""] + ratios(results))
 

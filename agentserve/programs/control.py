@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from agentserve.programs.fields import XARG_NEXT_USE, XARG_TTL, XARG_TURN, ProgramFields, to_xargs
 from agentserve.programs.tracker import ProgramTracker
-from agentserve.ttl.policy import OnlineBenefit, TTLPolicy
+from agentserve.ttl.policy import OnlineBenefit, TTLPolicy, decide
 from agentserve.ttl.predictor import ToolDurationPredictor
 
 log = logging.getLogger("agentserve.programs")
@@ -78,7 +78,8 @@ class ControlPlane:
             if predicted is not None:  # when the program's KV is next needed (the host tier's eviction order)
                 xargs[XARG_NEXT_USE] = float(predicted)
             self.on_event("ttl", {"program": fields.program_id, "turn": turn, "tool": tool, "ttl_s": ttl,
-                                  "predicted_tool_s": predicted})
+                                  "predicted_tool_s": predicted,
+                                  "tier": decide(self.policy, ttl, prompt_tokens + max_tokens, False)})
         if self.tracer is not None:
             traceparent = self.tracer.chat_context(fields.program_id).get("traceparent")
             if traceparent:
@@ -101,9 +102,11 @@ class ControlPlane:
     def ttl_inputs(self) -> dict:
         """What the TTL rule currently works with: T, eta and the measured reload curve."""
         reload = getattr(self.policy, "reload", None)
+        host = getattr(self.policy, "host", None)
         return {"T_s": self.benefit.T, "eta": self.benefit.eta,
                 "finished_programs": self.benefit.finished_programs,
-                "reload_s_per_1k_tokens": reload.seconds(1000) if reload is not None else None}
+                "reload_s_per_1k_tokens": reload.seconds(1000) if reload is not None else None,
+                "host_load_s_per_1k_tokens": host.seconds(1000) if host is not None else None}
 
     def end_call(self, program_id: str, context_tokens: int) -> None:
         self.tracker.llm_end(program_id, context_tokens=context_tokens)

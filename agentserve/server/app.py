@@ -25,7 +25,7 @@ log = logging.getLogger("agentserve.server")
 
 async def build_control_plane(engine, options: ProgramOptions, max_model_len: int, model: str,
                         gate: TenantGate | None = None):
-    from agentserve.engine.profiling import measure_reload_profile
+    from agentserve.engine.profiling import measure_reload_profile, measure_transfer_profile
     from agentserve.programs.control import ControlPlane
     from agentserve.programs.tracker import ProgramTracker
     from agentserve.ttl.policy import OnlineBenefit, make_policy
@@ -35,19 +35,24 @@ async def build_control_plane(engine, options: ProgramOptions, max_model_len: in
     benefit = OnlineBenefit()
     policy, link = None, None
     if options.policy != "vllm":
-        reload = None
+        reload = host = None
         if options.policy == "agentserve":
             reload = await measure_reload_profile(engine, max_tokens=min(max_model_len - 1, 8192))
             log.info("reload profile: %s", reload)
+            if options.host.kv_tokens > 0:
+                host = await measure_transfer_profile(engine, max_tokens=min(max_model_len - 1, 8192,
+                                                                             options.host.kv_tokens))
+                log.info("host tier load-back profile: %s", host)
         policy = make_policy(options.policy, predictor=predictor, reload=reload, benefit=benefit,
-                             fixed_ttl_s=options.fixed_ttl_s, max_ttl_s=options.max_ttl_s)
+                             fixed_ttl_s=options.fixed_ttl_s, max_ttl_s=options.max_ttl_s, host=host,
+                             host_tokens=options.host.kv_tokens)
 
         async def link(command: str, payload: dict) -> dict:
             return await engine.engine_core.call_utility_async("agentserve_scheduler_command", command, payload)
 
     on_event, tracer = program_events(options, model)
     return ControlPlane(ProgramTracker(options.idle_timeout_s), predictor, policy, link, benefit,
-                          on_event=on_event, tracer=tracer, ttl_cap=ttl_caps(gate) if gate is not None else None)
+                        on_event=on_event, tracer=tracer, ttl_cap=ttl_caps(gate) if gate is not None else None)
 
 
 async def shared_prompts(engine, model_dir: str):

@@ -69,9 +69,14 @@ def record_ttl_inputs(inputs: dict) -> None:
     TTL_ETA.set(inputs["eta"])
 
 
+TIER_DECISIONS = Counter("agentserve_tier_decisions", "Where a finished turn's KV waits for the next turn "
+                         "(device: pinned; host: left to the host tier; drop)", ["decision"])
+
+
 def record_event(kind: str, data: dict) -> None:
     if kind == "ttl":
         TTL_CHOSEN.observe(data["ttl_s"])
+        TIER_DECISIONS.labels(data["tier"]).inc()
     elif kind == "tool":
         TOOL_ACTUAL.observe(data["actual_s"])
         if data.get("predicted_s") is not None:

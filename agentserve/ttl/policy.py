@@ -123,18 +123,33 @@ class OnlineBenefit:
 
 
 class CostBenefitTTL(TTLPolicy):
+    """With a host tier (`host`: its measured load-back curve, `host_tokens`: its size), a context the
+    tier can hold costs its load-back on a device miss, not its re-prefill: the rule then pins on the
+    device only where even that copy is worth the hold, and otherwise leaves the KV to the tier
+    (`decide`: device, host or drop)."""
+
     name = "agentserve"
 
     def __init__(self, predictor: ToolDurationPredictor, reload: ReloadProfile, benefit: OnlineBenefit,
-                 max_ttl_s: float = DEFAULT_MAX_TTL_S):
+                 max_ttl_s: float = DEFAULT_MAX_TTL_S, host: ReloadProfile | None = None, host_tokens: int = 0):
         self.predictor = predictor
         self.reload = reload
         self.benefit = benefit
         self.max_ttl_s = max_ttl_s
+        self.host = host
+        self.host_tokens = host_tokens
+
+    def in_host(self, context_tokens: int) -> bool:
+        return self.host is not None and context_tokens <= self.host_tokens
+
+    def miss_cost(self, context_tokens: int) -> float:
+        """Seconds a device miss adds to the next turn: the load-back from the tier, else the re-prefill."""
+        curve = self.host if self.in_host(context_tokens) else self.reload
+        return curve.seconds(context_tokens)
 
     def gain(self, context_tokens: int) -> float:
-        """B = T * eta + reload(ctx): seconds a hit saves the program's next turn."""
-        return self.benefit.T * self.benefit.eta + self.reload.seconds(context_tokens)
+        """B = T * eta + miss_cost(ctx): seconds a device hit saves the program's next turn."""
+        return self.benefit.T * self.benefit.eta + self.miss_cost(context_tokens)
 
     def choose(self, tool: str | None, context_tokens: int) -> float:
         b = self.gain(context_tokens)
@@ -152,9 +167,20 @@ class CostBenefitTTL(TTLPolicy):
         return best_tau
 
 
+def decide(policy: TTLPolicy | None, ttl_s: float, context_tokens: int, is_last: bool) -> str:
+    """Where a finished turn's KV waits for the next turn: "device" (pinned for ttl_s), "host" (left to
+    the host tier, which keeps it by the program's next use) or "drop" (not needed again, or no tier)."""
+    if ttl_s > 0:
+        return "device"
+    if not is_last and isinstance(policy, CostBenefitTTL) and policy.in_host(context_tokens):
+        return "host"
+    return "drop"
+
+
 def make_policy(name: str, *, predictor: ToolDurationPredictor, reload: ReloadProfile | None,
                 benefit: OnlineBenefit | None = None, fixed_ttl_s: float = CONTINUUM_TTL_S,
-                max_ttl_s: float = DEFAULT_MAX_TTL_S) -> TTLPolicy:
+                max_ttl_s: float = DEFAULT_MAX_TTL_S, host: ReloadProfile | None = None,
+                host_tokens: int = 0) -> TTLPolicy:
     """The TTL rule of a `--policy` (every rule bounded by `max_ttl_s`)."""
     if name == "fixed":
         return FixedTTL(fixed_ttl_s, max_ttl_s)
@@ -163,5 +189,5 @@ def make_policy(name: str, *, predictor: ToolDurationPredictor, reload: ReloadPr
     if name == "agentserve":
         if reload is None:
             raise ValueError("the agentserve policy needs a reload profile measured on the engine")
-        return CostBenefitTTL(predictor, reload, benefit or OnlineBenefit(), max_ttl_s)
+        return CostBenefitTTL(predictor, reload, benefit or OnlineBenefit(), max_ttl_s, host, host_tokens)
     raise ValueError(f"unknown TTL policy {name!r} (fixed, continuum, agentserve)")
