@@ -244,7 +244,7 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def scheduler_config(self) -> "SchedulerConfig":
         return SchedulerConfig(pin_cap_share=self.pin_cap_share, max_wait_s=self.max_wait_s,
-                               pin_mode=self.pin_mode, admission=self.admission,
+                               pin_mode=self.pin_mode, admission=self.admission, host_tokens=self.host.kv_tokens,
                                tenant_pin_shares=self.tenants.pin_shares() if self.tenants else {})
 
 
@@ -259,6 +259,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_wait_s: Seconds = _PROGRAM_DEFAULTS.max_wait_s
     pin_mode: Literal["soft", "ordered"] = _PROGRAM_DEFAULTS.pin_mode
     admission: AdmissionOptions = msgspec.field(default_factory=AdmissionOptions)
+    host_tokens: Annotated[int, Meta(ge=0)] = 0  # the host KV tier's size (admission counts what it holds)
     tenant_pin_shares: dict[str, Share] = {}
 
 

@@ -138,3 +138,22 @@ def test_a_second_request_of_a_held_program_is_held_too():
     s.add_request(request(h, "b1", "B", prompt(100, 3000)))  # B's parallel call: B is not admitted yet
     out, _ = step(s, lambda: 7)
     assert "b1" not in [r.req_id for r in out.scheduled_new_reqs] and "B" not in s.book.admission
+
+
+def test_a_host_tier_holds_waiting_programs_so_admission_counts_only_what_it_cannot():
+    """Programs in a tool call count for the part of their footprint the host tier cannot hold."""
+    gate = AdmissionGate(10_000, 1.0, default_peak=0, host_tokens=6_000)
+    for name in ("a", "b"):
+        assert gate.admits(name, 4_000, 0.0, 0.0)
+        gate.started(name, 4_000, 0.0)
+    assert gate.load == 8_000  # both running: all of it on the device
+    gate.finished("a", 4_000, 1.0)
+    gate.finished("b", 4_000, 1.0)
+    assert gate.load == 2_000  # both in tool calls: the tier holds 6,000 of their 8,000
+    assert gate.admits("c", 7_000, 0.0, 1.0)  # fits next to what the tier cannot hold
+    no_tier = AdmissionGate(10_000, 1.0, default_peak=0)
+    for name in ("a", "b"):
+        no_tier.admits(name, 4_000, 0.0, 0.0)
+        no_tier.started(name, 4_000, 0.0)
+        no_tier.finished(name, 4_000, 1.0)
+    assert no_tier.load == 8_000 and not no_tier.admits("c", 7_000, 0.0, 1.0)

@@ -3,6 +3,8 @@ program's context evicted from the device comes back from host memory, token for
 greedy output; a tier smaller than the context still serves correctly; under churn larger than the
 tier, the next-use policy keeps the program's KV where vLLM's LRU loses it."""
 
+import time
+
 import httpx
 import pytest
 
@@ -43,10 +45,21 @@ def program_after_churn(srv, program: str, churn_tokens: int, seed: int) -> tupl
     return first, second
 
 
+def host_tier(srv) -> dict:
+    """The tier's chunks now, once the engine is idle (no request queued or running)."""
+    deadline = time.monotonic() + 60
+    while True:
+        engine = httpx.get(srv.base_url + "/v1/agentserve/stats", timeout=30).json()["engine"]
+        if not engine["queued"] or time.monotonic() > deadline:
+            return engine["host_tier"]
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def tiered():
     with ServerProcess(DEVICE + ["--host-kv-tokens", "16384"]) as srv:
         yield srv
+        assert host_tier(srv)["in_use"] == 0  # nothing held once every request is gone
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +102,15 @@ def test_under_churn_larger_than_the_tier_next_use_keeps_the_programs_kv(policy,
     full = first["usage"]["prompt_tokens"] // BLOCK * BLOCK
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert (cached >= 0.9 * full) == keeps, (policy, cached, full)
+
+
+def test_no_host_chunk_stays_held_after_program_end_abort_or_disconnect(tiered):
+    chat(tiered, words(4, 600), "ends")
+    assert httpx.post(tiered.base_url + "/v1/programs/ends/end").status_code == 200
+    body = {"model": "tiny", "messages": [{"role": "user", "content": words(5, 600)}], "max_tokens": 1500,
+            "ignore_eos": True, "stream": True, "agentserve": {"program_id": "leaves"}}
+    with httpx.stream("POST", tiered.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for _ in r.iter_lines():
+            break  # the client goes away mid-stream: the engine aborts the request
+    stats = host_tier(tiered)
+    assert stats["chunks"] > 0 and stats["in_use"] == 0, stats

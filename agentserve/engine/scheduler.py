@@ -34,6 +34,7 @@ from agentserve.engine import utilities
 from agentserve.engine.program_queue import ProgramFCFS, ProgramQueue
 from agentserve.options import SchedulerConfig
 from agentserve.programs.book import ProgramBook
+from agentserve.programs.next_use import NEVER
 from agentserve.hosttier import policy as host_policy
 from agentserve.programs.fields import XARG_IS_LAST, XARG_NEXT_USE, XARG_PROGRAM, XARG_TTL
 from agentserve.ttl.pins import Release
@@ -82,14 +83,29 @@ class ProgramScheduler(Scheduler):
                                         ttl_s=float(extra.get(XARG_TTL, 0.0) or 0.0),
                                         next_use_s=float(next_use) if next_use is not None else None)
         self._free(releases)
+        blocks = [b for group in self.kv_cache_manager.get_blocks(request.request_id).blocks
+                  for b in group if b.block_hash is not None and not b.is_null]
         if ttl > 0:
-            blocks = [b for group in self.kv_cache_manager.get_blocks(request.request_id).blocks
-                      for b in group if b.block_hash is not None and not b.is_null]
             pinned, releases = self.book.pin(program, blocks, ttl)
             self._free(releases)
             if pinned:
                 self.block_pool.touch(blocks)
-        return super()._free_request(request, delay_free_blocks)
+        out = super()._free_request(request, delay_free_blocks)
+        if self.book.next_use.seconds_until(program) == NEVER:
+            self._evict_first(blocks)
+        return out
+
+    def _evict_first(self, blocks: list) -> None:
+        """Cached blocks nobody will ask for again (a one-off request's, a last turn's) go to the front
+        of vLLM's free queue, so they are evicted before the KV of programs that will return."""
+        free = [b for b in blocks if b.ref_cnt == 0]
+        if not free:
+            return
+        queue = self.block_pool.free_block_queue
+        for b in free:
+            queue.remove(b)
+        queue.prepend_n(free[::-1])  # the context's tail first, as vLLM frees it
+        self.book.counters["blocks_evicted_first"] += len(free)
 
     def _free(self, releases: list[Release]) -> None:
         for release in releases:
@@ -147,7 +163,8 @@ class ProgramScheduler(Scheduler):
             raise ValueError(f"unknown agentserve control command {command!r}")
         self._free(self.book.expire(self._waiting_programs))
         return {**self.book.stats(), "free_blocks": self.block_pool.get_num_free_blocks(),
-                "total_blocks": self.block_pool.num_gpu_blocks - 1, "queued": len(self.waiting) + len(self.running)}
+                "total_blocks": self.block_pool.num_gpu_blocks - 1, "queued": len(self.waiting) + len(self.running),
+                "host_tier": host_policy.tier_stats(self.connector)}
 
 
 utilities.install()

@@ -93,3 +93,21 @@ class NextUseCachePolicy(LRUCachePolicy):
             out.append((key, chunk))
         self._maybe_compact_heap()
         return out
+
+
+def tier_stats(connector) -> dict | None:
+    """The host tier's chunks now (held; held by an in-flight transfer or a running request's load) and
+    the policy's evictions by reason, found in the scheduler's connector (alone or inside vLLM's
+    MultiConnector); None without a tier."""
+    for c in getattr(connector, "_connectors", None) or [connector]:
+        manager = getattr(getattr(c, "connector_scheduler", None), "manager", None)
+        policy = getattr(manager, "_policy", None)
+        if policy is None:
+            continue
+        chunks = getattr(policy, "chunks", {})
+        stats = {"chunks": len(chunks), "capacity": policy.cache_capacity,
+                 "in_use": sum(1 for chunk in chunks.values() if chunk.ref_cnt != 0)}
+        if isinstance(policy, NextUseCachePolicy):
+            stats["evicted"] = dict(policy.evicted_by_reason)
+        return stats
+    return None

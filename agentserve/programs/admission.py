@@ -11,6 +11,10 @@ it ends: the larger of its context so far and the expected peak context of a pro
 program's start, when its own context says nothing about how far it will grow). A program already
 admitted is never held, so admitted programs run at full speed and finish.
 
+With a host KV tier (`host_tokens`), a program in a tool call counts only for the part of its
+footprint the tier cannot hold: its KV waits in host memory and comes back for the cost of a copy, so
+the device budget is for programs that are running.
+
 Trade-off: a held program's first turn waits (its TTFT includes the hold), which is the price of
 the shorter mean JCT. `max_hold_s` bounds the hold (past it a program is admitted anyway: no
 starvation, and under a sustained overload the gate degrades to admitting everything); a gate with
@@ -40,7 +44,7 @@ class Admitted:
 
 class AdmissionGate:
     def __init__(self, budget_tokens: int, share: float, *, default_peak: int = 0,
-                 max_hold_s: float = DEFAULT_MAX_HOLD_S, idle_s: float = DEFAULT_IDLE_S):
+                 max_hold_s: float = DEFAULT_MAX_HOLD_S, idle_s: float = DEFAULT_IDLE_S, host_tokens: int = 0):
         if budget_tokens <= 0 or not 0 < share or default_peak < 0:
             raise ValueError("the gate needs a KV budget > 0, a share > 0 and a default peak >= 0")
         self.limit = int(budget_tokens * share)
@@ -48,6 +52,7 @@ class AdmissionGate:
         self._peaks: deque[int] = deque(maxlen=PEAK_WINDOW)
         self.max_hold_s = max_hold_s
         self.idle_s = idle_s
+        self.host_tokens = host_tokens  # a host KV tier holds programs' KV while they wait on tools
         self.programs: dict[str, Admitted] = {}
         self.counters: Counter[str] = Counter()
 
@@ -63,7 +68,11 @@ class AdmissionGate:
 
     @property
     def load(self) -> int:
-        return sum(self.footprint(p.tokens) for p in self.programs.values())
+        """Device KV the admitted programs need: running programs their whole footprint; programs in a
+        tool call only the part a host tier cannot hold for them (it loads back for a copy's cost)."""
+        running = sum(self.footprint(p.tokens) for p in self.programs.values() if p.live > 0)
+        waiting = sum(self.footprint(p.tokens) for p in self.programs.values() if p.live == 0)
+        return running + max(0, waiting - self.host_tokens)
 
     def admits(self, program: str, tokens: int, waited_s: float, now: float) -> bool:
         """May this program's request start? Admits it (and counts why) if so."""

@@ -54,7 +54,7 @@ class ProgramBook:
         a = config.admission
         self.admission = AdmissionGate(
             total_blocks * block_size, a.share, default_peak=int(max_model_len * a.default_peak_share),
-            max_hold_s=a.max_hold_s) if a.share > 0 else None
+            max_hold_s=a.max_hold_s, host_tokens=config.host_tokens) if a.share > 0 else None
         self.next_use = NextUse(clock)  # when each program's KV is needed again (the host tier evicts by it)
         self.counters: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []

@@ -148,7 +148,11 @@ class CostBenefitTTL(TTLPolicy):
         return curve.seconds(context_tokens)
 
     def gain(self, context_tokens: int) -> float:
-        """B = T * eta + miss_cost(ctx): seconds a device hit saves the program's next turn."""
+        """B = T * eta + reload(ctx): seconds a device hit saves the program's next turn. T * eta is the
+        queueing a re-prefill causes (its contention); a context the host tier holds is copied back, not
+        recomputed, so its miss costs the copy alone."""
+        if self.in_host(context_tokens):
+            return self.miss_cost(context_tokens)
         return self.benefit.T * self.benefit.eta + self.miss_cost(context_tokens)
 
     def choose(self, tool: str | None, context_tokens: int) -> float:
