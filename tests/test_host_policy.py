@@ -134,3 +134,28 @@ def test_the_ttl_rule_weighs_a_host_load_back_instead_of_a_re_prefill():
     assert with_tier.ttl("bash", 8192) == 0.5  # a context the tier cannot hold costs its re-prefill
     assert decide(with_tier, 0.0, 1000, True) == "drop" and decide(without, 0.0, 1000, False) == "drop"
     assert math.isclose(with_tier.miss_cost(1000), 0.02)
+
+
+def test_a_chunk_several_programs_use_outlives_any_one_of_them():
+    """A common prefix (the agents' system prompt) is needed as soon as the first user needs it: the
+    program that stored it ending does not make it the first to go."""
+    clock = Clock()
+    nu = NextUse(clock)
+    owners = {"r-a": "A", "r-b": "B", "r-c": "C"}
+    host_policy.attach(owners.get, nu)
+    try:
+        pol = NextUseCachePolicy(cache_capacity=8)
+        for i, rid in enumerate(("r-a", "r-c")):  # A stores the common prefix, C a context of its own
+            pol.on_store_miss([key(i)], ReqContext(rid))
+            chunk = ChunkStatus(i)
+            chunk.ref_cnt = 0
+            pol.insert(key(i), chunk)
+        pol.touch([key(0)], ReqContext("r-b"))  # B reads the prefix too
+        for p, gap in (("A", 1.0), ("B", 5.0), ("C", 30.0)):
+            nu.started(p)
+            nu.finished(p, gap, is_last=False)
+        nu.ended("A")
+        assert pol.seconds_until(key(0), nu) == 5.0  # B's next use, not A's end
+        assert [k for k, _ in pol.evict(1, set())] == [key(1)]  # C's own context (30 s away) goes first
+    finally:
+        host_policy.attach(lambda rid: None, NextUse())

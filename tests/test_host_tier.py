@@ -114,3 +114,14 @@ def test_no_host_chunk_stays_held_after_program_end_abort_or_disconnect(tiered):
             break  # the client goes away mid-stream: the engine aborts the request
     stats = host_tier(tiered)
     assert stats["chunks"] > 0 and stats["in_use"] == 0, stats
+
+
+def test_the_default_policy_keeps_a_context_through_churn():
+    """A new user's setup (tiny model, 4k of KV, no tier options): a program's first turn, one-off
+    requests churning 1.5x the KV budget through the cache, then the next turn."""
+    with ServerProcess(["--model", "tiny", "--kv-tokens", "4096", "--max-model-len", "4096"]) as srv:
+        stats = httpx.get(srv.base_url + "/v1/agentserve/stats", timeout=30).json()
+        assert stats["engine"]["host_tier"]["capacity"] > 0  # the default has a tier
+        first, second = program_after_churn(srv, "default-1", churn_tokens=6144, seed=6)
+    full = first["usage"]["prompt_tokens"] // BLOCK * BLOCK
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0.9 * full

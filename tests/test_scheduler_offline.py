@@ -198,3 +198,19 @@ def test_pin_release_during_admission_keeps_the_admitted_request_at_the_head(mon
     run_until_done(s)
     s.command("release_all", {})
     assert s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_manager.block_pool.num_gpu_blocks - 1
+
+
+def test_a_last_turns_blocks_are_evicted_before_a_returning_programs():
+    """vLLM frees blocks to the back of its LRU queue in finishing order; the plugin moves the blocks
+    nobody asks for again (a last turn's) to the front, ahead of a program that will come back."""
+    s, h = make()
+    s.add_request(request(h, "done0", "DONE", prompt(96, 0), last=True, out=8))  # finishes last
+    s.add_request(request(h, "back0", "BACK", prompt(96, 1000), ttl=0.0, out=2))  # no pin, but returns
+    step(s, lambda: 7)
+    done_blocks = {b.block_id for b in s.kv_cache_manager.get_blocks("done0").blocks[0] if b.block_hash is not None}
+    back_blocks = {b.block_id for b in s.kv_cache_manager.get_blocks("back0").blocks[0] if b.block_hash is not None}
+    assert len(done_blocks) == len(back_blocks) == 3  # the prompts' full blocks, prefix-cached
+    run_until_done(s)
+    order = [b.block_id for b in s.kv_cache_manager.block_pool.free_block_queue.get_all_free_blocks()]
+    assert max(order.index(b) for b in done_blocks) < min(order.index(b) for b in back_blocks)
+    assert s.book.counters["blocks_evicted_first"] == len(done_blocks)

@@ -1,5 +1,5 @@
 """The default policy's TTL rule (`--policy agentserve`, the Continuum paper's cost-benefit rule) on
-the real engine: with tool calls measured shorter than a reload of the context it must pin; with tool
+the real engine, without a host tier: with tool calls measured shorter than a re-prefill it must pin; with tool
 calls far longer than any reload it must not. The rule's other inputs (the reload profile) are measured
 at the server's start, as in production."""
 
@@ -16,7 +16,7 @@ MIN_SAMPLES = 20  # the predictor trusts a tool's own distribution from this man
 @pytest.fixture(scope="module")
 def server():
     with ServerProcess(["--model", "tiny", "--kv-tokens", "4096", "--max-model-len", "4096",
-                        "--policy", "agentserve"]) as srv:
+                        "--policy", "agentserve", "--host-kv-tokens", "0"]) as srv:
         yield srv
 
 

@@ -100,6 +100,11 @@ class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         program = msgspec.structs.replace(self.program, policy="vllm" if policy == "oracle" else base)
         if not uses_host_tier(policy):
             program = msgspec.structs.replace(program, host=msgspec.structs.replace(program.host, kv_tokens=0))
+        elif program.policy == "vllm":  # vllm+offload: the tier the plugin policies get by default, if unsized
+            from agentserve.engine.settings import resolve_host_tier
+
+            program = resolve_host_tier(engine, msgspec.structs.replace(program, policy="agentserve"))
+            program = msgspec.structs.replace(program, policy="vllm")
         # argparse: the policy's own options come last and win
         return [*to_flags(engine), *to_flags(program), "--log-level", "warning", *extra]
 

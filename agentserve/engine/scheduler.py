@@ -56,6 +56,7 @@ class ProgramScheduler(Scheduler):
         self.waiting = ProgramQueue(ProgramFCFS(self.book, program_of_request))
         # the host tier's eviction policy (if the engine runs one) orders by the book's next-use predictions
         host_policy.attach(self._program_of_id, self.book.next_use)
+        self._prefix_hit: dict[str, int] = {}  # running request -> tokens it found cached at admission
         self._allocate = self.kv_cache_manager.allocate_slots
         self.kv_cache_manager.allocate_slots = self._allocate_or_release_pins
 
@@ -92,12 +93,14 @@ class ProgramScheduler(Scheduler):
                 self.block_pool.touch(blocks)
         out = super()._free_request(request, delay_free_blocks)
         if self.book.next_use.seconds_until(program) == NEVER:
-            self._evict_first(blocks)
+            # Only the blocks this request computed: its prefix hit may be a prefix others share.
+            self._evict_first(blocks[self._prefix_hit.get(request.request_id, 0) // self.cache_config.block_size:])
+        self._prefix_hit.pop(request.request_id, None)
         return out
 
     def _evict_first(self, blocks: list) -> None:
-        """Cached blocks nobody will ask for again (a one-off request's, a last turn's) go to the front
-        of vLLM's free queue, so they are evicted before the KV of programs that will return."""
+        """Cached blocks nobody will ask for again (those a one-off request or a last turn computed) go
+        to the front of vLLM's free queue, so they are evicted before the KV of programs that will return."""
         free = [b for b in blocks if b.ref_cnt == 0]
         if not free:
             return
@@ -139,6 +142,7 @@ class ProgramScheduler(Scheduler):
             self.waiting.reorder()
         output = super().schedule(*args, **kwargs)
         for new in output.scheduled_new_reqs:
+            self._prefix_hit[new.req_id] = new.num_computed_tokens
             if (request := self.requests.get(new.req_id)) is not None:
                 self._free(self.book.started(new.req_id, program_of_request(request), new.num_computed_tokens,
                                              request.num_prompt_tokens, request.arrival_time))

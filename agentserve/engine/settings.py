@@ -102,6 +102,14 @@ def engine_args(s: EngineSettings):
 SCHEDULER_CLS = "agentserve.engine.scheduler.ProgramScheduler"
 
 
+def resolve_host_tier(settings: EngineSettings, options: ProgramOptions) -> ProgramOptions:
+    """`options` with the host tier's default size decided for this engine's model and KV budget."""
+    if options.host.kv_tokens is not None:
+        return options
+    model_dir, _ = resolve_model(settings.model)
+    return options.with_host_tier(settings.kv_tokens, kv_bytes_per_token(model_dir, settings.dtype))
+
+
 def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> EngineSettings:
     """The engine settings with the scheduler plugin on (any policy but `vllm`), and vLLM's own tracing
     sent to the same collector as agentserve's."""
@@ -114,7 +122,8 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> En
 
         share = kv_transfer_config(temperature=options.kvshare.temperature, entropy_gamma=options.kvshare.gate,
                                    correction=options.kvshare.correction)
-    if options.host.kv_tokens > 0:
+    options = resolve_host_tier(settings, options)
+    if options.host.kv_tokens:
         from agentserve.hosttier.config import offloading_config
 
         model_dir, _ = resolve_model(settings.model)

@@ -8,10 +8,12 @@ ended programs first, then programs deep in long tool calls; programs due soon l
 breaks ties, so within one program the least recently used chunks (its context's tail, touched last
 in reverse) go first.
 
-The chunk -> program map is learnt from the requests that store or reuse a chunk (`ReqContext.req_id`,
-resolved by the scheduler plugin, which registers itself in `attach`). A chunk shared by several
-programs belongs to the one that touched it last. Without the plugin (no `attach`) every chunk is a
-one-off's and the policy is LRU.
+The chunk -> programs map is learnt from the requests that store or reuse a chunk (`ReqContext.req_id`,
+resolved by the scheduler plugin, which registers itself in `attach`). A chunk several programs use (a
+common system prompt) is needed as soon as the first of them needs it: its next use is the soonest of
+theirs, so a shared prefix outlives any one program (evicting it would make every later block of every
+context that starts with it unreachable for prefix matching). Past `MAX_OWNERS` programs a chunk counts
+as needed now. Without the plugin (no `attach`) every chunk is a one-off's and the policy is LRU.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
 from vllm.v1.kv_offload.cpu.policies.lru import LRUCachePolicy
 
 from agentserve.programs.next_use import NextUse
+
+MAX_OWNERS = 8  # programs remembered per chunk; a chunk shared more widely counts as needed now
+SHARED = "*"  # the owner set of a chunk shared past MAX_OWNERS
 
 # Set by the scheduler plugin in the engine-core process, where vLLM's offloading manager lives.
 _owner_of: Callable[[str], str | None] = lambda req_id: None
@@ -39,14 +44,24 @@ def attach(owner_of: Callable[[str], str | None], next_use: NextUse) -> None:
 class NextUseCachePolicy(LRUCachePolicy):
     def __init__(self, cache_capacity: int):
         super().__init__(cache_capacity)
-        self.owner: dict[OffloadKey, str | None] = {}
+        self.owners: dict[OffloadKey, set[str]] = {}  # empty: a one-off request's chunk
         self.evicted_by_reason: dict[str, int] = {"never": 0, "later": 0}
 
     def _claim(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
         program = _owner_of(req_context.req_id)
         for key in keys:
-            if program is not None or key not in self.owner:  # a one-off reading a program's chunk
-                self.owner[key] = program
+            owners = self.owners.setdefault(key, set())
+            if program is not None and SHARED not in owners:
+                owners.add(program)
+                if len(owners) > MAX_OWNERS:
+                    self.owners[key] = {SHARED}
+
+    def seconds_until(self, key: OffloadKey, next_use: NextUse) -> float:
+        """Seconds until the first of the chunk's programs needs it (NEVER for a one-off's)."""
+        owners = self.owners.get(key) or {None}
+        if SHARED in owners:
+            return 0.0
+        return min(next_use.seconds_until(p) for p in owners)
 
     def on_store_miss(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
         keys = list(keys)
@@ -65,11 +80,11 @@ class NextUseCachePolicy(LRUCachePolicy):
 
     def remove(self, key: OffloadKey) -> None:
         super().remove(key)
-        self.owner.pop(key, None)
+        self.owners.pop(key, None)
 
     def clear(self) -> None:
         super().clear()
-        self.owner.clear()
+        self.owners.clear()
 
     def evict(self, n: int, protected: set[OffloadKey]) -> list[tuple[OffloadKey, ChunkStatus]] | None:
         if n == 0:
@@ -78,7 +93,7 @@ class NextUseCachePolicy(LRUCachePolicy):
         if len(candidates) < n:
             return None
         next_use = _next_use
-        until = {k: next_use.seconds_until(self.owner.get(k)) if next_use is not None else 0.0 for k in candidates}
+        until = {k: self.seconds_until(k, next_use) if next_use is not None else 0.0 for k in candidates}
         # furthest next use first; among equals the least recently used (lowest LRU rank)
         victims = heapq.nsmallest(n, candidates, key=lambda k: (-until[k], self._ranks[k]))
         out = []
@@ -88,7 +103,7 @@ class NextUseCachePolicy(LRUCachePolicy):
             self._evictable.remove(key)
             del self.chunks[key]
             del self._ranks[key]
-            self.owner.pop(key, None)
+            self.owners.pop(key, None)
             self.evicted_by_reason["never" if until[key] == float("inf") else "later"] += 1
             out.append((key, chunk))
         self._maybe_compact_heap()

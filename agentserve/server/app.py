@@ -16,7 +16,7 @@ import logging
 
 import msgspec
 
-from agentserve.engine.settings import engine_settings_for, vllm_namespace
+from agentserve.engine.settings import engine_settings_for, resolve_host_tier, vllm_namespace
 from agentserve.observability.events import program_events
 from agentserve.options import EngineSettings, ProgramOptions
 from agentserve.server.tenants import TenantGate, admit_under_limits, ttl_caps
@@ -39,13 +39,13 @@ async def build_control_plane(engine, options: ProgramOptions, max_model_len: in
         if options.policy == "agentserve":
             reload = await measure_reload_profile(engine, max_tokens=min(max_model_len - 1, 8192))
             log.info("reload profile: %s", reload)
-            if options.host.kv_tokens > 0:
+            if options.host.kv_tokens:
                 host = await measure_transfer_profile(engine, max_tokens=min(max_model_len - 1, 8192,
                                                                              options.host.kv_tokens))
                 log.info("host tier load-back profile: %s", host)
         policy = make_policy(options.policy, predictor=predictor, reload=reload, benefit=benefit,
                              fixed_ttl_s=options.fixed_ttl_s, max_ttl_s=options.max_ttl_s, host=host,
-                             host_tokens=options.host.kv_tokens)
+                             host_tokens=options.host.kv_tokens or 0)
 
         async def link(command: str, payload: dict) -> dict:
             return await engine.engine_core.call_utility_async("agentserve_scheduler_command", command, payload)
@@ -116,7 +116,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
     from agentserve.server.engine_client import ProgramEngineClient
     from agentserve.server.program_routes import add_program_routes, tick_loop
 
-    options = options or ProgramOptions()
+    options = resolve_host_tier(settings, options or ProgramOptions())
     ns = vllm_namespace(engine_settings_for(settings, options), host=host, port=port)
     # Bind before the engine starts, as `vllm serve` does, so a busy port fails fast.
     listen_address, sock = setup_server(ns, reuse_port=False)
