@@ -35,9 +35,11 @@ def agentserve_kvshare_stats(core) -> dict:
     from agentserve.kvshare.connector import KVShareConnector
 
     connector = getattr(core.scheduler, "connector", None)
-    if not isinstance(connector, KVShareConnector):
-        raise RuntimeError("the engine does not run agentserve's KVShareConnector")
-    return connector.stats()
+    # alone, or next to the host tier's connector inside vLLM's MultiConnector
+    for c in getattr(connector, "_connectors", None) or [connector]:
+        if isinstance(c, KVShareConnector):
+            return c.stats()
+    raise RuntimeError("the engine does not run agentserve's KVShareConnector")
 
 
 UTILITIES = (agentserve_scheduler_command, agentserve_step_times, agentserve_kvshare_stats)
