@@ -26,8 +26,10 @@ def base(tmp_path_factory):
         {"name": "acme", "api_keys": [KEY_A], "max_programs": 2, "max_ttl_s": 1.0},
         {"name": "bolt", "api_keys": [KEY_B]},
         {"name": "cold", "api_keys": [KEY_C], "max_pinned_share": 0.0}]}))
+    # No host tier: the timing test below contrasts a device hit with a re-prefill, and every miss would
+    # also write its blocks to the tier (the tier's keys carry the tenant's salt as the device's do).
     args = ["--model", "tiny", "--kv-tokens", "16384", "--max-model-len", "4096", "--policy", "fixed",
-            "--fixed-ttl", "30", "--tenants", str(path)]
+            "--fixed-ttl", "30", "--tenants", str(path), "--host-kv-tokens", "0"]
     with ServerProcess(args, env={"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}) as srv:
         yield srv.base_url
 

@@ -296,7 +296,7 @@ def test_policy_specs():
     tiered = EngineSetup(program=ProgramOptions(host=HostTierOptions(kv_tokens=65536)))
     for policy, has_tier in (("vllm", False), ("oracle", False), ("vllm+offload", True), ("agentserve", True)):
         args = tiered.serve_args(policy, programs=4)
-        assert ("--host-kv-tokens" in args) == has_tier, policy
+        assert (args[args.index("--host-kv-tokens") + 1] != "0") == has_tier, policy
     assert policy_spec("vllm+offload") == ("vllm", [])
     for bad in ("magic", "agentserve+x", "agentserve+colour=red", "oracle+max-wait=1", "vllm+pin-cap=1",
                 "oracle+replicas=2", "agentserve+offload", "oracle+offload"):
