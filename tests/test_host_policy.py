@@ -134,6 +134,11 @@ def test_the_ttl_rule_weighs_a_host_load_back_instead_of_a_re_prefill():
     assert with_tier.ttl("bash", 8192) == 0.5  # a context the tier cannot hold costs its re-prefill
     assert decide(with_tier, 0.0, 1000, True) == "drop" and decide(without, 0.0, 1000, False) == "drop"
     assert math.isclose(with_tier.miss_cost(1000), 0.02)
+    # a copy causes no re-prefill contention: the queueing term T x eta does not apply to it
+    queued = OnlineBenefit()
+    queued.observe_evicted_queue_delay(5.0)
+    assert CostBenefitTTL(p, reload, queued, host=load_back, host_tokens=4096).ttl("bash", 1000) == 0.0
+    assert CostBenefitTTL(p, load_back, queued).ttl("bash", 1000) == 0.5  # without a tier it does
 
 
 def test_a_chunk_several_programs_use_outlives_any_one_of_them():

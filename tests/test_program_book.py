@@ -3,6 +3,7 @@ pins and who may take them, and the queue order over plain objects."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -152,6 +153,22 @@ def test_ranks_of_idle_programs_are_forgotten_past_the_cap(monkeypatch):
         b.arrive(f"r{i}", f"P{i}", 10)
         b.leave(f"r{i}", f"P{i}", 10, aborted=False, is_last=True, ttl_s=0.0)
     assert len(b._ranks) <= 8 and b.rank("KEEP") == 0 and b.counters["program_ranks_forgotten"] > 0
+
+
+def test_the_book_tells_when_each_programs_kv_is_needed_again():
+    clock = Clock()
+    b = book(clock)
+    b.arrive("a0", "A", 64)
+    assert b.next_use.seconds_until("A") == 0.0  # in the engine
+    b.leave("a0", "A", 64, aborted=False, is_last=False, ttl_s=0.0, next_use_s=30.0)
+    assert b.next_use.seconds_until("A") == 30.0  # its tool is predicted to take 30 s
+    b.arrive("a1", "A", 64)
+    b.leave("a1", "A", 64, aborted=False, is_last=True, ttl_s=0.0)
+    assert b.next_use.seconds_until("A") == math.inf  # a last turn: never
+    b.arrive("b0", "B", 64)
+    b.leave("b0", "B", 64, aborted=False, is_last=False, ttl_s=0.0, next_use_s=5.0)
+    b.end("B")
+    assert b.next_use.seconds_until("B") == math.inf
 
 
 def test_every_release_is_counted_and_traced():
