@@ -9,9 +9,9 @@ are vLLM's own. A page is copied whole, so the CPU kernel's block layout (keys t
 block) travels unchanged.
 
 Trade-off: a transfer runs synchronously when it is submitted (inside the engine step, between model
-forwards) and is reported finished at the next poll. A copy costs about a hundredth of recomputing
-the same tokens on this CPU (docs/benchmarks.md), so an asynchronous copy thread would save little and
-would compete with the forward pass for the same cores.
+forwards) and is reported finished at the next poll. Even with that, a load-back reaches the first token
+8-14x sooner than a re-prefill here (docs/benchmarks.md); an asynchronous copy thread would compete
+with the forward pass for the same two cores. Not measured: whether it would pay on a larger machine.
 """
 
 from __future__ import annotations
@@ -54,15 +54,13 @@ class HostCopyWorker(OffloadingWorker):
     def _transfer(self, job_id: int, engine_spec: GPULoadStoreSpec, host_spec: LoadStoreSpec, *, store: bool) -> bool:
         assert isinstance(host_spec, BlockIDsLoadStoreSpec)
         t0 = time.perf_counter()
-        blocks, chunks, slots, tensors = self.plan(engine_spec, host_spec.block_ids)
         moved = 0
-        for t_idx in tensors:
+        for t_idx, (rows, chunks, slots) in self.plan(engine_spec, host_spec.block_ids).items():
             engine, host = self.engine[t_idx], self.host[t_idx]
-            rows = torch.from_numpy(blocks[t_idx])
             if store:
-                host[torch.from_numpy(chunks[t_idx]), torch.from_numpy(slots[t_idx])] = engine.index_select(0, rows)
+                host[chunks, slots] = engine.index_select(0, rows)
             else:
-                engine.index_copy_(0, rows, host[torch.from_numpy(chunks[t_idx]), torch.from_numpy(slots[t_idx])])
+                engine.index_copy_(0, rows, host[chunks, slots])
             moved += len(rows) * engine.shape[1]
         elapsed = time.perf_counter() - t0
         if self.throttle > 1.0:
@@ -71,33 +69,27 @@ class HostCopyWorker(OffloadingWorker):
         self._finished.append(TransferResult(job_id, True, moved, elapsed))
         return True
 
-    def plan(self, spec: GPULoadStoreSpec, host_chunks: np.ndarray):
-        """Per tensor: engine block ids, host chunk ids and slots within the chunk. A group's blocks
-        are a request's logical blocks `block_indices[g]`...; its first chunk may start mid-chunk."""
+    def plan(self, spec: GPULoadStoreSpec, host_chunks: np.ndarray) -> dict[int, tuple[torch.Tensor, ...]]:
+        """tensor -> (engine block ids, host chunk ids, slots within those chunks). A group's blocks are a
+        request's logical blocks from `block_indices[g]` on, so its first chunk may start mid-chunk."""
         bpc = self.blocks_per_chunk
-        blocks: dict[int, list] = {}
-        chunks: dict[int, list] = {}
-        slots: dict[int, list] = {}
+        parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         engine_offset, host_offset = 0, 0
         for g, (size, first) in enumerate(zip(spec.group_sizes, spec.block_indices)):
             if size == 0:
                 continue
             logical = np.arange(first, first + size)
             rel_chunk = logical // bpc - first // bpc
-            group_blocks = spec.block_ids[engine_offset:engine_offset + size]
             n_chunks = int(rel_chunk[-1]) + 1
-            group_chunks = host_chunks[host_offset:host_offset + n_chunks][rel_chunk]
+            group = (spec.block_ids[engine_offset:engine_offset + size],
+                     host_chunks[host_offset:host_offset + n_chunks][rel_chunk], logical % bpc)
             for t_idx in self.group_tensors[g]:
-                blocks.setdefault(t_idx, []).append(group_blocks)
-                chunks.setdefault(t_idx, []).append(group_chunks)
-                slots.setdefault(t_idx, []).append(logical % bpc)
+                parts.setdefault(t_idx, []).append(group)
             engine_offset += size
             host_offset += n_chunks
         assert engine_offset == len(spec.block_ids) and host_offset == len(host_chunks)
-        cat = {t: (np.concatenate(blocks[t]).astype(np.int64), np.concatenate(chunks[t]).astype(np.int64),
-                   np.concatenate(slots[t]).astype(np.int64)) for t in blocks}
-        return ({t: v[0] for t, v in cat.items()}, {t: v[1] for t, v in cat.items()},
-                {t: v[2] for t, v in cat.items()}, sorted(cat))
+        return {t: tuple(torch.from_numpy(np.concatenate(column).astype(np.int64)) for column in zip(*groups))
+                for t, groups in parts.items()}
 
     def get_finished(self) -> list[TransferResult]:
         done, self._finished = self._finished, []
