@@ -10,7 +10,7 @@ block) travels unchanged.
 
 Trade-off: a transfer runs synchronously when it is submitted (inside the engine step, between model
 forwards) and is reported finished at the next poll. Even with that, a load-back reaches the first token
-8-14x sooner than a re-prefill here (docs/benchmarks.md); an asynchronous copy thread would compete
+6-16x sooner than a re-prefill here (docs/benchmarks.md); an asynchronous copy thread would compete
 with the forward pass for the same two cores. Not measured: whether it would pay on a larger machine.
 """
 
