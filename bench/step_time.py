@@ -8,6 +8,9 @@ run; the KV budget is small enough that pins meet memory pressure.
 
     python bench/step_time.py --programs 48 --turns 6 --concurrency 16 --kv-tokens 8192
 
+`--host-kv-tokens N` gives every side the same host KV tier (vLLM's offloading connector with
+agentserve's copy worker); the plugin side then also runs its host policy (`--host-policy`).
+
 Reports the scheduler's own time per engine step (schedule + update_from_output, plus add_request per
 request) and the whole step (time between two schedule() calls) for both, and their ratio.
 """
@@ -20,6 +23,7 @@ import random
 import statistics
 import time
 
+import msgspec
 from agentserve.engine import EngineSettings, start_engine
 from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
 
@@ -45,7 +49,10 @@ async def run_side(side: str, args, programs: list[list[dict]]) -> dict:
     scheduler_cls, policy = SIDES[side]
     settings = EngineSettings(model=args.model, kv_tokens=args.kv_tokens, scheduler_cls=scheduler_cls,
                               scheduling_policy=policy, max_model_len=args.max_model_len,
-                              additional_config={"agentserve": {"pin_cap_share": 0.5}})
+                              additional_config={"agentserve": {"pin_cap_share": 0.5,
+                                                                "host_tokens": args.host_kv_tokens}})
+    settings = msgspec.structs.replace(settings, kv_transfer_config=host_tier(args, settings.block_size,
+                                                                             programs=side == "agentserve"))
     async with start_engine(settings) as engine:
         vocab = engine.model_config.get_vocab_size()
         core = engine.engine_core
@@ -78,6 +85,20 @@ async def run_side(side: str, args, programs: list[list[dict]]) -> dict:
     return summarize(side, times, wall, stats)
 
 
+def host_tier(args, block_size: int, programs: bool) -> dict | None:
+    """The same host tier for every side (None without --host-kv-tokens)."""
+    if not args.host_kv_tokens:
+        return None
+    from agentserve.engine.settings import kv_bytes_per_token, resolve_model
+    from agentserve.hosttier.config import offloading_config
+    from agentserve.options import HostTierOptions
+
+    options = HostTierOptions(kv_tokens=args.host_kv_tokens, policy=args.host_policy)
+    return offloading_config(options, block_size=block_size,
+                             kv_bytes_per_token=kv_bytes_per_token(resolve_model(args.model)[0], "float32"),
+                             programs=programs)
+
+
 def summarize(side: str, times: dict, wall: float, stats: dict) -> dict:
     sched, update, add = times["schedule"], times["update_from_output"], times["add_request"]
     busy = [i for i, n in enumerate(times["step_tokens"]) if n > 0]
@@ -86,6 +107,7 @@ def summarize(side: str, times: dict, wall: float, stats: dict) -> dict:
     return {
         "side": side,
         "steps": len(busy),
+        "tokens": sum(times["step_tokens"]),  # tokens computed: what the steps did differs with the cache hits
         "wall_s": wall,
         # scheduler time per busy step, and per scheduled request in a step (the batch-size-free figure)
         "sched_us_per_step": 1e6 * total / len(busy),
@@ -98,7 +120,7 @@ def summarize(side: str, times: dict, wall: float, stats: dict) -> dict:
     }
 
 
-COLUMNS = [("steps", "steps", "{:.0f}"), ("wall_s", "wall s", "{:.1f}"),
+COLUMNS = [("steps", "steps", "{:.0f}"), ("tokens", "tokens computed", "{:.0f}"), ("wall_s", "wall s", "{:.1f}"),
            ("sched_us_per_step", "sched us/step", "{:.0f}"),
            ("sched_us_per_request_step", "sched us/req-step", "{:.1f}"),
            ("sched_us_p99", "sched p99 us", "{:.0f}"), ("add_request_us", "add_request us", "{:.1f}"),
@@ -122,6 +144,8 @@ def main() -> None:
     ap.add_argument("--kv-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--host-kv-tokens", type=int, default=0, help="a host KV tier of this size on every side")
+    ap.add_argument("--host-policy", default="lru", choices=["lru", "next-use"], help="the plugin side's host policy")
     ap.add_argument("--rounds", type=int, default=1, help="repeat all sides; medians are reported")
     ap.add_argument("--order", default="vllm,agentserve,vllm-priority", help="sides in the order they run")
     args = ap.parse_args()
@@ -133,7 +157,8 @@ def main() -> None:
             runs[side].append(asyncio.run(run_side(side, args, programs)))
     rows = {side: median_row(r) for side, r in runs.items()}
     print(f"\nmedian of {args.rounds} round(s); {args.programs} programs x {args.turns} turns, "
-          f"concurrency {args.concurrency}, model {args.model}, KV {args.kv_tokens} tokens")
+          f"concurrency {args.concurrency}, model {args.model}, KV {args.kv_tokens} tokens, "
+          f"host tier {args.host_kv_tokens} tokens ({args.host_policy} on the plugin side)")
     print("| side | " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for side, row in rows.items():
