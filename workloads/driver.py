@@ -6,6 +6,11 @@ agent sends. Outputs are forced to the planned length (`max_tokens` + `ignore_eo
 waited between turns. `client="agentserve"` drives the server through the SDK (program fields, tool
 events, program end); `client="openai"` sends plain OpenAI requests, for stock vLLM or any endpoint.
 Streaming gives the TTFT; the final usage chunk gives prompt and cached tokens.
+
+A workflow's sub-programs start when the turn that spawns them is done, each with the parent's
+messages so far as its prompt's prefix (with the SDK: `spawn`, a sub-program of the parent); the
+parent waits for all of them (the join, reported as its tool call) before its next turn. Every
+program of a workflow gets its own record, carrying the workflow's id (the root's) and its parent.
 """
 
 from __future__ import annotations
@@ -60,6 +65,13 @@ class ProgramRecord(msgspec.Struct):
     error: str | None = None
     retries: int = 0  # turns sent again after a server failure
     round: int = 0  # which repetition of the replay (`--rounds`); times are from that round's start
+    workflow: str = ""  # the root program's id ("" for a program without sub-programs: its own)
+    parent: str | None = None  # the program that spawned this one
+
+
+class _Parent(msgspec.Struct):
+    id: str
+    sdk_program: object  # the parent's AsyncProgram (None with the openai client)
 
 
 class Driver:
@@ -72,43 +84,55 @@ class Driver:
 
     async def run(self, programs: list[PlannedProgram], concurrency: int | None = None,
                   on_done: Callable[[ProgramRecord], None] | None = None) -> list[ProgramRecord]:
+        """Every program's record (sub-programs' too, after their workflow's root); `on_done` gets each
+        top-level program's record when it ends."""
         from agentserve.sdk import AsyncAgentServe
 
         self.sdk = AsyncAgentServe(self.base_url, api_key=self.api_key)
         self.t0 = time.perf_counter()
         gate = asyncio.Semaphore(concurrency) if concurrency else None
 
-        async def one(p: PlannedProgram) -> ProgramRecord:
+        async def one(p: PlannedProgram) -> list[ProgramRecord]:
+            records: list[ProgramRecord] = []
             if gate is None:
                 await asyncio.sleep(max(0.0, p.arrival_s - self.now()))
-                rec = await self.program(p)
+                rec = await self.program(p, records)
             else:
                 async with gate:
-                    rec = await self.program(p)
+                    rec = await self.program(p, records)
             if on_done:
                 on_done(rec)
-            return rec
+            return [rec, *records]
 
         try:
-            return list(await asyncio.gather(*(one(p) for p in programs)))
+            return [rec for recs in await asyncio.gather(*(one(p) for p in programs)) for rec in recs]
         finally:
             await self.sdk.close()
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
-    async def program(self, p: PlannedProgram) -> ProgramRecord:
+    async def program(self, p: PlannedProgram, sub_records: list[ProgramRecord], parent=None,
+                      prefix: tuple[dict, ...] = (), workflow: str | None = None) -> ProgramRecord:
+        """Run `p` (with the SDK: a sub-program of `parent`, if given), its conversation after `prefix`;
+        records of the sub-programs it spawns go to `sub_records`."""
         rng = random.Random(f"{self.seed}/{p.id}")
-        rec = ProgramRecord(p.id, p.arrival_s, self.now(), 0.0, [], 0.0)
-        prog = self.sdk.program(f"replay-{p.id}") if self.client_kind == "agentserve" else None
-        messages: list[dict] = []
+        rec = ProgramRecord(p.id, p.arrival_s, self.now(), 0.0, [], 0.0, workflow=workflow or p.id,
+                            parent=parent.id if parent is not None else None)
+        prog = None
+        if self.client_kind == "agentserve":
+            prog = (parent.sdk_program.spawn(f"replay-{p.id}") if parent is not None
+                    else self.sdk.program(f"replay-{p.id}"))
+        messages: list[dict] = list(prefix)
         try:
             for k, turn in enumerate(p.turns):
                 messages.append({"role": "user", "content": self.filler.text(turn.new_tokens, rng)})
                 last = k == len(p.turns) - 1
                 answer = await self.retried_turn(prog, messages, turn, last, rec)
                 messages.append({"role": "assistant", "content": answer})
-                if not last:
+                if turn.spawn and not last:
+                    await self.join(prog, p, turn, tuple(messages), sub_records, rec)
+                elif not last:
                     await self.wait_tool(prog, turn, rec)
         except Exception as e:  # noqa: BLE001 - a failed program is recorded, the replay goes on
             rec.error = f"{type(e).__name__}: {e}"[:500]
@@ -162,6 +186,22 @@ class Driver:
         rec.turns.append(TurnRecord(sent, first if first is not None else done, done, usage.prompt_tokens,
                                     cached, usage.completion_tokens))
         return "".join(parts)
+
+    async def join(self, prog, p: PlannedProgram, turn: PlannedTurn, prefix: tuple[dict, ...],
+                   sub_records: list[ProgramRecord], rec: ProgramRecord) -> None:
+        """Start the turn's sub-programs and wait for all of them (the parent's tool call: the join)."""
+        parent = _Parent(p.id, prog)
+
+        async def child(sub: PlannedProgram) -> None:
+            sub_records.append(await self.program(sub, sub_records, parent, prefix, rec.workflow))
+
+        t0 = self.now()
+        if prog is None:
+            await asyncio.gather(*(child(sub) for sub in turn.spawn))
+        else:
+            async with prog.tool(turn.tool or "join"):
+                await asyncio.gather(*(child(sub) for sub in turn.spawn))
+        rec.tool_wait_s += self.now() - t0
 
     async def wait_tool(self, prog, turn: PlannedTurn, rec: ProgramRecord) -> None:
         rec.tool_wait_s += turn.tool_s

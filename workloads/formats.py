@@ -3,7 +3,8 @@
 `auto` asks each adapter whether it recognises the file (by name and first record) and fails with
 the list of formats when none does. A directory loads every recognised file in it (sorted), so a
 folder of `.traj` files is one trace. `bfcl:<category>` loads a BFCL multi-turn category from the
-installed bfcl-eval package. `agentserve` is this project's own schema as JSON (`schema.Trace`), so any
+installed bfcl-eval package. `fanout:<K>:<trace>` builds fork/join workflows of K workers each from
+any of these (`adapters/fanout.py`). `agentserve` is this project's own schema as JSON (`schema.Trace`), so any
 other source can be converted once and replayed.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from workloads.adapters import bfcl, continuum, minisweagent, openhands, sweagent
+from workloads.adapters import bfcl, continuum, fanout, minisweagent, openhands, sweagent
 from workloads.schema import Program, Trace, TraceError
 
 
@@ -54,8 +55,13 @@ def detect(path: Path) -> str | None:
 
 
 def load_trace(source: str | Path, fmt: str = "auto") -> Trace:
-    """Load a trace file, a directory of trace files, or `bfcl:<category>`."""
+    """Load a trace file, a directory of trace files, `bfcl:<category>` or `fanout:<K>:<any of these>`."""
     text = str(source)
+    if text.startswith("fanout:"):
+        width, sep, base = text[len("fanout:"):].partition(":")
+        if not sep or not width.isdigit() or not base:
+            raise TraceError(text, "want fanout:<K>:<trace>, K the workers per workflow (e.g. fanout:4:bfcl:base)")
+        return fanout.fanout(load_trace(base, fmt), int(width))
     if text.startswith("bfcl:"):
         path, fmt = bfcl.category_file(text.split(":", 1)[1]), "bfcl"
     else:
@@ -81,9 +87,12 @@ def load_trace(source: str | Path, fmt: str = "auto") -> Trace:
 
 def _check_unique(path: Path, programs: list[Program]) -> None:
     seen: set[str] = set()
-    for p in programs:
-        if not p.turns:
-            raise TraceError(path, f"program {p.id!r} has no turns")
-        if p.id in seen:
-            raise TraceError(path, f"program id {p.id!r} appears twice")
-        seen.add(p.id)
+    for root in programs:
+        if (problem := root.check()) is not None:
+            raise TraceError(path, problem)
+        for p in root.walk():
+            if not p.turns:
+                raise TraceError(path, f"program {p.id!r} has no turns")
+            if p.id in seen:
+                raise TraceError(path, f"program id {p.id!r} appears twice")
+            seen.add(p.id)

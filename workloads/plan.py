@@ -8,6 +8,10 @@ duration, `max_turns` cuts programs after that many LLM calls, `programs` picks 
 cycling when it asks for more). A program is also cut before the turn whose prompt plus output would
 not fit the engine's context (`max_context`); the cuts are counted. Arrivals: Poisson at `rate`
 programs/s, or a fixed `concurrency` (a program starts when one ends).
+
+A workflow (a program with sub-programs) arrives as one program; its sub-programs are planned inside
+the turns that spawn them, each with the spawning parent's context as its prompt's prefix (so the
+context check counts it), and cut by the same knobs.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ class PlannedTurn(msgspec.Struct, frozen=True):
     new_tokens: int
     output_tokens: int
     tool: str | None
-    tool_s: float  # 0 for the last turn
+    tool_s: float  # 0 for the last turn and for a spawning turn (its wait is the join)
     tool_measured: bool  # False: sampled from the tool-time model
+    spawn: tuple["PlannedProgram", ...] = ()  # sub-programs started after this turn, joined before the next
 
 
 class PlannedProgram(msgspec.Struct, frozen=True):
@@ -61,6 +66,13 @@ class PlannedProgram(msgspec.Struct, frozen=True):
     arrival_s: float  # offset from the replay's start (rate mode; 0 in concurrency mode)
     turns: list[PlannedTurn]
     cut_for_context: bool  # turns were dropped because the context would not fit
+
+    def walk(self):
+        """This program and every sub-program its turns spawn, depth first."""
+        yield self
+        for turn in self.turns:
+            for sub in turn.spawn:
+                yield from sub.walk()
 
 
 def scale_tokens(n: int, scale: float, minimum: int) -> int:
@@ -78,17 +90,19 @@ def plan(trace: Trace, cfg: ReplayConfig, tools: ToolTimeModel, max_context: int
     for i, prog in enumerate(chosen):
         if cfg.rate is not None and i > 0:
             t += rng.expovariate(cfg.rate)
-        pid = prog.id if cfg.programs <= len(pool) else f"{prog.id}#{i // len(pool)}"
-        turns, cut = _turns(prog, pid, cfg, tools, max_context)
-        out.append(PlannedProgram(pid, prog.source, t if cfg.rate is not None else 0.0, turns, cut))
+        suffix = "" if cfg.programs <= len(pool) else f"#{i // len(pool)}"
+        out.append(_program(prog, suffix, t if cfg.rate is not None else 0.0, cfg, tools, max_context, 0))
     return out
 
 
-def _turns(prog: Program, pid: str, cfg: ReplayConfig, tools: ToolTimeModel,
-           max_context: int) -> tuple[list[PlannedTurn], bool]:
+def _program(prog: Program, suffix: str, arrival_s: float, cfg: ReplayConfig, tools: ToolTimeModel,
+             max_context: int, prefix: int) -> PlannedProgram:
+    """`prog` planned, its context starting after `prefix` tokens (a sub-program: its parent's context)."""
+    pid = prog.id + suffix
+    subs = {s.id: s for s in prog.subprograms}
     source = prog.turns[: cfg.max_turns] if cfg.max_turns else prog.turns
     turns: list[PlannedTurn] = []
-    context = 0
+    context = prefix
     cut = False
     for k, turn in enumerate(source):
         new = scale_tokens(turn.new_tokens, cfg.token_scale, 1 if k == 0 else 0)
@@ -96,16 +110,23 @@ def _turns(prog: Program, pid: str, cfg: ReplayConfig, tools: ToolTimeModel,
         if context + new + output + TEMPLATE_TOKENS_PER_TURN * (k + 1) > max_context:
             cut = True
             break
-        if turn.tool_s is not None:
-            tool_s, measured = turn.tool_s, True
-        else:
-            tool_s, measured = tools.sample(prog.source, turn.tool, f"{pid}/{k}", cfg.seed), False
-        turns.append(PlannedTurn(new, output, turn.tool, tool_s * cfg.time_scale, measured))
         context += new + output
+        if turn.spawn:
+            tool_s, measured = 0.0, True
+            spawn = tuple(_program(subs[name], suffix, arrival_s, cfg, tools, max_context,
+                                   context + TEMPLATE_TOKENS_PER_TURN * (k + 1)) for name in turn.spawn)
+        elif turn.tool_s is not None:
+            tool_s, measured, spawn = turn.tool_s, True, ()
+        else:
+            tool_s, measured, spawn = tools.sample(prog.source, turn.tool, f"{pid}/{k}", cfg.seed), False, ()
+        turns.append(PlannedTurn(new, output, turn.tool, tool_s * cfg.time_scale, measured, spawn))
     if not turns:  # not even the first prompt fits: keep a first turn cut to the context
         first = source[0]
-        output = min(scale_tokens(first.output_tokens, cfg.token_scale, 1), max_context // 4)
-        turns, cut = [PlannedTurn(max_context - output - 1, output, None, 0.0, True)], True
+        room = max_context - prefix
+        output = max(1, min(scale_tokens(first.output_tokens, cfg.token_scale, 1), room // 4))
+        turns, cut = [PlannedTurn(max(1, room - output - 1 - TEMPLATE_TOKENS_PER_TURN), output, None, 0.0, True)], True
     last = turns[-1]
+    if last.spawn:  # cut right after a spawn: the join needs a turn after it, so the spawn goes too
+        cut = True
     turns[-1] = PlannedTurn(last.new_tokens, last.output_tokens, None, 0.0, True)
-    return turns, cut
+    return PlannedProgram(pid, prog.source, arrival_s, turns, cut)

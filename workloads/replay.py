@@ -258,14 +258,15 @@ def sum_counters(rounds: list[dict]) -> dict:
 def describe(trace_src, fmt, name, available, cfg, setup, programs, policies, endpoints) -> dict:
     import vllm
 
-    turns = [t for p in programs for t in p.turns]
+    everyone = [q for p in programs for q in p.walk()]
+    turns = [t for p in everyone for t in p.turns]
     return {
         "trace": str(trace_src), "format": fmt, "trace_name": name, "trace_programs": available,
         "replay": msgspec.to_builtins(cfg), "engine": msgspec.to_builtins(setup) | {"context": setup.context},
         "policies": policies, "endpoints": endpoints or {},
         "plan": {
-            "programs": len(programs), "llm_calls": len(turns),
-            "cut_for_context": sum(p.cut_for_context for p in programs),
+            "programs": len(programs), "llm_calls": len(turns), "sub_programs": len(everyone) - len(programs),
+            "cut_for_context": sum(p.cut_for_context for p in everyone),
             "input_tokens": sum(t.new_tokens for t in turns), "output_tokens": sum(t.output_tokens for t in turns),
             "tool_s_total": sum(t.tool_s for t in turns),
             "tool_times_sampled": sum(not t.tool_measured for t in turns),

@@ -17,6 +17,8 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class PolicyResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # JCT is per program (a workflow's sub-programs each count); a workflow's JCT is its root's start to
+    # its last turn's end, over workflows none of whose programs failed (None: the trace has none)
     jct_mean: Seconds | None
     jct_p50: Seconds | None
     jct_p95: Seconds | None
@@ -36,6 +38,10 @@ class PolicyResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     turn_retries: Count = 0  # turns sent again after a server failure (e.g. a replica died)
     errors: list[str] = []  # the first few failure messages
     engine_counters: dict[str, int] = {}  # the scheduler plugin's counters over the run (pins by reason, ...)
+    workflow_jct_mean: Seconds | None = None
+    workflow_jct_p50: Seconds | None = None
+    workflow_jct_p95: Seconds | None = None
+    workflows_completed: Count = 0
 
 
 class Results(msgspec.Struct, forbid_unknown_fields=True):
@@ -66,7 +72,10 @@ def summarize(records: list[ProgramRecord], server: dict) -> PolicyResult:
     for r in records:
         by_round.setdefault(r.round, []).append(r)
     makespan = sum(max(r.end for r in rs) - min(r.start for r in rs) for rs in by_round.values())
+    wf = workflow_jcts(records)
     return PolicyResult(
+        workflow_jct_mean=sum(wf) / len(wf) if wf else None, workflow_jct_p50=percentile(wf, 50),
+        workflow_jct_p95=percentile(wf, 95), workflows_completed=len(wf),
         jct_mean=sum(jcts) / len(jcts) if jcts else None,
         jct_p50=percentile(jcts, 50), jct_p95=percentile(jcts, 95), jct_p99=percentile(jcts, 99),
         ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
@@ -81,16 +90,27 @@ def summarize(records: list[ProgramRecord], server: dict) -> PolicyResult:
         errors=[f"{r.id}: {r.error}" for r in records if r.error][:5])
 
 
+def workflow_jcts(records: list[ProgramRecord]) -> list[float]:
+    """JCT of every workflow (a root that spawned sub-programs) none of whose programs failed."""
+    spawned = {(r.round, r.workflow) for r in records if r.parent is not None}
+    failed = {(r.round, r.workflow) for r in records if r.error is not None}
+    return [r.end - r.start for r in records
+            if r.parent is None and (r.round, r.workflow) in spawned and (r.round, r.workflow) not in failed]
+
+
 def _fmt(x: float | None, pattern: str = "{:.2f}") -> str:
     return "-" if x is None else pattern.format(x)
 
 
 def table(results: Results) -> str:
-    head = ("| policy | mean JCT s | p50 JCT | p95 JCT | p50 TTFT s | p99 TTFT | hit rate | host hits | preempt "
-            "| pins | done/failed | prog/s |")
-    rows = [head, "|" + "---|" * 12]
+    workflows = any(r.workflow_jct_mean is not None for r in results.policies.values())
+    wf_head = "mean wf JCT s | p95 wf JCT | " if workflows else ""
+    head = (f"| policy | {wf_head}mean JCT s | p50 JCT | p95 JCT | p50 TTFT s | p99 TTFT | hit rate | host hits "
+            "| preempt | pins | done/failed | prog/s |")
+    rows = [head, "|" + "---|" * (14 if workflows else 12)]
     for name, r in results.policies.items():
-        rows.append(f"| {name} | {_fmt(r.jct_mean)} | {_fmt(r.jct_p50)} | {_fmt(r.jct_p95)} | "
+        wf = f"{_fmt(r.workflow_jct_mean)} | {_fmt(r.workflow_jct_p95)} | " if workflows else ""
+        rows.append(f"| {name} | {wf}{_fmt(r.jct_mean)} | {_fmt(r.jct_p50)} | {_fmt(r.jct_p95)} | "
                     f"{_fmt(r.ttft_p50, '{:.3f}')} | {_fmt(r.ttft_p99, '{:.3f}')} | "
                     f"{_fmt(r.prefix_hit_rate)} | {_fmt(r.host_hit_rate)} | {_fmt(r.preemptions, '{}')} | "
                     f"{r.pins_created} | "
@@ -108,9 +128,12 @@ def ratios(results: Results) -> list[str]:
     lines = []
     for name in (n for n in p if n.startswith("agentserve")):
         ours = p[name]
-        for base in (b for b in p if not b.startswith("agentserve")):
+        # every agentserve policy against the baselines; the default also against its variants
+        for base in (b for b in p if b != name and (not b.startswith("agentserve") or name == "agentserve")):
             b = p[base]
-            lines.append(f"{name}/{base}: mean JCT {_ratio(ours.jct_mean, b.jct_mean)}, p95 JCT "
+            wf = (f"mean workflow JCT {_ratio(ours.workflow_jct_mean, b.workflow_jct_mean)}, "
+                  if ours.workflow_jct_mean is not None else "")
+            lines.append(f"{name}/{base}: {wf}mean JCT {_ratio(ours.jct_mean, b.jct_mean)}, p95 JCT "
                          f"{_ratio(ours.jct_p95, b.jct_p95)}, p99 TTFT {_ratio(ours.ttft_p99, b.ttft_p99)}, "
                          f"throughput {_ratio(ours.throughput, b.throughput)}")
     lines += round_ratios(results)
@@ -130,8 +153,11 @@ def round_ratios(results: Results) -> list[str]:
     lines = []
     for name in (n for n in rounds if n.startswith("agentserve")):
         pairs = list(zip(rounds[name], rounds["vllm"]))
+        fields = (("mean JCT", "jct_mean"), ("p95 JCT", "jct_p95"), ("p99 TTFT", "ttft_p99"))
+        if rounds[name][0].workflow_jct_mean is not None:
+            fields = (("mean workflow JCT", "workflow_jct_mean"), *fields)
         cells = [f"{label} " + ", ".join(_ratio(getattr(a, field), getattr(b, field)) for a, b in pairs)
-                 for label, field in (("mean JCT", "jct_mean"), ("p95 JCT", "jct_p95"), ("p99 TTFT", "ttft_p99"))]
+                 for label, field in fields]
         lines.append(f"{name}/vllm per round: " + "; ".join(cells))
     return lines
 

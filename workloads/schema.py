@@ -6,6 +6,11 @@ chat-template overhead), the output length, and the tool its answer runs with th
 The driver builds turn k's prompt as turn k-1's prompt + its output + turn k's new input, as a real
 agent does, so prefix reuse across turns is what the trace implies.
 
+A program may spawn sub-programs (a multi-agent workflow, a DAG): a turn's `spawn` names sub-programs
+(from the program's own `subprograms`) that start when that turn's answer is in, each with the
+parent's conversation so far as its prompt's prefix (the task they share); the parent's next turn
+waits until all of them have ended (a join). Sub-programs may spawn in turn.
+
 Token counts are the source's own (provider tokenizer) where it reports them, else estimated from
 text at `CHARS_PER_TOKEN`. A tool duration of None means the source did not measure it; the driver
 fills it from the tool-time model (`tool_times.py`) with a seeded sample.
@@ -34,12 +39,34 @@ class Turn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     output_tokens: Annotated[int, msgspec.Meta(ge=1)]
     tool: str | None = None  # the tool this turn's answer runs (None: no tool, e.g. the last turn)
     tool_s: Annotated[float, msgspec.Meta(ge=0)] | None = None  # measured tool duration; None = unknown
+    spawn: list[str] = []  # sub-programs started after this turn; the next turn joins them
 
 
 class Program(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     id: str
     turns: list[Turn]
     source: str = ""  # the adapter that produced it
+    subprograms: list["Program"] = []  # the programs its turns spawn (each exactly once)
+
+    def check(self) -> str | None:
+        """What is wrong with this program's DAG (None: nothing): every spawn names a sub-program, each
+        sub-program is spawned exactly once, never by the last turn (nothing would join it)."""
+        ids = [s.id for s in self.subprograms]
+        if len(set(ids)) != len(ids):
+            return f"program {self.id!r} has two sub-programs with one id"
+        spawned = [name for t in self.turns for name in t.spawn]
+        if sorted(spawned) != sorted(ids):
+            return (f"program {self.id!r}: its turns spawn {sorted(spawned)} but its sub-programs are "
+                    f"{sorted(ids)} (each must be spawned exactly once)")
+        if self.turns and self.turns[-1].spawn:
+            return f"program {self.id!r} spawns on its last turn: no later turn would join the sub-programs"
+        return next((problem for s in self.subprograms if (problem := s.check()) is not None), None)
+
+    def walk(self):
+        """This program and all its sub-programs, depth first."""
+        yield self
+        for s in self.subprograms:
+            yield from s.walk()
 
     @property
     def context_tokens(self) -> int:
