@@ -215,6 +215,9 @@ class TenantsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 # ---- the program layer ----------------------------------------------------------------------------
 
+Order = Literal["program", "workflow", "critical-path", "las"]
+
+
 class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How the program layer behaves. `policy="vllm"` = stock vLLM scheduling, no pins."""
 
@@ -239,6 +242,12 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "--max-wait; running work always may")] = "soft"
     idle_timeout_s: Annotated[float, Meta(gt=0), _help(
         "seconds after which a silent program is abandoned and its pin released")] = 600.0
+    order: Annotated[Order, _help(
+        "the waiting queue's order across programs: program = program FCFS, each sub-agent ranked as a new "
+        "program; workflow = FCFS by workflow (a sub-agent keeps its root's rank); critical-path = by "
+        "workflow, and among a workflow's sub-agents the one with the most predicted remaining work first; "
+        "las = least attained service across workflows (Autellix's ATLAS), critical path within one. "
+        "Every order keeps --max-wait")] = "critical-path"
     admission: AdmissionOptions = msgspec.field(default_factory=AdmissionOptions)
     host: HostTierOptions = msgspec.field(default_factory=HostTierOptions)
     kvshare: KVShareOptions = msgspec.field(default_factory=KVShareOptions)
@@ -261,7 +270,8 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def scheduler_config(self) -> "SchedulerConfig":
         return SchedulerConfig(pin_cap_share=self.pin_cap_share, max_wait_s=self.max_wait_s,
-                               pin_mode=self.pin_mode, admission=self.admission, host_tokens=self.host.kv_tokens or 0,
+                               pin_mode=self.pin_mode, order=self.order, admission=self.admission,
+                               host_tokens=self.host.kv_tokens or 0,
                                tenant_pin_shares=self.tenants.pin_shares() if self.tenants else {})
 
 
@@ -275,6 +285,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pin_cap_share: Share = _PROGRAM_DEFAULTS.pin_cap_share
     max_wait_s: Seconds = _PROGRAM_DEFAULTS.max_wait_s
     pin_mode: Literal["soft", "ordered"] = _PROGRAM_DEFAULTS.pin_mode
+    order: Order = _PROGRAM_DEFAULTS.order
     admission: AdmissionOptions = msgspec.field(default_factory=AdmissionOptions)
     host_tokens: Annotated[int, Meta(ge=0)] = 0  # the host KV tier's size (admission counts what it holds)
     tenant_pin_shares: dict[str, Share] = {}

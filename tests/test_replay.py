@@ -78,3 +78,40 @@ def test_bad_policy_and_bad_trace_fail_before_any_server_starts(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         replay(str(bad), fmt="minisweagent", policies=["vllm"], cfg=CFG, setup=SETUP, out_dir=tmp_path)
+
+
+def test_a_fork_join_workflow_replays_through_the_sdk(server):
+    """A planner spawns two workers on the session's server (the SDK's spawn): every program of the
+    workflow completes, each worker's first turn hits the planner's KV (their shared prefix), and no
+    program of the workflow is left on the server after the join."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    from agentserve.engine.settings import resolve_model
+    from workloads.driver import Driver
+    from workloads.filler import Filler, single_token_words
+    from workloads.formats import load_trace
+    from workloads.plan import plan
+    from workloads.report import summarize
+    from workloads.tool_times import ToolTimeModel
+
+    trace = load_trace(f"fanout:2:{DEFAULT_TRACE}")
+    cfg = ReplayConfig(programs=1, rate=1.0, token_scale=0.1, time_scale=0.2, max_turns=3, seed=2)
+    (workflow,) = plan(trace, cfg, ToolTimeModel.load(), 2048)
+    filler = Filler(single_token_words(resolve_model("tiny")[0]))
+    driver = Driver(server.base_url, "tiny", filler, client="agentserve", seed=cfg.seed)
+    records = asyncio.run(driver.run([workflow]))
+    assert [r.error for r in records] == [None, None, None]
+    root, *workers = records
+    assert root.parent is None and {w.parent for w in workers} == {workflow.id}
+    assert {r.workflow for r in records} == {workflow.id} and len(root.turns) == 2
+    planner_prompt = root.turns[0].prompt_tokens
+    for w in workers:
+        assert w.turns[0].prompt_tokens > planner_prompt
+        assert w.turns[0].cached_tokens >= 16  # at least a block of the planner's prefix came from cache
+    assert summarize(records, {}).workflows_completed == 1
+    for r in records:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{server.base_url}/v1/programs/replay-{r.id}")
+        assert e.value.code == 404  # ended

@@ -214,3 +214,38 @@ def test_a_last_turns_blocks_are_evicted_before_a_returning_programs():
     order = [b.block_id for b in s.kv_cache_manager.block_pool.free_block_queue.get_all_free_blocks()]
     assert max(order.index(b) for b in done_blocks) < min(order.index(b) for b in back_blocks)
     assert s.book.counters["blocks_evicted_first"] == len(done_blocks)
+
+
+@pytest.mark.parametrize("order, expected", [("critical-path", ["c-long", "c-short", "l0"]),
+                                             ("workflow", ["c-short", "c-long", "l0"]),
+                                             ("program", ["l0", "c-short", "c-long"])])
+def test_a_workflows_sub_agents_overtake_a_later_workflows_turns(order, expected):
+    """Workflow R starts, then workflow L; then R's two sub-agents arrive. With a workflow order they
+    keep R's rank and go before L (the longer first under critical-path); under program order they
+    are new programs, after L."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    from agentserve.programs.fields import XARG_REMAINING, XARG_WORKFLOW
+
+    settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048, max_num_seqs=1,
+                              scheduling_policy="priority", scheduler_cls=PLUGIN,
+                              additional_config={"agentserve": {"max_wait_s": 0.0, "order": order}})
+    s, h = build_scheduler(settings)
+
+    def add(rid, program, workflow, base, remaining=0.0):
+        params = SamplingParams(max_tokens=2, ignore_eos=True, extra_args={
+            XARG_PROGRAM: program, XARG_IS_LAST: False, XARG_TTL: 0.0, XARG_WORKFLOW: workflow,
+            XARG_REMAINING: remaining})
+        s.add_request(Request(rid, prompt(64, base), params, None, arrival_time=time.time(), block_hasher=h))
+
+    add("r0", "R", "R", 0)
+    run_until_done(s)  # R's first turn: it spawns
+    add("l0", "L", "L", 1000)  # a later workflow's first turn arrives first ...
+    add("c-short", "R.a", "R", 2000, remaining=3.0)  # ... then R's sub-agents
+    add("c-long", "R.b", "R", 3000, remaining=9.0)
+    started = []
+    while s.has_requests():
+        out, _ = step(s, lambda: 7)
+        started += [r.req_id for r in out.scheduled_new_reqs]
+    assert started == expected

@@ -9,6 +9,11 @@ hold a pin (their KV is waiting for them), then by program arrival (program FCFS
 program's turns go before a later program's), then by request arrival. Starvation-free: a later
 program waits only for earlier ones, and with a wait bound only until it is overdue. The trade-off:
 program order moves TTFT onto the latest programs; the wait bound caps how much.
+
+The program's rank is the book's (a workflow's, for the workflow orders; attained service for "las").
+With the critical-path orders, requests of one rank (a workflow's sub-agents) go by predicted
+remaining work, most first (`remaining_of`): the join waits for the last child, so the longest goes
+first.
 """
 
 from __future__ import annotations
@@ -33,22 +38,29 @@ class QueueOrder(Protocol):
     def __call__(self, request) -> QueueKey: ...
 
 
+def _no_remaining(request) -> float:
+    return 0.0
+
+
 class ProgramFCFS:
-    def __init__(self, book: ProgramBook, program_of: Callable[[object], str | None]):
+    def __init__(self, book: ProgramBook, program_of: Callable[[object], str | None],
+                 remaining_of: Callable[[object], float] = _no_remaining):
         self.book = book
         self.program_of = program_of
+        self.remaining_of = remaining_of if book.config.order in ("critical-path", "las") else _no_remaining
 
     def __call__(self, request) -> QueueKey:
         if request.num_preemptions > 0:
-            return (0, request.priority, request.arrival_time)
+            return (0, request.priority, 0.0, request.arrival_time)
         if self.book.overdue(request.arrival_time):
             # First come first served among the overdue, as stock vLLM would serve them: program order
             # here would let every earlier program's overdue turns pass a late program's, which under
             # overload (most requests overdue) is no bound at all.
-            return (1, 0, request.arrival_time)
+            return (1, 0, 0.0, request.arrival_time)
+        first = -self.remaining_of(request)
         if self.book.holds_pin(self.program_of(request)):
-            return (2, request.priority, request.arrival_time)
-        return (3, request.priority, request.arrival_time)
+            return (2, request.priority, first, request.arrival_time)
+        return (3, request.priority, first, request.arrival_time)
 
 
 class ProgramQueue(RequestQueue):

@@ -12,8 +12,8 @@ class only reads vLLM's requests and moves blocks:
 - memory pressure: `allocate_slots` is wrapped so that, before vLLM preempts or leaves a request
   waiting for lack of blocks, the book names pins to release.
 - admission: vLLM's `_handle_blocked_waiting_request` hook skips a held request for the step.
-- program FCFS: a request's `priority` is its program's rank (vLLM's priority policy then preempts the
-  latest program first) and the waiting queue is a `ProgramQueue`.
+- program FCFS: a request's `priority` is its program's (or workflow's) rank (vLLM's priority policy
+  then preempts the latest program first) and the waiting queue is a `ProgramQueue`.
 
 Why a scheduler subclass rather than a KV connector's delayed free: the connector sees the finish but
 not admission or allocation failure, so "unpin when the next turn is admitted" and "release before
@@ -36,13 +36,22 @@ from agentserve.options import SchedulerConfig
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.next_use import NEVER
 from agentserve.hosttier import policy as host_policy
-from agentserve.programs.fields import XARG_IS_LAST, XARG_NEXT_USE, XARG_PROGRAM, XARG_TTL
+from agentserve.programs.fields import (XARG_IS_LAST, XARG_NEXT_USE, XARG_PROGRAM, XARG_REMAINING, XARG_TTL,
+                                       XARG_WORKFLOW)
 from agentserve.ttl.pins import Release
 
 
-def program_of_request(request: Request) -> str | None:
+def _xarg(request: Request, key: str, default=None):
     extra = request.sampling_params.extra_args if request.sampling_params else None
-    return extra.get(XARG_PROGRAM) if extra else None
+    return extra.get(key, default) if extra else default
+
+
+def program_of_request(request: Request) -> str | None:
+    return _xarg(request, XARG_PROGRAM)
+
+
+def remaining_of_request(request: Request) -> float:
+    return float(_xarg(request, XARG_REMAINING, 0.0) or 0.0)
 
 
 class ProgramScheduler(Scheduler):
@@ -53,7 +62,7 @@ class ProgramScheduler(Scheduler):
         self.book = ProgramBook(config, total_blocks=self.block_pool.num_gpu_blocks - 1,  # minus the null block
                                 block_size=self.cache_config.block_size,
                                 max_model_len=self.vllm_config.model_config.max_model_len)
-        self.waiting = ProgramQueue(ProgramFCFS(self.book, program_of_request))
+        self.waiting = ProgramQueue(ProgramFCFS(self.book, program_of_request, remaining_of_request))
         # the host tier's eviction policy (if the engine runs one) orders by the book's next-use predictions
         host_policy.attach(self._program_of_id, self.book.next_use)
         self._prefix_hit: dict[str, int] = {}  # running request -> tokens it found cached at admission
@@ -66,7 +75,7 @@ class ProgramScheduler(Scheduler):
 
     def add_request(self, request: Request) -> None:
         request.priority = self.book.arrive(request.request_id, program_of_request(request),
-                                            request.num_prompt_tokens)
+                                            request.num_prompt_tokens, _xarg(request, XARG_WORKFLOW))
         super().add_request(request)
 
     def _handle_blocked_waiting_request(self, request: Request) -> bool:
@@ -82,7 +91,8 @@ class ProgramScheduler(Scheduler):
                                         aborted=request.status == RequestStatus.FINISHED_ABORTED,
                                         is_last=bool(extra.get(XARG_IS_LAST)),
                                         ttl_s=float(extra.get(XARG_TTL, 0.0) or 0.0),
-                                        next_use_s=float(next_use) if next_use is not None else None)
+                                        next_use_s=float(next_use) if next_use is not None else None,
+                                        computed_tokens=request.num_tokens - self._prefix_hit.get(request.request_id, 0))
         self._free(releases)
         blocks = [b for group in self.kv_cache_manager.get_blocks(request.request_id).blocks
                   for b in group if b.block_hash is not None and not b.is_null]

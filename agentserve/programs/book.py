@@ -6,8 +6,11 @@ state of one engine and makes every program-level decision, so that the vLLM ada
 rules:
 
 - ranks: each program's arrival rank (program FCFS: a request's priority is its program's rank; a
-  request without a program is a one-turn program). Ranks go when the program ends; past
-  `MAX_PROGRAM_RANKS` the oldest idle programs' ranks go too (clients that never end programs).
+  request without a program is a one-turn program). With a workflow order (`SchedulerConfig.order`
+  other than "program") the rank is the workflow's: a sub-agent keeps its root's rank, and with "las"
+  a request's priority is instead its workflow's attained service (tokens computed so far) when it
+  arrives. Ranks go when the last program of their workflow ends; past `MAX_PROGRAM_RANKS` the oldest
+  idle ones go too (clients that never end programs).
 - the wait bound: a request waiting longer than `max_wait_s` is overdue (the queue order serves the
   overdue first come first served); the book notices requests crossing it (`age`).
 - admission (`AdmissionGate`, optional): a new program's first request may be held.
@@ -59,8 +62,11 @@ class ProgramBook:
         self.counters: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
         self.reorder_due = False  # queue keys changed (pins, the wait bound): re-key at the next step
-        self._ranks: dict[str, int] = {}  # program -> arrival rank (insertion order)
+        self._ranks: dict[str, int] = {}  # rank key (program, or its workflow) -> arrival rank (insertion order)
         self._rank_seq = itertools.count()
+        self._key: dict[str, str] = {}  # program -> its rank key
+        self._members: Counter[str] = Counter()  # rank key -> its programs not ended
+        self._service: Counter[str] = Counter()  # rank key -> tokens computed for it (las)
         self._live: Counter[str] = Counter()  # program -> its requests in the engine now
         self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
         self._newcomers: dict[str, str] = {}  # first requests of new programs not admitted yet -> program
@@ -69,12 +75,19 @@ class ProgramBook:
         self._next_aging_check = 0.0
 
     # ---- arrivals, admission, departures -------------------------------------------------------
-    def arrive(self, request_id: str, program: str | None, prompt_tokens: int) -> int:
-        """A request entered the engine; returns its priority (its program's arrival rank)."""
+    def arrive(self, request_id: str, program: str | None, prompt_tokens: int, workflow: str | None = None) -> int:
+        """A request entered the engine; returns its priority (its program's, or workflow's, arrival
+        rank; with "las" its workflow's attained service)."""
         if program is None:
             return next(self._rank_seq)  # a lone request is a one-turn program
-        if program not in self._ranks:
-            self._ranks[program] = next(self._rank_seq)
+        key = self._key.get(program)
+        if key is None:
+            key = self._key[program] = workflow if workflow and self.config.order != "program" else program
+            self._members[key] += 1
+            if key != program:
+                self.counters["sub_agents_ranked_by_workflow"] += 1
+        if key not in self._ranks:
+            self._ranks[key] = next(self._rank_seq)
             if len(self._ranks) > MAX_PROGRAM_RANKS:
                 self._forget_idle_programs()
             if self.admission is not None:
@@ -88,7 +101,9 @@ class ProgramBook:
                     self.admission.started(program, prompt_tokens, self.clock())
         self._live[program] += 1
         self.next_use.started(program)
-        return self._ranks[program]
+        if self.config.order == "las":
+            return self._service[key]
+        return self._ranks[key]
 
     def may_start(self, request_id: str, prompt_tokens: int, arrival_time: float) -> bool:
         """May this waiting request be scheduled now? False holds a new program (admission)."""
@@ -126,14 +141,17 @@ class ProgramBook:
         return []
 
     def leave(self, request_id: str, program: str | None, context_tokens: int, *, aborted: bool,
-              is_last: bool, ttl_s: float, next_use_s: float | None = None) -> tuple[list[Release], float]:
-        """A request left the engine; its program's next turn is predicted `next_use_s` from now (the
-        tool's predicted duration). Returns (pins to release, TTL to pin its blocks for: 0 = none)."""
+              is_last: bool, ttl_s: float, next_use_s: float | None = None,
+              computed_tokens: int = 0) -> tuple[list[Release], float]:
+        """A request left the engine after `computed_tokens` of work (prompt not served from cache, and
+        output); its program's next turn is predicted `next_use_s` from now (the tool's predicted
+        duration). Returns (pins to release, TTL to pin its blocks for: 0 = none)."""
         for ids in (self._returning, self._aged, self._held):
             ids.discard(request_id)
         self._newcomers.pop(request_id, None)
         if program is None:
             return [], 0.0
+        self._service[self._key.get(program, program)] += max(0, computed_tokens)
         if self.admission is not None:
             self.admission.finished(program, context_tokens, self.clock())
         self._live[program] -= 1
@@ -149,7 +167,7 @@ class ProgramBook:
     def pin(self, program: str, blocks: Sequence, ttl_s: float) -> tuple[bool, list[Release]]:
         """Pin a finished turn's blocks for `ttl_s`. Returns (pinned, pins to release first)."""
         now = self.clock()
-        pin = Pin(program, blocks, len(blocks) * self.block_size, self._ranks.get(program, 0), now, now + ttl_s)
+        pin = Pin(program, blocks, len(blocks) * self.block_size, self.rank(program) or 0, now, now + ttl_s)
         inserted, releases = self.pins.add(pin)
         if inserted:
             self.counters["pins_created"] += 1
@@ -201,7 +219,13 @@ class ProgramBook:
 
     # ---- the control plane's commands ------------------------------------------------------------
     def end(self, program: str) -> list[Release]:
-        self._ranks.pop(program, None)
+        key = self._key.pop(program, None)  # None: never seen here, or ended already
+        if key is not None:
+            self._members[key] -= 1
+            if self._members[key] <= 0:  # the workflow's last program: its rank and service go
+                del self._members[key]
+                self._ranks.pop(key, None)
+                self._service.pop(key, None)
         self.next_use.ended(program)
         if self.admission is not None:
             self.admission.end(program)
@@ -237,7 +261,7 @@ class ProgramBook:
         return not (self._live or self._aged or self._returning or self._newcomers or self._held)
 
     def rank(self, program: str) -> int | None:
-        return self._ranks.get(program)
+        return self._ranks.get(self._key.get(program, program))
 
     def event(self, kind: str, program: str, **fields: Any) -> None:
         if len(self.events) < MAX_EVENTS:
@@ -257,7 +281,14 @@ class ProgramBook:
     def _forget_idle_programs(self) -> None:
         """Drop the oldest ranks of programs with no live request and no pin, down to 3/4 of the cap."""
         excess = len(self._ranks) - MAX_PROGRAM_RANKS * 3 // 4
-        idle = [p for p in self._ranks if p not in self._live and p not in self.pins][:excess]
-        for program in idle:
-            del self._ranks[program]
+        busy = {self._key.get(p, p) for p in (*self._live, *self.pins.pins)}
+        idle = [key for key in self._ranks if key not in busy][:excess]
+        for key in idle:
+            del self._ranks[key]
+            self._service.pop(key, None)
+        forgotten = set(idle)
+        for program in [p for p, key in self._key.items() if key in forgotten]:
+            del self._key[program]
+        for key in forgotten:
+            self._members.pop(key, None)
         self.counters["program_ranks_forgotten"] += len(idle)

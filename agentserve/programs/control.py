@@ -19,8 +19,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from agentserve.programs.fields import XARG_NEXT_USE, XARG_TTL, XARG_TURN, ProgramFields, to_xargs
-from agentserve.programs.tracker import ProgramTracker
+from agentserve.programs.fields import (JOIN_TOOL, XARG_DEPTH, XARG_NEXT_USE, XARG_REMAINING, XARG_TTL, XARG_TURN,
+                                       XARG_WORKFLOW, ProgramFields, to_xargs)
+from agentserve.programs.remaining import RemainingWork
+from agentserve.programs.tracker import Program, ProgramTracker
 from agentserve.ttl.policy import OnlineBenefit, TTLPolicy, decide
 from agentserve.ttl.predictor import ToolDurationPredictor
 
@@ -49,6 +51,7 @@ class ControlPlane:
         self.on_event = on_event or (lambda kind, data: None)
         self.tracer = tracer  # a ProgramTracer fed by on_event: its call spans' context goes to vLLM
         self.ttl_cap = ttl_cap  # program -> longest TTL it may get (a tenant's limit), None: no cap
+        self.remaining = RemainingWork()  # each program's predicted remaining work (the critical path)
         self.last_stats: dict = {}
 
     @property
@@ -62,19 +65,26 @@ class ControlPlane:
                                                      parent=fields.parent_program_id)
         if gap is not None:
             self.predictor.observe(gap_tool, gap, client_measured=False)
+        program = self.tracker.programs[fields.program_id]
+        tool = fields.tool or program.last_tool
         xargs = to_xargs(fields)
         xargs[XARG_TURN] = turn  # the server's count when the client did not say
+        xargs[XARG_WORKFLOW], xargs[XARG_DEPTH] = program.workflow, program.depth
+        xargs[XARG_REMAINING] = float(self.remaining_s(program))
         self.on_event("call_start", {"program": fields.program_id, "turn": turn, "prompt_tokens": prompt_tokens,
-                                     "parent": fields.parent_program_id, "last": fields.is_last_turn})
+                                     "parent": fields.parent_program_id, "last": fields.is_last_turn,
+                                     "workflow": program.workflow, "depth": program.depth})
         if self.pins_enabled and not fields.is_last_turn:
-            program = self.tracker.programs[fields.program_id]
-            tool = fields.tool or program.last_tool
-            ttl = self.policy.ttl(tool, prompt_tokens + max_tokens)
+            # a join waits for sub-agents: its expected length is theirs, until joins have a history of their own
+            expected = self.remaining.seconds(program.depth + 1, 0, self._tool_s(None)) if tool == JOIN_TOOL else None
+            ttl = self.policy.ttl(tool, prompt_tokens + max_tokens, expected)
             cap = self.ttl_cap(fields.program_id) if self.ttl_cap is not None else None
             if cap is not None:
                 ttl = min(ttl, cap)
             xargs[XARG_TTL] = float(ttl)
             predicted = self.predictor.predict_mean(tool)
+            if expected is not None and self.predictor.distribution(tool).source not in ("client", "gap"):
+                predicted = expected
             if predicted is not None:  # when the program's KV is next needed (the host tier's eviction order)
                 xargs[XARG_NEXT_USE] = float(predicted)
             self.on_event("ttl", {"program": fields.program_id, "turn": turn, "tool": tool, "ttl_s": ttl,
@@ -85,6 +95,24 @@ class ControlPlane:
             if traceparent:
                 xargs[TRACEPARENT] = traceparent
         return xargs
+
+    def remaining_s(self, program: Program) -> float:
+        """Predicted seconds of work `program` has left, this call included (the critical-path key)."""
+        return self.remaining.seconds(program.depth, max(0, program.llm_calls - 1), self._tool_s(program.last_tool))
+
+    def _tool_s(self, tool: str | None) -> float:
+        return self.predictor.predict_mean(tool) or 0.0
+
+    def critical_path(self, program_id: str) -> list[str]:
+        """The program and, down its live sub-agents, the one with the most predicted work left at each level."""
+        path, p = [program_id], self.tracker.programs.get(program_id)
+        while p is not None and p.children:
+            live = [self.tracker.programs[c] for c in sorted(p.children) if c in self.tracker.programs]
+            if not live:
+                break
+            p = max(live, key=self.remaining_s)
+            path.append(p.program_id)
+        return path
 
     def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
                     cached_tokens: int | None) -> None:
@@ -110,6 +138,11 @@ class ControlPlane:
 
     def end_call(self, program_id: str, context_tokens: int) -> None:
         self.tracker.llm_end(program_id, context_tokens=context_tokens)
+        p = self.tracker.programs.get(program_id)
+        if p is not None:
+            node = p.graph.nodes[p.last_node]
+            if node.get("kind") == "llm" and "end" in node:  # (a tool event may have come first)
+                self.remaining.observe_call(node["end"] - node["start"])
         self.on_event("call_end", {"program": program_id, "context_tokens": context_tokens})
 
     def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None) -> float | None:
@@ -127,6 +160,7 @@ class ControlPlane:
     async def end_program(self, program_id: str, reason: str = "program_end") -> None:
         program = self.tracker.end(program_id)
         self.benefit.observe_finished_program(program.llm_calls)
+        self.remaining.observe_program(program.depth, program.llm_calls)
         await self._send("end", {"program_id": program_id})
         self.on_event("program_end", {"program": program_id, "reason": reason, "turns": program.llm_calls})
 
@@ -136,11 +170,17 @@ class ControlPlane:
     def knows(self, program_id: str) -> bool:
         return program_id in self.tracker.programs
 
+    def lineage_error(self, program_id: str, parent: str) -> tuple[int, str] | None:
+        """Why `program_id` may not start as `parent`'s sub-agent (status, message), or None."""
+        return self.tracker.lineage_error(program_id, parent)
+
     def describe(self, program_id: str) -> dict:
         """A program's state and DAG (the `GET /v1/programs/{id}` body)."""
         p = self.tracker.get(program_id)
         return {"program_id": p.program_id, "llm_calls": p.llm_calls, "active_calls": p.active_calls,
                 "parent_program_id": p.parent, "children": sorted(p.children), "last_tool": p.last_tool,
+                "workflow": p.workflow, "depth": p.depth, "remaining_s": self.remaining_s(p),
+                "critical_path": self.critical_path(program_id),
                 "nodes": [{"id": n, **d} for n, d in p.graph.nodes(data=True)],
                 "edges": [list(e) for e in p.graph.edges]}
 
@@ -157,6 +197,7 @@ class ControlPlane:
         """Periodic: end abandoned programs, expire pins in an idle engine, fetch engine stats."""
         for program in self.tracker.reap():
             self.benefit.observe_finished_program(program.llm_calls)
+            self.remaining.observe_program(program.depth, program.llm_calls)
             await self._send("end", {"program_id": program.program_id})
             self.on_event("program_end", {"program": program.program_id, "reason": "abandoned",
                                           "turns": program.llm_calls})
@@ -179,6 +220,24 @@ class Control(Protocol):
     """What a front end asks of the program control plane (see the module docstring)."""
 
     def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> Awaitable[dict]: ...
+
+    def remaining_s(self, program: Program) -> float:
+        """Predicted seconds of work `program` has left, this call included (the critical-path key)."""
+        return self.remaining.seconds(program.depth, max(0, program.llm_calls - 1), self._tool_s(program.last_tool))
+
+    def _tool_s(self, tool: str | None) -> float:
+        return self.predictor.predict_mean(tool) or 0.0
+
+    def critical_path(self, program_id: str) -> list[str]:
+        """The program and, down its live sub-agents, the one with the most predicted work left at each level."""
+        path, p = [program_id], self.tracker.programs.get(program_id)
+        while p is not None and p.children:
+            live = [self.tracker.programs[c] for c in sorted(p.children) if c in self.tracker.programs]
+            if not live:
+                break
+            p = max(live, key=self.remaining_s)
+            path.append(p.program_id)
+        return path
 
     def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
                     cached_tokens: int | None) -> Awaitable[None]: ...
@@ -214,6 +273,24 @@ class LocalControl:
 
     def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> Awaitable[dict]:
         return _done(self.control.begin_call(fields, prompt_tokens, max_tokens))
+
+    def remaining_s(self, program: Program) -> float:
+        """Predicted seconds of work `program` has left, this call included (the critical-path key)."""
+        return self.remaining.seconds(program.depth, max(0, program.llm_calls - 1), self._tool_s(program.last_tool))
+
+    def _tool_s(self, tool: str | None) -> float:
+        return self.predictor.predict_mean(tool) or 0.0
+
+    def critical_path(self, program_id: str) -> list[str]:
+        """The program and, down its live sub-agents, the one with the most predicted work left at each level."""
+        path, p = [program_id], self.tracker.programs.get(program_id)
+        while p is not None and p.children:
+            live = [self.tracker.programs[c] for c in sorted(p.children) if c in self.tracker.programs]
+            if not live:
+                break
+            p = max(live, key=self.remaining_s)
+            path.append(p.program_id)
+        return path
 
     def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
                     cached_tokens: int | None) -> Awaitable[None]:

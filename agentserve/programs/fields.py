@@ -22,6 +22,11 @@ XARG_TOOL = "agentserve_tool"
 XARG_PARENT = "agentserve_parent_program_id"
 XARG_TTL = "agentserve_ttl_s"
 XARG_NEXT_USE = "agentserve_next_use_s"  # predicted seconds from this turn's end to the program's next turn
+XARG_WORKFLOW = "agentserve_workflow"  # the root program's id (the server's, from the program forest)
+XARG_DEPTH = "agentserve_depth"  # the program's depth in its workflow (the root's is 0)
+XARG_REMAINING = "agentserve_remaining_s"  # predicted seconds of work the program has left (critical path)
+# The tool of a turn whose answer spawns sub-agents and waits for them: the wait is the join.
+JOIN_TOOL = "join"
 
 
 MAX_PARTS = 64  # parts of a shared prompt (agentserve/kvshare/planner.py bounds its segments alike)

@@ -2,7 +2,10 @@
 
 Nodes: `llm:K` (K-th LLM call) and `tool:K` (the tool call after LLM call K); edges follow time
 (llm:K -> tool:K -> llm:K+1). A sub-agent is its own program with an edge parent -> child in the
-program forest (`children`). Lifecycle: a program begins at its first request and ends on an explicit
+program forest (`children`); a root and all its descendants form one workflow, named by the root's id,
+and each program has its depth in it (the root's is 0). A sub-agent's parent must be a live program
+(`lineage_error`): an unknown or ended parent is a 404, a program named as its own parent or given a
+second parent a 409, so the forest never has a cycle. Lifecycle: a program begins at its first request and ends on an explicit
 end, or when idle longer than `idle_timeout_s` (abandoned). Memory is bounded: an ended program leaves
 nothing behind (`programs` holds live programs only).
 """
@@ -32,6 +35,8 @@ class Program:
     program_id: str
     started_at: float
     parent: str | None = None
+    workflow: str = ""  # the root's id (its own for a root)
+    depth: int = 0
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     children: set[str] = field(default_factory=set)
     llm_calls: int = 0
@@ -59,13 +64,34 @@ class ProgramTracker:
             raise ProgramError(404, f"unknown program {program_id!r} (never started, or already ended)")
         return p
 
+    def lineage_error(self, program_id: str, parent: str | None) -> tuple[int, str] | None:
+        """(status, message) if `program_id` may not be a sub-agent of `parent` (None: it may)."""
+        if parent is None:
+            return None
+        if parent == program_id:
+            return 409, f"program {program_id!r} cannot be its own parent"
+        known = self.programs.get(program_id)
+        if known is not None:
+            if known.parent != parent:
+                return 409, (f"program {program_id!r} already runs with parent {known.parent!r}; a program's "
+                             f"parent is set by its first call")
+            return None
+        if parent not in self.programs:
+            return 404, f"parent program {parent!r} is unknown (never started, or already ended)"
+        return None
+
     def _touch(self, program_id: str, parent: str | None) -> Program:
         now = self.clock()
         p = self.programs.get(program_id)
+        if parent is not None and (problem := self.lineage_error(program_id, parent)) is not None:
+            raise ProgramError(*problem)
         if p is None:
-            p = self.programs[program_id] = Program(program_id, started_at=now, parent=parent)
-            if parent is not None and parent in self.programs:
-                self.programs[parent].children.add(program_id)
+            up = self.programs.get(parent) if parent is not None else None
+            p = self.programs[program_id] = Program(
+                program_id, started_at=now, parent=parent, workflow=up.workflow if up else program_id,
+                depth=up.depth + 1 if up else 0)
+            if up is not None:
+                up.children.add(program_id)
         p.last_activity = now
         return p
 

@@ -133,7 +133,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
                                         else settings.model, shares)
         app.add_middleware(AgentFieldsMiddleware, gate=gate,
                            admit=admit_under_limits(control) if gate is not None else None, shares=shares,
-                           cross=cross)
+                           cross=cross, lineage_error=control.lineage_error)
         add_program_routes(app, LocalControl(control))
         if shares is not None:
             add_kvshare_routes(app, engine, cross)

@@ -19,6 +19,8 @@ PINS_NOW = Gauge("agentserve_pins", "Pins outstanding now")
 PINNED_TOKENS_SERVED = Counter("agentserve_pinned_tokens_served", "Prompt tokens served from pinned KV")
 REQUESTS_AGED = Counter("agentserve_requests_aged", "Requests that waited past --max-wait behind earlier "
                         "programs and were then served in arrival order")
+SUB_AGENTS_BY_WORKFLOW = Counter("agentserve_sub_agents_ranked_by_workflow", "Sub-agents whose requests took "
+                                 "their workflow's rank (--order other than program)")
 ADMISSION = Counter("agentserve_admission_decisions", "Program admission (--admission-share), by reason: held "
                     "(a new program's first request waited), admitted, admitted_idle (nothing else admitted), "
                     "admitted_overdue (past --admission-max-hold), ended, expired_idle", ["reason"])
@@ -105,6 +107,8 @@ def record_engine_stats(stats: dict) -> None:
             PINNED_TOKENS_SERVED.inc(delta)
         elif name == "requests_aged":
             REQUESTS_AGED.inc(delta)
+        elif name == "sub_agents_ranked_by_workflow":
+            SUB_AGENTS_BY_WORKFLOW.inc(delta)
         elif name.startswith("admission_"):
             ADMISSION.labels(name.removeprefix("admission_")).inc(delta)
         elif name.startswith("pins_released_"):

@@ -6,7 +6,9 @@ validates it (400 naming the bad field) and passes it to vLLM as `vllm_xargs`; b
 are not touched, so such requests are served exactly as stock vLLM serves them. With tenants
 configured (server/tenants.py) it also checks the API key on every route, scopes program ids by
 tenant in bodies and program-route paths, salts the prefix cache per tenant and applies the
-program and body-size limits.
+program and body-size limits. A sub-agent's first call whose parent is unknown, ended, or would make a
+cycle is refused here (404 / 409, `lineage`), before vLLM sees it, where the server holds the program
+forest (the embedded server; on Ray Serve the control plane refuses it, inside the response stream).
 
 A body is decoded once (`Incoming.decode`: JSON into builtins, the fields agentserve reads into
 typed structs), edited by an ordered list of rewriters (`Rewriter`: the shared prompt, the tenant,
@@ -50,13 +52,14 @@ class AgentFieldsMiddleware:
 
     def __init__(self, app, gate: TenantGate | None = None,
                  admit: Callable[[Tenant, str], bool] | None = None, shares: SharedPrompts | None = None,
-                 cross: CrossModelFront | None = None):
+                 cross: CrossModelFront | None = None, lineage_error: LineageCheck | None = None):
         self.app = app
         self.cross = cross
         self.gate = gate
         self.shares = shares
         self.max_body = gate.config.max_body_bytes if gate is not None else MAX_BODY_BYTES
-        self.rewriters = {path: rewriters(path, shares=shares, gate=gate, admit=admit) for path in _PROGRAM_ROUTES}
+        self.rewriters = {path: rewriters(path, shares=shares, gate=gate, admit=admit, lineage_error=lineage_error)
+                          for path in _PROGRAM_ROUTES}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -161,6 +164,8 @@ class Incoming:
 
 # A rewriter edits an incoming body in place, or refuses it with the response to send.
 Rewriter = Callable[[Incoming], JSONResponse | None]
+# (program, parent) -> (status, message) if the program may not be the parent's sub-agent, else None
+LineageCheck = Callable[[str, str], tuple[int, str] | None]
 
 
 def apply(incoming: Incoming, steps: list[Rewriter]) -> JSONResponse | None:
@@ -171,16 +176,33 @@ def apply(incoming: Incoming, steps: list[Rewriter]) -> JSONResponse | None:
 
 
 def rewriters(path: str, *, shares: SharedPrompts | None = None, gate: TenantGate | None = None,
-              admit: Callable[[Tenant, str], bool] | None = None) -> list[Rewriter]:
+              admit: Callable[[Tenant, str], bool] | None = None,
+              lineage_error: LineageCheck | None = None) -> list[Rewriter]:
     """The rewriters of a route, in order: typed fields, the shared prompt (completions with
-    --kvshare), the tenant (salt, scoping, limits), the program fields into vllm_xargs."""
+    --kvshare), the tenant (salt, scoping, limits), the sub-agent's parent, the program fields into
+    vllm_xargs."""
     steps: list[Rewriter] = [typed_fields]
     if shares is not None and path == "/v1/completions":
         steps.append(shared_prompt(shares))
     if gate is not None:
         steps.append(tenancy(gate, admit))
+    if lineage_error is not None:
+        steps.append(lineage(lineage_error))
     steps.append(program_xargs)
     return steps
+
+
+def lineage(check: LineageCheck) -> Rewriter:
+    """A sub-agent's parent must be a live program, and no program gets a second parent (no cycles)."""
+
+    def rewrite(incoming: Incoming) -> JSONResponse | None:
+        fields = incoming.fields
+        if fields is None or fields.parent_program_id is None:
+            return None
+        problem = check(fields.program_id, fields.parent_program_id)
+        return error_response(*problem, "agentserve.parent_program_id") if problem is not None else None
+
+    return rewrite
 
 
 def typed_fields(incoming: Incoming) -> JSONResponse | None:

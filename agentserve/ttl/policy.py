@@ -9,7 +9,8 @@ One small interface, one class per policy (as vLLM's request queues):
   over tau in {0} U {observed durations of the tool}, where P is the tool's empirical CDF, reload(ctx)
   the measured re-prefill time of the context, T the mean queueing delay suffered by requests whose KV
   was evicted and eta = -Corr(turns served, turns left) over finished programs (both learned online).
-  Before a distribution exists it assumes Exp(mean=DEFAULT_TOOL_MEAN_S) tool times, whose optimum is
+  Before a distribution exists it assumes Exp(mean=mu) tool times, mu the caller's expectation (a
+  join's: its children's predicted remaining work) or DEFAULT_TOOL_MEAN_S, whose optimum is
   tau = mu * ln(B / mu) for B > mu, else 0.
 """
 
@@ -20,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 
 from agentserve.options import ProgramOptions
-from agentserve.ttl.predictor import ToolDurationPredictor
+from agentserve.ttl.predictor import Distribution, ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
 
 # Continuum demo: pin for 2 s if the tool is short (mean <= 2 s) or unseen.
@@ -43,12 +44,13 @@ class TTLPolicy(ABC):
     name: str
     max_ttl_s: float = DEFAULT_MAX_TTL_S  # no policy pins longer (the operator's bound)
 
-    def ttl(self, tool: str | None, context_tokens: int) -> float:
-        """Seconds to keep the program's KV pinned after this turn (0 = do not pin), at most max_ttl_s."""
-        return min(self.max_ttl_s, self.choose(tool, context_tokens))
+    def ttl(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
+        """Seconds to keep the program's KV pinned after this turn (0 = do not pin), at most max_ttl_s.
+        `expected_s`: the tool's expected duration where the caller knows better than a cold start."""
+        return min(self.max_ttl_s, self.choose(tool, context_tokens, expected_s))
 
     @abstractmethod
-    def choose(self, tool: str | None, context_tokens: int) -> float:
+    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
         """The policy's own TTL for this turn, before the bound."""
 
 
@@ -61,7 +63,7 @@ class FixedTTL(TTLPolicy):
         self.ttl_s = ttl_s
         self.max_ttl_s = max_ttl_s
 
-    def choose(self, tool: str | None, context_tokens: int) -> float:
+    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
         return self.ttl_s
 
 
@@ -72,7 +74,7 @@ class ContinuumDemoTTL(TTLPolicy):
         self.predictor = predictor
         self.max_ttl_s = max_ttl_s
 
-    def choose(self, tool: str | None, context_tokens: int) -> float:
+    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
         mean = self.predictor.predict_mean(tool)
         return CONTINUUM_TTL_S if mean is None or mean <= CONTINUUM_SHORT_TOOL_S else 0.0
 
@@ -155,11 +157,13 @@ class CostBenefitTTL(TTLPolicy):
             return self.miss_cost(context_tokens)
         return self.benefit.T * self.benefit.eta + self.miss_cost(context_tokens)
 
-    def choose(self, tool: str | None, context_tokens: int) -> float:
+    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
         b = self.gain(context_tokens)
         dist = self.predictor.distribution(tool)
+        if expected_s and dist.source not in ("client", "gap"):  # the tool's own history beats the caller's guess
+            dist = Distribution([], "none")
         if not len(dist):
-            mu = DEFAULT_TOOL_MEAN_S
+            mu = expected_s if expected_s else DEFAULT_TOOL_MEAN_S
             return min(self.max_ttl_s, mu * math.log(b / mu)) if b > mu else 0.0
         best_tau, best = 0.0, 0.0
         for tau in dist.values:  # sorted; duplicates are harmless

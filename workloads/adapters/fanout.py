@@ -20,13 +20,13 @@ Token figures are in the base trace's units (before `--token-scale`).
 
 from __future__ import annotations
 
+from agentserve.programs.fields import JOIN_TOOL
 from workloads.schema import Program, Trace, TraceError, Turn
 
 TASK_SHARE = 0.5  # of the smallest worker's initial prompt: the task the planner states
 PLAN_TOKENS = 400
 REVIEW_TOKENS = 400
 HANDOFF_TOKENS = 60
-JOIN_TOOL = "join"  # the planner's tool call: waiting for its workers
 
 
 def fanout(base: Trace, width: int) -> Trace:
