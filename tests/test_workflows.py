@@ -121,7 +121,30 @@ def test_a_workflows_rank_lasts_until_its_last_program_ends_and_nothing_outlives
     b.leave("r0", "R", 10, aborted=False, is_last=True, ttl_s=0)
     b.leave("c0", "C", 10, aborted=False, is_last=True, ttl_s=0)
     b.end("C")
-    assert not (b._ranks or b._key or b._members or b._service) and b.idle
+    assert not (b._ranks or b._key or b._members or b._service or b._size) and b.idle
+
+
+def test_admission_weighs_a_workflow_by_its_expected_size_and_never_holds_its_sub_agents():
+    from agentserve.options import AdmissionOptions
+
+    clock = Clock()
+    # budget 100 blocks x 32 = 3200 tokens, half of it admits: 1600; every program's footprint >= 400
+    b = book("critical-path", clock, admission=AdmissionOptions(share=0.5, default_peak_share=400 / 4096))
+    assert b.expected_workflow_size == 1.0
+    assert b.arrive("r0", "R", 400, workflow="R") == 0 and b.may_start("r0", 400, clock.now)
+    for k in range(3):  # R's three sub-agents join its admission without a check
+        b.arrive(f"c{k}", f"R.{k}", 400, workflow="R")
+        assert b.may_start(f"c{k}", 400, clock.now)
+    assert b.admission.counters["joined_workflow"] == 3 and b.admission.load == 1600  # all four count
+    for p, rid in (("R.0", "c0"), ("R.1", "c1"), ("R.2", "c2"), ("R", "r0")):
+        b.leave(rid, p, 400, aborted=False, is_last=True, ttl_s=0)
+        b.end(p)
+    assert b.expected_workflow_size == 4.0  # the workflow that ended had four programs
+    b.arrive("x0", "X", 400, workflow="X")  # a single program, alone: admitted (nothing else is)
+    assert b.may_start("x0", 400, clock.now)
+    b.arrive("y0", "Y", 400, workflow="Y")  # 400 + 4 x 400 > 1600: a workflow of the expected size won't fit
+    assert not b.may_start("y0", 400, clock.now)
+    assert b.counters["admission_held"] == 1
 
 
 @dataclass
@@ -243,4 +266,4 @@ def test_no_rank_key_service_or_pin_outlives_its_workflow(events, order):
     for wf in range(4):
         for k in range(4):
             b.end(f"w{wf}.p{k}")
-    assert not (b._ranks or b._key or b._members or b._service) and len(b.pins) == 0 and b.idle
+    assert not (b._ranks or b._key or b._members or b._service or b._size) and len(b.pins) == 0 and b.idle

@@ -15,6 +15,11 @@ With a host KV tier (`host_tokens`), a program in a tool call counts only for th
 footprint the tier cannot hold: its KV waits in host memory and comes back for the cost of a copy, so
 the device budget is for programs that are running.
 
+A workflow (a program and its sub-agents) is admitted as a whole: its root is checked with its
+footprint times the workflow's expected size (`weight`: the mean number of programs in the last
+workflows that ended, learned by the program book), so a parent is not admitted only for its children
+to find no room; its sub-agents then `join` without a check and count like any admitted program.
+
 Trade-off: a held program's first turn waits (its TTFT includes the hold), which is the price of
 the shorter mean JCT. `max_hold_s` bounds the hold (past it a program is admitted anyway: no
 starvation, and under a sustained overload the gate degrades to admitting everything); a gate with
@@ -74,14 +79,15 @@ class AdmissionGate:
         waiting = sum(self.footprint(p.tokens) for p in self.programs.values() if p.live == 0)
         return running + max(0, waiting - self.host_tokens)
 
-    def admits(self, program: str, tokens: int, waited_s: float, now: float) -> bool:
-        """May this program's request start? Admits it (and counts why) if so."""
+    def admits(self, program: str, tokens: int, waited_s: float, now: float, weight: float = 1.0) -> bool:
+        """May this program's request start? Admits it (and counts why) if so. `weight`: the programs
+        it is expected to bring (a workflow's root: its expected size)."""
         if program in self.programs:
             return True
         self.expire_idle(now)
         if not self.programs:
             reason = "admitted_idle"
-        elif self.load + self.footprint(tokens) <= self.limit:
+        elif self.load + int(self.footprint(tokens) * max(1.0, weight)) <= self.limit:
             reason = "admitted"
         elif self.max_hold_s > 0 and waited_s >= self.max_hold_s:
             reason = "admitted_overdue"
@@ -90,6 +96,14 @@ class AdmissionGate:
         self.programs[program] = Admitted(tokens, now)
         self.counters[reason] += 1
         return True
+
+    def join(self, program: str, tokens: int, now: float) -> None:
+        """A sub-agent of an admitted workflow starts: admitted without a check (its root's admission
+        counted it), so it counts against the budget from now on."""
+        if program not in self.programs:
+            self.programs[program] = Admitted(tokens, now)
+            self.counters["joined_workflow"] += 1
+        self.started(program, tokens, now)
 
     def started(self, program: str, tokens: int, now: float) -> None:
         """A request of an admitted program entered the engine with a context of `tokens`."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,6 +43,7 @@ AGING_CHECK_S = 0.05  # how often waiting requests are checked against the wait 
 # Past this many ranked programs, ranks of programs with no live request and no pin go, oldest first:
 # such a program's next request is ranked as a new arrival, which is what an idle program is.
 MAX_PROGRAM_RANKS = 65536
+WORKFLOW_SIZE_WINDOW = 64  # ended workflows whose mean size a new workflow's admission expects
 
 
 class ProgramBook:
@@ -67,6 +68,8 @@ class ProgramBook:
         self._key: dict[str, str] = {}  # program -> its rank key
         self._members: Counter[str] = Counter()  # rank key -> its programs not ended
         self._service: Counter[str] = Counter()  # rank key -> tokens computed for it (las)
+        self._size: Counter[str] = Counter()  # rank key -> programs it has had (a workflow's size)
+        self._sizes: deque[int] = deque(maxlen=WORKFLOW_SIZE_WINDOW)  # sizes of workflows that ended
         self._live: Counter[str] = Counter()  # program -> its requests in the engine now
         self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
         self._newcomers: dict[str, str] = {}  # first requests of new programs not admitted yet -> program
@@ -84,6 +87,7 @@ class ProgramBook:
         if key is None:
             key = self._key[program] = workflow if workflow and self.config.order != "program" else program
             self._members[key] += 1
+            self._size[key] += 1
             if key != program:
                 self.counters["sub_agents_ranked_by_workflow"] += 1
         if key not in self._ranks:
@@ -97,6 +101,8 @@ class ProgramBook:
             if self.admission is not None:
                 if program in self._newcomers.values():
                     self._newcomers[request_id] = program  # its program is still held
+                elif key != program:  # a sub-agent: its workflow was admitted as a whole
+                    self.admission.join(program, prompt_tokens, self.clock())
                 else:
                     self.admission.started(program, prompt_tokens, self.clock())
         self._live[program] += 1
@@ -111,7 +117,7 @@ class ProgramBook:
         if program is None:
             return True
         now = self.clock()
-        if self.admission.admits(program, prompt_tokens, now - arrival_time, now):
+        if self.admission.admits(program, prompt_tokens, now - arrival_time, now, self.expected_workflow_size):
             del self._newcomers[request_id]
             self._held.discard(request_id)
             self.admission.started(program, prompt_tokens, now)
@@ -226,6 +232,7 @@ class ProgramBook:
                 del self._members[key]
                 self._ranks.pop(key, None)
                 self._service.pop(key, None)
+                self._sizes.append(self._size.pop(key, 1))
         self.next_use.ended(program)
         if self.admission is not None:
             self.admission.end(program)
@@ -260,6 +267,11 @@ class ProgramBook:
         """No program has a request in the engine and no per-request state is left."""
         return not (self._live or self._aged or self._returning or self._newcomers or self._held)
 
+    @property
+    def expected_workflow_size(self) -> float:
+        """Programs a new workflow is expected to bring: the mean size of the last workflows that ended."""
+        return sum(self._sizes) / len(self._sizes) if self._sizes else 1.0
+
     def rank(self, program: str) -> int | None:
         return self._ranks.get(self._key.get(program, program))
 
@@ -291,4 +303,5 @@ class ProgramBook:
             del self._key[program]
         for key in forgotten:
             self._members.pop(key, None)
+            self._size.pop(key, None)
         self.counters["program_ranks_forgotten"] += len(idle)
