@@ -221,24 +221,6 @@ class Control(Protocol):
 
     def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> Awaitable[dict]: ...
 
-    def remaining_s(self, program: Program) -> float:
-        """Predicted seconds of work `program` has left, this call included (the critical-path key)."""
-        return self.remaining.seconds(program.depth, max(0, program.llm_calls - 1), self._tool_s(program.last_tool))
-
-    def _tool_s(self, tool: str | None) -> float:
-        return self.predictor.predict_mean(tool) or 0.0
-
-    def critical_path(self, program_id: str) -> list[str]:
-        """The program and, down its live sub-agents, the one with the most predicted work left at each level."""
-        path, p = [program_id], self.tracker.programs.get(program_id)
-        while p is not None and p.children:
-            live = [self.tracker.programs[c] for c in sorted(p.children) if c in self.tracker.programs]
-            if not live:
-                break
-            p = max(live, key=self.remaining_s)
-            path.append(p.program_id)
-        return path
-
     def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
                     cached_tokens: int | None) -> Awaitable[None]: ...
 
@@ -273,24 +255,6 @@ class LocalControl:
 
     def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> Awaitable[dict]:
         return _done(self.control.begin_call(fields, prompt_tokens, max_tokens))
-
-    def remaining_s(self, program: Program) -> float:
-        """Predicted seconds of work `program` has left, this call included (the critical-path key)."""
-        return self.remaining.seconds(program.depth, max(0, program.llm_calls - 1), self._tool_s(program.last_tool))
-
-    def _tool_s(self, tool: str | None) -> float:
-        return self.predictor.predict_mean(tool) or 0.0
-
-    def critical_path(self, program_id: str) -> list[str]:
-        """The program and, down its live sub-agents, the one with the most predicted work left at each level."""
-        path, p = [program_id], self.tracker.programs.get(program_id)
-        while p is not None and p.children:
-            live = [self.tracker.programs[c] for c in sorted(p.children) if c in self.tracker.programs]
-            if not live:
-                break
-            p = max(live, key=self.remaining_s)
-            path.append(p.program_id)
-        return path
 
     def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
                     cached_tokens: int | None) -> Awaitable[None]:
