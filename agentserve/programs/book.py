@@ -157,7 +157,8 @@ class ProgramBook:
         self._newcomers.pop(request_id, None)
         if program is None:
             return [], 0.0
-        self._service[self._key.get(program, program)] += max(0, computed_tokens)
+        if (key := self._key.get(program)) is not None:  # (a request that outlived its program's end adds nothing)
+            self._service[key] += max(0, computed_tokens)
         if self.admission is not None:
             self.admission.finished(program, context_tokens, self.clock())
         self._live[program] -= 1
