@@ -87,12 +87,13 @@ class ProgramScheduler(Scheduler):
         program = program_of_request(request)
         extra = request.sampling_params.extra_args if program is not None else {}
         next_use = extra.get(XARG_NEXT_USE)
+        hit = self._prefix_hit.pop(request.request_id, 0)  # tokens it found cached when admitted
         releases, ttl = self.book.leave(request.request_id, program, request.num_tokens,
                                         aborted=request.status == RequestStatus.FINISHED_ABORTED,
                                         is_last=bool(extra.get(XARG_IS_LAST)),
                                         ttl_s=float(extra.get(XARG_TTL, 0.0) or 0.0),
                                         next_use_s=float(next_use) if next_use is not None else None,
-                                        computed_tokens=request.num_tokens - self._prefix_hit.get(request.request_id, 0))
+                                        computed_tokens=request.num_tokens - hit)
         self._free(releases)
         blocks = [b for group in self.kv_cache_manager.get_blocks(request.request_id).blocks
                   for b in group if b.block_hash is not None and not b.is_null]
@@ -104,8 +105,7 @@ class ProgramScheduler(Scheduler):
         out = super()._free_request(request, delay_free_blocks)
         if self.book.next_use.seconds_until(program) == NEVER:
             # Only the blocks this request computed: its prefix hit may be a prefix others share.
-            self._evict_first(blocks[self._prefix_hit.get(request.request_id, 0) // self.cache_config.block_size:])
-        self._prefix_hit.pop(request.request_id, None)
+            self._evict_first(blocks[hit // self.cache_config.block_size:])
         return out
 
     def _evict_first(self, blocks: list) -> None:

@@ -160,7 +160,7 @@ class CostBenefitTTL(TTLPolicy):
     def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
         b = self.gain(context_tokens)
         dist = self.predictor.distribution(tool)
-        if expected_s and dist.source not in ("client", "gap"):  # the tool's own history beats the caller's guess
+        if expected_s and not dist.own:  # the tool's own history beats the caller's guess
             dist = Distribution([], "none")
         if not len(dist):
             mu = expected_s if expected_s else DEFAULT_TOOL_MEAN_S

@@ -48,6 +48,11 @@ class Distribution:
     def __len__(self) -> int:
         return len(self.values)
 
+    @property
+    def own(self) -> bool:
+        """Learned from this tool's own calls (not the global fallback, not empty)."""
+        return self.source in ("client", "gap")
+
     def cdf(self, t: float) -> float:
         return bisect.bisect_right(self.values, t) / len(self.values) if self.values else 0.0
 
