@@ -72,11 +72,14 @@ def test_native_trace_with_sub_programs_round_trips(tmp_path):
     assert load_trace(path).programs == trace.programs
 
 
-def test_plan_nests_sub_programs_with_the_parents_context_as_their_prefix():
+@pytest.mark.parametrize("max_context", [8192, 1500])
+def test_plan_nests_sub_programs_with_the_parents_context_as_their_prefix(max_context):
     trace = load_trace(f"fanout:4:{DEFAULT_TRACE}")
     cfg = ReplayConfig(programs=3, rate=1.0, token_scale=0.25, max_turns=6, seed=1)
-    planned = plan(trace, cfg, ToolTimeModel.load(), 8192)
-    assert planned == plan(trace, cfg, ToolTimeModel.load(), 8192)
+    planned = plan(trace, cfg, ToolTimeModel.load(), max_context)
+    assert planned == plan(trace, cfg, ToolTimeModel.load(), max_context)
+    if max_context < 8192:  # tight: the workers are cut, and only the prefix makes them need to be
+        assert any(sub.cut_for_context for wf in planned for sub in wf.turns[0].spawn)
     for wf in planned:
         first, review = wf.turns
         assert len(first.spawn) == 4 and first.tool_s == 0 and not review.spawn and review.tool is None
@@ -84,7 +87,7 @@ def test_plan_nests_sub_programs_with_the_parents_context_as_their_prefix():
         for sub in first.spawn:
             assert sub.arrival_s == wf.arrival_s and len(sub.turns) <= 6 and sub.turns[-1].tool_s == 0
             context = prefix + sum(t.new_tokens + t.output_tokens for t in sub.turns)
-            assert context + TEMPLATE_TOKENS_PER_TURN * len(sub.turns) <= 8192
+            assert context + TEMPLATE_TOKENS_PER_TURN * len(sub.turns) <= max_context
         assert len(list(wf.walk())) == 5
 
 

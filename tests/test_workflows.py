@@ -215,6 +215,15 @@ def test_every_call_carries_its_workflow_depth_and_remaining_work():
     assert view["critical_path"][1] == "v"  # the sibling with more calls left
 
 
+def test_an_llm_calls_time_feeds_the_remaining_work_prediction():
+    clock = Clock()
+    c = ControlPlane(ProgramTracker(clock=clock), ToolDurationPredictor(), None, None)
+    c.begin_call(ProgramFields(program_id="p"), 100, 10)
+    clock.now += 2.5
+    c.end_call("p", 110)
+    assert c.remaining.call_s() == pytest.approx(2.5)
+
+
 def test_a_join_is_pinned_for_its_children_predicted_work_not_a_shell_tools_cold_start():
     reload = ReloadProfile(a=0.0, b=0.01, c=0.0, max_tokens=8192)  # 10 ms per token: a costly miss
     c = control_plane(CostBenefitTTL(ToolDurationPredictor(), reload, OnlineBenefit()), _link)
