@@ -5,7 +5,8 @@ PIP    := $(VENV)/bin/pip
 # The CPU build of torch. On this machine kind pip finds torch 2.13.0+cpu on local disk; elsewhere add
 # PyTorch's CPU wheel index (PIP_EXTRA_INDEX_URL) or the default PyPI torch is a CUDA build.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= cpu,dev
+# The framework integrations too (agentserve/integrations/): their tests run in `make test`.
+EXTRAS ?= cpu,dev,minisweagent,langchain,openai-agents
 STAMP  := $(VENV)/.agentserve-installed
 BFCL   := bfcl-eval==2026.3.23
 # The standard benchmark's load (docs/benchmarks.md): the bench model, an 8k-token KV budget.

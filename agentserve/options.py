@@ -60,6 +60,9 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], _help(
         "weight and KV dtype; float32 is fastest on AVX2 CPUs, bfloat16 on GPUs")] = DEFAULT_DTYPE
     seed: Annotated[int, _help("engine sampling seed")] = 0
+    tool_call_parser: Annotated[str | None, _help(
+        "vLLM's tool-call parser (e.g. hermes, the model's format): vLLM answers requests with tools "
+        "only with one (it also turns on tool_choice=auto); agent frameworks send tools")] = None
     # Set by the program layer, not by users (cli=False): how the engine runs agentserve's plugins.
     prefix_caching: Annotated[bool, _help("vLLM prefix caching", cli=False)] = True
     scheduling_policy: Annotated[Literal["fcfs", "priority"], _help("vLLM's queue policy", cli=False)] = "fcfs"

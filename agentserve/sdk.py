@@ -64,6 +64,26 @@ class _ProgramState:
         self.turn += 1
         return {**kwargs, "extra_body": extra_body}
 
+    def fields(self, tool: str | None = None, last: bool = False) -> dict[str, Any]:
+        """The `agentserve` object for a call that another client sends (an agent framework's): the
+        server counts the turns, and the parent edge rides on every call (a retried first call keeps it)."""
+        fields: dict[str, Any] = {"program_id": self.program_id}
+        if last:
+            fields["is_last_turn"] = True
+        if tool is not None:
+            fields["tool"] = tool
+        if self.parent is not None:
+            fields["parent_program_id"] = self.parent
+        self.turn += 1
+        return fields
+
+    @staticmethod
+    def tool_event(name: str, event: str, duration_s: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "event": event}
+        if duration_s is not None:
+            body["duration_s"] = duration_s
+        return body
+
     def complete_kwargs(self, kwargs: dict[str, Any], template: str, parts: list[dict[str, Any]],
                         tool: str | None, last: bool) -> dict[str, Any]:
         out = self.chat_kwargs(kwargs, tool, last)
@@ -118,13 +138,20 @@ class Program(_ProgramState):
 
     @contextmanager
     def tool(self, name: str):
-        _check(self.client.http.post(self.tool_url(), json={"name": name, "event": "start"}))
+        self.tool_start(name)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            _check(self.client.http.post(self.tool_url(), json={
-                "name": name, "event": "end", "duration_s": time.perf_counter() - t0}))
+            self.tool_end(name, time.perf_counter() - t0)
+
+    def tool_start(self, name: str) -> None:
+        """A tool call started (for agent loops where start and end are in different places)."""
+        _check(self.client.http.post(self.tool_url(), json=self.tool_event(name, "start")))
+
+    def tool_end(self, name: str, duration_s: float | None = None) -> None:
+        """The tool call ended; `duration_s`: measured by the client (else the server's start/end gap)."""
+        _check(self.client.http.post(self.tool_url(), json=self.tool_event(name, "end", duration_s)))
 
     def spawn(self, program_id: str | None = None) -> "Program":
         return Program(self.client, program_id, parent=self.program_id)
@@ -155,13 +182,18 @@ class AsyncProgram(_ProgramState):
 
     @asynccontextmanager
     async def tool(self, name: str):
-        _check(await self.client.http.post(self.tool_url(), json={"name": name, "event": "start"}))
+        await self.tool_start(name)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            _check(await self.client.http.post(self.tool_url(), json={
-                "name": name, "event": "end", "duration_s": time.perf_counter() - t0}))
+            await self.tool_end(name, time.perf_counter() - t0)
+
+    async def tool_start(self, name: str) -> None:
+        _check(await self.client.http.post(self.tool_url(), json=self.tool_event(name, "start")))
+
+    async def tool_end(self, name: str, duration_s: float | None = None) -> None:
+        _check(await self.client.http.post(self.tool_url(), json=self.tool_event(name, "end", duration_s)))
 
     def spawn(self, program_id: str | None = None) -> "AsyncProgram":
         return AsyncProgram(self.client, program_id, parent=self.program_id)

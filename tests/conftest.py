@@ -16,7 +16,9 @@ TEST_MAX_MODEL_LEN = 2048
 def server():
     from agentserve.server.process import ServerProcess
 
-    args = ["--model", "tiny", "--kv-tokens", str(TEST_KV_TOKENS), "--max-model-len", str(TEST_MAX_MODEL_LEN)]
+    # a tool-call parser: the framework integrations' agents send tools (tests/test_integrations.py)
+    args = ["--model", "tiny", "--kv-tokens", str(TEST_KV_TOKENS), "--max-model-len", str(TEST_MAX_MODEL_LEN),
+            "--tool-call-parser", "hermes"]
     with ServerProcess(args, env={"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}) as srv:
         yield srv
         assert srv.alive(), f"server died during the tests:\n{srv.log_tail()}"

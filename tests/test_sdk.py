@@ -1,6 +1,7 @@
 """The SDK against a real server: turns, tool timing, sub-agents, end on exit and on exception."""
 
 import asyncio
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -73,12 +74,17 @@ def test_async_program(server):
     assert program_info(server, pid).status_code == 404
 
 
-def test_program_ids_with_url_characters_reach_their_routes(server):
+@pytest.mark.parametrize("program_id", ["task#3?x=1", "user/42/end", "a/tool"])
+def test_program_ids_with_url_characters_reach_their_routes(server, program_id):
+    """`/` too: session ids name programs (programs/sessions.py), and clients pick them."""
     client = AgentServe(server.base_url)
-    with client.program("task#3?x=1") as prog:
+    quoted = quote(program_id, safe="")
+    with client.program(program_id) as prog:
         prog.chat(model="tiny", messages=MSG, max_tokens=2)
         with prog.tool("bash"):
             pass
-    info = httpx.get(f"{server.base_url}/v1/programs/task%233%3Fx=1")
-    assert info.status_code == 404  # ended on exit, under its own id (not "task")
+        info = httpx.get(f"{server.base_url}/v1/programs/{quoted}").json()
+        assert info["program_id"] == program_id and [n["name"] for n in info["nodes"] if n["kind"] == "tool"] == ["bash"]
+    info = httpx.get(f"{server.base_url}/v1/programs/{quoted}")
+    assert info.status_code == 404  # ended on exit, under its own id (not a prefix of it)
     client.close()

@@ -102,8 +102,8 @@ def test_openapi_spec_documents_the_wire_contract(server):
     spec = httpx.get(server.base_url + "/openapi.json", timeout=30).json()
     schemas = spec["components"]["schemas"]
     assert schemas["ProgramFields"]["required"] == ["program_id"]
-    assert set(schemas["ProgramFields"]["properties"]) == {"program_id", "turn", "is_last_turn", "tool",
-                                                           "parent_program_id", "share"}
+    assert set(schemas["ProgramFields"]["properties"]) == {"program_id", "turn", "is_last_turn", "ends_program",
+                                                           "tool", "parent_program_id", "share"}
     assert schemas["SharedPrompt"]["required"] == ["template", "parts"]  # KV sharing (--kvshare)
     assert set(schemas["PromptPart"]["properties"]) == {"text", "token_ids", "shared"}
     assert schemas["ChatCompletionRequest"]["properties"]["agentserve"]["$ref"].endswith("/ProgramFields")

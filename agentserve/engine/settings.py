@@ -74,6 +74,8 @@ def vllm_cli_args(s: EngineSettings) -> list[str]:
     ]
     if s.scheduler_cls:
         args += ["--scheduler-cls", s.scheduler_cls]
+    if s.tool_call_parser:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", s.tool_call_parser]
     if s.additional_config:
         args += ["--additional-config", msgspec.json.encode(s.additional_config).decode()]
     if s.kv_transfer_config:

@@ -188,7 +188,8 @@ class ControlPlane:
         """The `GET /v1/agentserve/stats` body: policy, programs, TTL inputs, the engine's pin stats."""
         live = await self.tick() if self.pins_enabled else {}
         return {"policy": self.policy.name if self.policy else "vllm", "programs": len(self.tracker),
-                "ttl_inputs": self.ttl_inputs(), "engine": {k: v for k, v in live.items() if k != "events"}}
+                "ttl_inputs": self.ttl_inputs(), "tools": self.predictor.summary(),
+                "engine": {k: v for k, v in live.items() if k != "events"}}
 
     async def abort_call(self, program_id: str) -> None:
         await self._send("release", {"program_id": program_id, "reason": "abort"})

@@ -18,6 +18,7 @@ XARG_PREFIX = "agentserve_"  # every engine key of agentserve's; clients may not
 XARG_PROGRAM = "agentserve_program_id"
 XARG_TURN = "agentserve_turn"
 XARG_IS_LAST = "agentserve_is_last_turn"
+XARG_ENDS = "agentserve_ends_program"
 XARG_TOOL = "agentserve_tool"
 XARG_PARENT = "agentserve_parent_program_id"
 XARG_TTL = "agentserve_ttl_s"
@@ -54,6 +55,7 @@ class ProgramFields(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     program_id: ID
     turn: Annotated[int, msgspec.Meta(ge=0)] | None = None  # default: LLM calls of the program so far
     is_last_turn: bool = False  # unmarked last turns just let their pin expire
+    ends_program: bool = False  # the program ends when this call does (a last turn that also says /end)
     tool: Annotated[str, msgspec.Meta(max_length=256)] | None = None  # the tool this call's answer runs
     parent_program_id: ID | None = None  # set on a sub-agent's first call: a DAG edge from the parent
     share: SharedPrompt | None = None  # the prompt as parts, some shared (completions only, --kvshare)
@@ -72,6 +74,8 @@ def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
     out: dict[str, str | int | bool] = {XARG_PROGRAM: f.program_id, XARG_IS_LAST: f.is_last_turn}
     if f.turn is not None:
         out[XARG_TURN] = f.turn
+    if f.ends_program:
+        out[XARG_ENDS] = True
     if f.tool is not None:
         out[XARG_TOOL] = f.tool
     if f.parent_program_id is not None:
@@ -85,4 +89,5 @@ def from_xargs(xargs: dict) -> ProgramFields | None:
     if program is None:
         return None
     return ProgramFields(program_id=program, turn=xargs.get(XARG_TURN), is_last_turn=bool(xargs.get(XARG_IS_LAST)),
-                         tool=xargs.get(XARG_TOOL), parent_program_id=xargs.get(XARG_PARENT))
+                         ends_program=bool(xargs.get(XARG_ENDS)), tool=xargs.get(XARG_TOOL),
+                         parent_program_id=xargs.get(XARG_PARENT))

@@ -11,8 +11,11 @@ import logging
 import time
 from typing import Any
 
+import msgspec
+
 from agentserve.programs.control import TRACEPARENT, Control
-from agentserve.programs.fields import XARG_TURN, from_xargs
+from agentserve.programs.tracker import ProgramError
+from agentserve.programs.fields import XARG_TURN, ProgramFields, from_xargs
 from agentserve.server.streams import track
 
 log = logging.getLogger("agentserve.server")
@@ -71,7 +74,7 @@ class ProgramEngineClient:
                     engine_ids = self._engine_request_ids(request_id)
                     if program is not None:  # its TTFT and prefix hit
                         await self.control.first_token(
-                            program[0], program[1], time.perf_counter() - t0,
+                            program.program_id, program.turn, time.perf_counter() - t0,
                             len(out.prompt_token_ids or ()), out.num_cached_tokens)
                     t0 = None
                 finished = out.finished
@@ -88,14 +91,24 @@ class ProgramEngineClient:
             if program is not None:
                 context = ((len(out.prompt_token_ids or ()) + sum(len(o.token_ids) for o in out.outputs))
                            if out else 0)
-                self._background(self.control.end_call(program[0], context))
-                if not finished:  # client disconnect or abort: the engine drops the pin too
-                    self._background(self.control.abort_call(program[0]))
+                self._background(self._finish(program, context, aborted=not finished))
 
-    async def _begin_call(self, prompt, sampling_params, kwargs: dict) -> tuple[str, int] | None:
+    async def _finish(self, call: ProgramFields, context: int, aborted: bool) -> None:
+        """A program's call ended: the control plane hears it, then the abort (a client disconnect: the
+        engine drops the pin too) and the program's end when the call said it was the last."""
+        await self.control.end_call(call.program_id, context)
+        if aborted:
+            await self.control.abort_call(call.program_id)
+        if call.ends_program:
+            try:
+                await self.control.end_program(call.program_id)
+            except ProgramError:  # the client ended it too (POST /end), or it was reaped
+                pass
+
+    async def _begin_call(self, prompt, sampling_params, kwargs: dict) -> ProgramFields | None:
         """A program's call (the middleware put its fields into extra_args): tell the control plane,
-        attach the xargs it answers (TTL, turn) and the program's trace context. Returns (program id,
-        turn), or None for a request with no program fields."""
+        attach the xargs it answers (TTL, turn) and the program's trace context. Returns the call's
+        fields with the turn the server counted, or None for a request with no program fields."""
         extra = sampling_params.extra_args or {}
         fields = from_xargs(extra)
         if fields is None:
@@ -106,7 +119,7 @@ class ProgramEngineClient:
         if traceparent is not None:  # vLLM's spans of this request nest under the program's chat span
             kwargs["trace_headers"] = {**(kwargs.get("trace_headers") or {}), "traceparent": traceparent}
         sampling_params.extra_args = {**extra, **xargs}
-        return fields.program_id, xargs[XARG_TURN]
+        return msgspec.structs.replace(fields, turn=xargs[XARG_TURN])
 
     def _engine_request_ids(self, request_id: str) -> list[str]:
         """The engine core's ids of a request (vLLM gives each request an internal id of its own)."""

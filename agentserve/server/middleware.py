@@ -1,8 +1,9 @@
 """The request middleware of the HTTP server: the wire contract and tenancy applied to requests
 before vLLM's OpenAI app parses them.
 
-`AgentFieldsMiddleware` (ASGI) takes the `agentserve` object out of a chat / completion body,
-validates it (400 naming the bad field) and passes it to vLLM as `vllm_xargs`; bodies without it
+`AgentFieldsMiddleware` (ASGI) takes the `agentserve` object out of a chat / completion body (or
+names the program from a session convention: `session_id`, `X-Session-ID`; programs/sessions.py),
+validates it (400 naming the bad field) and passes it to vLLM as `vllm_xargs`; bodies without either
 are not touched, so such requests are served exactly as stock vLLM serves them. With tenants
 configured (server/tenants.py) it also checks the API key on every route, scopes program ids by
 tenant in bodies and program-route paths, salts the prefix cache per tenant and applies the
@@ -26,6 +27,7 @@ import msgspec
 from fastapi.responses import JSONResponse
 
 from agentserve.programs.fields import XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
+from agentserve.programs.sessions import HEADERS as SESSION_HEADERS, SessionError, program_fields
 from agentserve.server.cross_model_front import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.streams import request_streams
@@ -86,8 +88,9 @@ class AgentFieldsMiddleware:
                 break
         body = b"".join(chunks)
         incoming = None
-        if tenant is not None or self.cross is not None or _mentions_agentserve(body):
-            incoming = Incoming.decode(body, tenant)
+        headers = _session_headers(scope)
+        if tenant is not None or self.cross is not None or headers or _mentions_program(body):
+            incoming = Incoming.decode(body, tenant, headers)
         if incoming is not None:
             if self.cross is not None and scope["path"] == "/v1/completions" and self.cross.wants(incoming.data):
                 return await cross_model_response(incoming.data, self.cross, incoming.scope)(scope, receive, send)
@@ -110,9 +113,15 @@ class AgentFieldsMiddleware:
             await self.app(scope, replay, send)
 
 
-def _mentions_agentserve(body: bytes) -> bool:
-    """Cheap test before any decode: the object, or a client's own agentserve_* xargs (refused)."""
-    return b"agentserve" in body
+def _mentions_program(body: bytes) -> bool:
+    """Cheap test before any decode: the object, a client's own agentserve_* xargs (refused), or a
+    session id (programs/sessions.py)."""
+    return b"agentserve" in body or b"session_id" in body
+
+
+def _session_headers(scope) -> dict[str, str]:
+    """The session convention headers a request carries (lower-case names)."""
+    return {name: value for name in SESSION_HEADERS if (value := _header(scope, name.encode())) is not None}
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -123,12 +132,15 @@ def _header(scope, name: bytes) -> str | None:
 
 
 def _scoped_program_path(scope, tenant: Tenant):
-    """`/v1/programs/{id}...` -> `/v1/programs/{tenant:id}...`: a tenant reaches only its programs."""
+    """`/v1/programs/{id}...` -> `/v1/programs/{tenant:id}...`: a tenant reaches only its programs.
+    The id is split off the raw path, where a `/` inside it is still `%2F`."""
     path = scope["path"]
     if not path.startswith(_PROGRAMS_PREFIX) or len(path) == len(_PROGRAMS_PREFIX):
         return scope
-    program, slash, rest = path[len(_PROGRAMS_PREFIX):].partition("/")
-    scoped = f"{_PROGRAMS_PREFIX}{quote(TenantGate.scope(tenant, unquote(program)), safe=':')}{slash}{rest}"
+    raw = scope.get("raw_path") or quote(path).encode()
+    program, slash, rest = raw.decode("latin-1")[len(_PROGRAMS_PREFIX):].partition("/")
+    program = unquote(program)
+    scoped = f"{_PROGRAMS_PREFIX}{quote(TenantGate.scope(tenant, program), safe=':')}{slash}{rest}"
     return {**scope, "path": unquote(scoped), "raw_path": scoped.encode()}
 
 
@@ -136,11 +148,12 @@ class Incoming:
     """A chat / completion body, decoded once. `data` is the body as builtins (rewriters edit it in
     place); `fields` and `share` are the `agentserve` object as typed structs (None when absent)."""
 
-    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce")
+    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers")
 
     def __init__(self, data: dict[str, Any], fields: ProgramFields | None, share: SharedPrompt | None,
-                 tenant: Tenant | None):
+                 tenant: Tenant | None, headers: dict[str, str] | None = None):
         self.data = data
+        self.headers = headers or {}  # the session convention headers (programs/sessions.py)
         self.fields = fields
         self.share = share
         self.tenant = tenant
@@ -148,7 +161,8 @@ class Incoming:
         self.produce: list[list[int]] = []  # shared parts to produce before the request runs
 
     @classmethod
-    def decode(cls, body: bytes, tenant: Tenant | None = None) -> "Incoming | None":
+    def decode(cls, body: bytes, tenant: Tenant | None = None,
+               headers: dict[str, str] | None = None) -> "Incoming | None":
         """None for a body that is not a JSON object (vLLM answers it with its own 400)."""
         try:
             data = msgspec.json.decode(body)
@@ -156,7 +170,7 @@ class Incoming:
             return None
         if not isinstance(data, dict):
             return None
-        return cls(data, None, None, tenant)
+        return cls(data, None, None, tenant, headers)
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self.data)
@@ -178,10 +192,10 @@ def apply(incoming: Incoming, steps: list[Rewriter]) -> JSONResponse | None:
 def rewriters(path: str, *, shares: SharedPrompts | None = None, gate: TenantGate | None = None,
               admit: Callable[[Tenant, str], bool] | None = None,
               lineage_error: LineageCheck | None = None) -> list[Rewriter]:
-    """The rewriters of a route, in order: typed fields, the shared prompt (completions with
-    --kvshare), the tenant (salt, scoping, limits), the sub-agent's parent, the program fields into
-    vllm_xargs."""
-    steps: list[Rewriter] = [typed_fields]
+    """The rewriters of a route, in order: typed fields, the session conventions, the shared prompt
+    (completions with --kvshare), the tenant (salt, scoping, limits), the sub-agent's parent, the
+    program fields into vllm_xargs."""
+    steps: list[Rewriter] = [typed_fields, sessions]
     if shares is not None and path == "/v1/completions":
         steps.append(shared_prompt(shares))
     if gate is not None:
@@ -223,6 +237,15 @@ def typed_fields(incoming: Incoming) -> JSONResponse | None:
             incoming.fields = msgspec.convert(raw, ProgramFields)
         except msgspec.ValidationError as e:
             return error_response(400, f"invalid agentserve object: {e}", "agentserve" + _error_path(str(e)))
+    return None
+
+
+def sessions(incoming: Incoming) -> JSONResponse | None:
+    """A program named by a session convention when the object names none; the end header."""
+    try:
+        incoming.fields = program_fields(incoming.fields, incoming.data, incoming.headers)
+    except SessionError as e:
+        return error_response(400, str(e), e.param)
     return None
 
 
@@ -301,12 +324,14 @@ def cross_model_response(data: dict, cross: CrossModelFront, scope: str):
 
 def rewrite(body: bytes, *, path: str = "/v1/chat/completions", tenant: Tenant | None = None,
             gate: TenantGate | None = None, admit: Callable[[Tenant, str], bool] | None = None,
-            shares: SharedPrompts | None = None) -> tuple[bytes, list[list[int]], JSONResponse | None]:
-    """What the middleware does to one body: (body to pass on, shared parts to produce, or the error
-    response). A body it does not decode passes through unchanged."""
-    if tenant is None and not _mentions_agentserve(body):
+            shares: SharedPrompts | None = None,
+            headers: dict[str, str] | None = None) -> tuple[bytes, list[list[int]], JSONResponse | None]:
+    """What the middleware does to one body (`headers`: the session convention headers, lower-case):
+    (body to pass on, shared parts to produce, or the error response). A body it does not decode
+    passes through unchanged."""
+    if tenant is None and not headers and not _mentions_program(body):
         return body, [], None
-    incoming = Incoming.decode(body, tenant)
+    incoming = Incoming.decode(body, tenant, headers)
     if incoming is None:
         return body, [], None
     error = apply(incoming, rewriters(path, shares=shares, gate=gate, admit=admit))

@@ -56,7 +56,7 @@ def add_program_routes(app: FastAPI, control: Control) -> None:
         except ProgramError as e:
             return None, error_response(e.status, str(e), "program_id")
 
-    @app.post("/v1/programs/{program_id}/tool", openapi_extra={"requestBody": {"required": True, "content": {
+    @app.post("/v1/programs/{program_id:path}/tool", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/ToolEvent"}}}}})
     async def tool_event(program_id: str, request: Request):
         try:
@@ -68,12 +68,12 @@ def add_program_routes(app: FastAPI, control: Control) -> None:
         return error or {"program_id": program_id, "tool": event.name, "event": event.event,
                          "duration_s": duration}
 
-    @app.post("/v1/programs/{program_id}/end")
+    @app.post("/v1/programs/{program_id:path}/end")
     async def end_program(program_id: str):
         _, error = await call(lambda: control.end_program(program_id))
         return error or {"program_id": program_id, "ended": True}
 
-    @app.get("/v1/programs/{program_id}")
+    @app.get("/v1/programs/{program_id:path}")
     async def get_program(program_id: str):
         described, error = await call(lambda: control.describe(program_id))
         return error or described

@@ -97,3 +97,13 @@ class ToolDurationPredictor:
 
     def tools(self) -> list[str]:
         return sorted(set(self._client) | set(self._gap))
+
+    def summary(self) -> dict[str, dict]:
+        """Per tool: samples held (client-measured or gaps), their mean, and what predictions use."""
+        out = {}
+        for name in self.tools():
+            s = self._client.get(name) or self._gap[name]
+            d = self.distribution(name)
+            out[name] = {"samples": len(s), "measured_by": "client" if name in self._client else "gap",
+                         "mean_s": sum(s.values) / len(s), "predicts_from": d.source}
+        return out

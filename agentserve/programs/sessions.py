@@ -1,0 +1,85 @@
+"""A request's program from the session conventions clients already send, so an unmodified OpenAI
+client, vLLM's own session field or a Ray Serve LLM deployment's router header names a program.
+
+Precedence, first found wins (vLLM's own order for the last three):
+1. `agentserve.program_id` (the object, ProgramFields);
+2. `session_id` in the body (vLLM 0.32's request field);
+3. the `X-Session-ID` header (vLLM's name; Ray Serve LLM's session router reads the same header,
+   `x-session-id`: HTTP header names are case-insensitive);
+4. `vllm_xargs.session_id` (vLLM reads it there too).
+A request with none of them is not a program's and is served as stock vLLM serves it.
+
+The end of a program can be said in a header, for clients that send headers but no body fields:
+`X-Agentserve-End-Program: true` makes the call the program's last (no pin) and ends the program when
+the call ends, as `"ends_program": true` in the object does. The convention ids pass through
+unchanged, so vLLM still sees its session id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from agentserve.programs.fields import ID, ProgramFields
+
+SESSION_HEADER = "x-session-id"
+END_HEADER = "x-agentserve-end-program"
+HEADERS = (SESSION_HEADER, END_HEADER)  # the headers this module reads (lower case)
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
+_SESSION_ID = msgspec.json.Decoder(ID)  # the id's bounds, checked as the object's program_id is
+
+
+class SessionError(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def program_fields(fields: ProgramFields | None, body: dict[str, Any],
+                   headers: dict[str, str]) -> ProgramFields | None:
+    """The request's program fields: the object's, or a program named by a session convention, with
+    the end header applied. Raises SessionError (a 400 naming `param`) for a malformed id or header."""
+    ends = _flag(headers.get(END_HEADER), END_HEADER)
+    if fields is None:
+        session, param = _session(body, headers)
+        if session is None:
+            if ends:
+                raise SessionError(f"{END_HEADER} needs a program: send agentserve.program_id, session_id "
+                                   f"or {SESSION_HEADER}", END_HEADER)
+            return None
+        fields = ProgramFields(program_id=_checked(session, param))
+    if ends:
+        fields = msgspec.structs.replace(fields, ends_program=True)
+    if fields.ends_program and not fields.is_last_turn:
+        fields = msgspec.structs.replace(fields, is_last_turn=True)
+    return fields
+
+
+def _session(body: dict[str, Any], headers: dict[str, str]) -> tuple[Any, str | None]:
+    if body.get("session_id") is not None:
+        return body["session_id"], "session_id"
+    if headers.get(SESSION_HEADER):
+        return headers[SESSION_HEADER], SESSION_HEADER
+    xargs = body.get("vllm_xargs")
+    if isinstance(xargs, dict) and xargs.get("session_id") is not None:
+        return xargs["session_id"], "vllm_xargs.session_id"
+    return None, None
+
+
+def _checked(session: Any, param: str) -> str:
+    if not isinstance(session, str):
+        raise SessionError(f"{param} must be a string", param)
+    try:
+        return _SESSION_ID.decode(msgspec.json.encode(session))
+    except msgspec.ValidationError as e:
+        raise SessionError(f"invalid {param}: {e}", param) from None
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value is None:
+        return False
+    v = value.strip().lower()
+    if v in _TRUE or v in _FALSE:
+        return v in _TRUE
+    raise SessionError(f"{name} must be true or false, not {value!r}", name)
