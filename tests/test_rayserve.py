@@ -139,6 +139,21 @@ def test_program_routes_and_wire_contract_through_the_ingress(ray_app):
     assert get("/health") == {}  # every replica started
 
 
+def test_a_session_header_names_a_program_that_stays_on_its_replica_and_ends_by_header(ray_app):
+    """Ray Serve LLM's session convention (`x-session-id`) through the same ingress middleware."""
+    def call(extra_headers: dict) -> str:
+        body = json.dumps({"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "s " * 80}]})
+        req = urllib.request.Request(BASE + "/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json", "x-session-id": "sess/1", **extra_headers})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return dict(r.headers)["x-agentserve-replica"]
+
+    assert call({}) == call({})  # one program, one home
+    assert get("/v1/programs/sess%2F1")["llm_calls"] == 2
+    call({"x-agentserve-end-program": "true"})
+    assert engine_stats_when(lambda s: s["programs"] == 0)["programs"] == 0
+
+
 def test_killing_a_replica_mid_replay_loses_no_program_and_no_pin(ray_app):
     """Runs last (it kills a replica of the module's app)."""
     import ray

@@ -76,3 +76,43 @@ def test_program_fields_is_pure():
     assert program_fields(f, {"session_id": "other"}, {}) is f  # the object wins, unchanged
     with pytest.raises(SessionError):
         program_fields(None, {"session_id": None}, {END_HEADER: "1"})
+
+
+# -- on a real server: a plain OpenAI client, no agentserve object --------------------------------------
+
+def _described(server, program_id: str):
+    import httpx
+
+    return httpx.get(f"{server.base_url}/v1/programs/{program_id}", timeout=30)
+
+
+@pytest.mark.slow
+def test_a_plain_openai_client_names_its_program_by_session(server, openai_client):
+    msgs = [{"role": "user", "content": "You are a coding agent. " * 30}]
+    openai_client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, extra_body={"session_id": "sess-a"})
+    r = openai_client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                              extra_headers={"X-Session-ID": "sess-a"})
+    assert r.usage.prompt_tokens_details.cached_tokens > 0
+    assert _described(server, "sess-a").json()["llm_calls"] == 2  # the body's and the header's: one program
+    openai_client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                          extra_headers={"x-session-id": "sess-a", END_HEADER: "true"})
+    import time
+
+    for _ in range(50):  # the end follows the call's end
+        if _described(server, "sess-a").status_code == 404:
+            break
+        time.sleep(0.1)
+    assert _described(server, "sess-a").status_code == 404
+
+
+@pytest.mark.slow
+def test_a_bad_session_gets_a_400_and_no_session_is_no_program(server, openai_client):
+    import httpx
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="session_id"):
+        openai_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2, extra_body={"session_id": "x" * 300})
+    before = httpx.get(server.base_url + "/v1/agentserve/stats", timeout=30).json()["programs"]
+    openai_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert httpx.get(server.base_url + "/v1/agentserve/stats", timeout=30).json()["programs"] == before

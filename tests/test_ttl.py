@@ -38,6 +38,16 @@ def test_cold_tool_uses_global_then_none():
     assert p.distribution("grep").source == "global"
 
 
+def test_summary_says_per_tool_what_it_holds_and_predicts_from():
+    p = ToolDurationPredictor(window=50, min_samples=3)
+    p.observe("bash", 2.0, client_measured=False)
+    for d in (1.0, 2.0, 3.0):
+        p.observe("pytest", d, client_measured=True)
+    assert p.summary() == {
+        "bash": {"samples": 1, "measured_by": "gap", "mean_s": 2.0, "predicts_from": "global"},
+        "pytest": {"samples": 3, "measured_by": "client", "mean_s": 2.0, "predicts_from": "client"}}
+
+
 def test_window_forgets_old_samples_and_refuses_bad_durations():
     p = predictor_with([10.0] * 50 + [1.0] * 50)
     assert p.predict_mean("bash") == pytest.approx(1.0)
