@@ -70,10 +70,11 @@ def test_a_bad_convention_gets_a_400_naming_it(body, headers, param):
     assert json.loads(err.body)["error"]["param"] == param
 
 
-def test_program_fields_is_pure():
-    assert program_fields(None, {}, {}) is None
+def test_program_fields_is_pure_and_says_what_named_the_program():
+    assert program_fields(None, {}, {}) == (None, None)
     f = ProgramFields(program_id="p", turn=3, tool="bash")
-    assert program_fields(f, {"session_id": "other"}, {}) is f  # the object wins, unchanged
+    assert program_fields(f, {"session_id": "other"}, {}) == (f, "agentserve")  # the object wins, unchanged
+    assert program_fields(None, {}, {SESSION_HEADER: "h"}) == (ProgramFields(program_id="h"), SESSION_HEADER)
     with pytest.raises(SessionError):
         program_fields(None, {"session_id": None}, {END_HEADER: "1"})
 
@@ -94,6 +95,11 @@ def test_a_plain_openai_client_names_its_program_by_session(server, openai_clien
                                               extra_headers={"X-Session-ID": "sess-a"})
     assert r.usage.prompt_tokens_details.cached_tokens > 0
     assert _described(server, "sess-a").json()["llm_calls"] == 2  # the body's and the header's: one program
+    import httpx
+
+    metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
+    assert 'agentserve_program_requests_total{named_by="session_id"}' in metrics
+    assert 'agentserve_program_requests_total{named_by="x-session-id"}' in metrics
     openai_client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
                                           extra_headers={"x-session-id": "sess-a", END_HEADER: "true"})
     import time

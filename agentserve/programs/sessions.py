@@ -37,23 +37,26 @@ class SessionError(ValueError):
 
 
 def program_fields(fields: ProgramFields | None, body: dict[str, Any],
-                   headers: dict[str, str]) -> ProgramFields | None:
-    """The request's program fields: the object's, or a program named by a session convention, with
-    the end header applied. Raises SessionError (a 400 naming `param`) for a malformed id or header."""
+                   headers: dict[str, str]) -> tuple[ProgramFields | None, str | None]:
+    """The request's program fields (the object's, or a program named by a session convention, with
+    the end header applied) and what named the program (`agentserve` for the object, else the
+    convention's name; None: no program). Raises SessionError (a 400 naming `param`) for a malformed
+    id or header."""
     ends = _flag(headers.get(END_HEADER), END_HEADER)
+    named_by = "agentserve" if fields is not None else None
     if fields is None:
-        session, param = _session(body, headers)
+        session, named_by = _session(body, headers)
         if session is None:
             if ends:
                 raise SessionError(f"{END_HEADER} needs a program: send agentserve.program_id, session_id "
                                    f"or {SESSION_HEADER}", END_HEADER)
-            return None
-        fields = ProgramFields(program_id=_checked(session, param))
+            return None, None
+        fields = ProgramFields(program_id=_checked(session, named_by))
     if ends:
         fields = msgspec.structs.replace(fields, ends_program=True)
     if fields.ends_program and not fields.is_last_turn:
         fields = msgspec.structs.replace(fields, is_last_turn=True)
-    return fields
+    return fields, named_by
 
 
 def _session(body: dict[str, Any], headers: dict[str, str]) -> tuple[Any, str | None]:

@@ -24,6 +24,9 @@ SUB_AGENTS_BY_WORKFLOW = Counter("agentserve_sub_agents_ranked_by_workflow", "Su
 ADMISSION = Counter("agentserve_admission_decisions", "Program admission (--admission-share), by reason: held "
                     "(a new program's first request waited), admitted, admitted_idle (nothing else admitted), "
                     "admitted_overdue (past --admission-max-hold), ended, expired_idle", ["reason"])
+PROGRAM_REQUESTS = Counter("agentserve_program_requests", "LLM requests of programs, by what named the "
+                           "program: agentserve (the object), session_id, x-session-id, vllm_xargs.session_id",
+                           ["named_by"])
 PROGRAMS_LIVE = Gauge("agentserve_programs_live", "Programs being tracked now")
 PROGRAMS_ENDED = Counter("agentserve_programs_ended", "Programs ended, by reason", ["reason"])
 TTL_CHOSEN = Histogram("agentserve_ttl_seconds", "TTL chosen for a turn's pin", buckets=(0,) + _TIME_BUCKETS)

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 
 from agentserve.programs.fields import XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
 from agentserve.programs.sessions import HEADERS as SESSION_HEADERS, SessionError, program_fields
+from agentserve.server import metrics
 from agentserve.server.cross_model_front import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.streams import request_streams
@@ -243,9 +244,11 @@ def typed_fields(incoming: Incoming) -> JSONResponse | None:
 def sessions(incoming: Incoming) -> JSONResponse | None:
     """A program named by a session convention when the object names none; the end header."""
     try:
-        incoming.fields = program_fields(incoming.fields, incoming.data, incoming.headers)
+        incoming.fields, named_by = program_fields(incoming.fields, incoming.data, incoming.headers)
     except SessionError as e:
         return error_response(400, str(e), e.param)
+    if named_by is not None:
+        metrics.PROGRAM_REQUESTS.labels(named_by).inc()
     return None
 
 
