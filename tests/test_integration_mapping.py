@@ -87,3 +87,20 @@ def test_openai_agents_a_handoff_target_is_a_sub_program_and_a_hand_back_continu
             run.get_model(None)
 
     asyncio.run(main())
+
+
+def test_concurrent_tool_calls_of_a_program_are_one_phase():
+    from agentserve.integrations.phases import ToolPhases
+
+    t = [0.0]
+    phases = ToolPhases(clock=lambda: t[0])
+    assert phases.start("p", "search") == "search"
+    t[0] = 1.0
+    assert phases.start("p", "fetch") is None  # joins the open phase
+    assert phases.start("q", "fetch") == "fetch"  # another program's phase is its own
+    t[0] = 2.0
+    assert phases.end("p") is None
+    t[0] = 3.5
+    assert phases.end("p") == ("search", 3.5)  # first start to last end, under the first name
+    assert phases.end("p") is None  # an end without a start closes nothing
+    assert phases.start("p", "fetch") == "fetch"  # the next phase

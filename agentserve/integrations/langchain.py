@@ -17,8 +17,7 @@ call, for the call's program fields (`extra_body.agentserve`). Program identity:
   has seen.
 A program ends with the invocation that ran it, so a thread's next invocation is a new program with
 the same id (its prefix still cached, if not evicted). Concurrent tool runs of one program (a
-ToolNode running several calls) are one tool phase, reported under the first tool's name, from the
-first start to the last end: the program is idle for exactly that long. The handler posts its
+ToolNode running several calls) are one tool phase (phases.py). The handler posts its
 events synchronously (`run_inline`, so their order holds in async graphs too): a few milliseconds
 per tool run on a local server; a failed post is logged by LangChain's callback manager, as any
 handler's error is, and does not stop the graph.
@@ -27,13 +26,13 @@ handler's error is, and does not stop the graph.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_openai import ChatOpenAI
 
+from agentserve.integrations.phases import ToolPhases
 from agentserve.sdk import AgentServe, Program
 
 NS_SEPARATOR = "|"  # LangGraph's checkpoint namespace: one `node:task` part per graph level
@@ -60,8 +59,8 @@ class AgentServeCallbackHandler(BaseCallbackHandler):
         self._parent: dict[UUID, UUID | None] = {}
         self._meta: dict[UUID, dict[str, Any]] = {}
         self._programs: dict[UUID, dict[str, Program]] = {}  # root run -> program id -> program
-        self._tools: dict[UUID, tuple[Program, str]] = {}  # tool run -> its program, name
-        self._phase: dict[str, tuple[str, float, int]] = {}  # program -> (first tool, start, tools running)
+        self._tools: dict[UUID, Program] = {}  # tool run -> its program
+        self._phases = ToolPhases()
 
     # -- the run tree -------------------------------------------------------------------------------
     def _register(self, run_id: UUID, parent_run_id: UUID | None, metadata: dict | None) -> None:
@@ -111,11 +110,10 @@ class AgentServeCallbackHandler(BaseCallbackHandler):
             return
         name = (serialized or {}).get("name") or kw.get("name") or "tool"
         with self._lock:
-            self._tools[run_id] = (program, name)
-            first, t0, running = self._phase.get(program.program_id, (name, time.perf_counter(), 0))
-            self._phase[program.program_id] = (first, t0, running + 1)
-        if running == 0:
-            program.tool_start(first)
+            self._tools[run_id] = program
+            opened = self._phases.start(program.program_id, name)
+        if opened is not None:
+            program.tool_start(opened)
 
     def on_tool_end(self, output, *, run_id, **kw) -> None:
         self._tool_done(run_id)
@@ -125,16 +123,10 @@ class AgentServeCallbackHandler(BaseCallbackHandler):
 
     def _tool_done(self, run_id: UUID) -> None:
         with self._lock:
-            entry = self._tools.pop(run_id, None)
-            if entry is None:
-                return
-            program = entry[0]
-            first, t0, running = self._phase[program.program_id]
-            if running > 1:
-                self._phase[program.program_id] = (first, t0, running - 1)
-                return
-            del self._phase[program.program_id]
-        program.tool_end(first, time.perf_counter() - t0)
+            program = self._tools.pop(run_id, None)
+            closed = self._phases.end(program.program_id) if program is not None else None
+        if closed is not None:
+            program.tool_end(*closed)
 
     # -- the end of an invocation -------------------------------------------------------------------
     def on_chain_end(self, outputs, *, run_id, parent_run_id=None, **kw) -> None:

@@ -18,7 +18,7 @@ Mapping:
   agent name: its first call forks from the conversation so far, the parent's context; an agent
   handed back to continues its own program;
 - a function tool runs as a tool call of its agent's program; concurrent tool calls of one turn
-  are one tool phase, under the first tool's name, from the first start to the last end.
+  are one tool phase (phases.py).
 Models: agents name their model (a string, resolved by this provider into the SDK's chat
 completions model on agentserve's OpenAI route); a `Model` instance set on an agent bypasses every
 provider, so its calls carry no program.
@@ -27,13 +27,13 @@ provider, so its calls carry no program.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 from agents import Agent, RunConfig, RunHooks, Runner
 from agents.models.interface import Model, ModelProvider
 from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
 
+from agentserve.integrations.phases import ToolPhases
 from agentserve.sdk import AgentServeError, AsyncAgentServe, AsyncProgram
 
 SUB_AGENT_SEPARATOR = "|"
@@ -69,7 +69,7 @@ class ProgramRun(RunHooks, ModelProvider):
         self.root: AsyncProgram = client.program(program_id)
         self.programs: dict[str, AsyncProgram] = {}  # agent name -> its program
         self.current: AsyncProgram = self.root
-        self._phase: dict[str, tuple[str, float, int]] = {}  # program -> (first tool, start, tools running)
+        self._phases = ToolPhases()
 
     def get_model(self, model_name: str | None) -> Model:
         if not model_name:
@@ -96,21 +96,14 @@ class ProgramRun(RunHooks, ModelProvider):
 
     async def on_tool_start(self, context, agent, tool) -> None:
         program = self.program_of(agent)
-        first, t0, running = self._phase.get(program.program_id, (tool.name, time.perf_counter(), 0))
-        self._phase[program.program_id] = (first, t0, running + 1)
-        if running == 0 and program.turn > 0:
-            await program.tool_start(first)
+        if program.turn > 0 and (opened := self._phases.start(program.program_id, tool.name)) is not None:
+            await program.tool_start(opened)
         await self._user("on_tool_start", context, agent, tool)
 
     async def on_tool_end(self, context, agent, tool, result) -> None:
         program = self.program_of(agent)
-        phase = self._phase.pop(program.program_id, None)
-        if phase is not None:
-            first, t0, running = phase
-            if running > 1:
-                self._phase[program.program_id] = (first, t0, running - 1)
-            elif program.turn > 0:
-                await program.tool_end(first, time.perf_counter() - t0)
+        if (closed := self._phases.end(program.program_id)) is not None:
+            await program.tool_end(*closed)
         await self._user("on_tool_end", context, agent, tool, result)
 
     async def on_llm_start(self, context, agent, system_prompt, input_items) -> None:
