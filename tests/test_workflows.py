@@ -124,6 +124,35 @@ def test_a_workflows_rank_lasts_until_its_last_program_ends_and_nothing_outlives
     assert not (b._ranks or b._key or b._members or b._service or b._size) and b.idle
 
 
+def test_a_parents_pin_outlives_its_ttl_while_a_sub_agent_is_live_and_still_yields_to_pressure():
+    """The parent's context is the prefix its sub-agents fork from: its join pin does not expire while
+    any sub-agent is live; it expires at the first tick after the last one ends."""
+    clock = Clock()
+    b = book("critical-path", clock)
+    b.arrive("r0", "R", 64, workflow="R")
+    b.leave("r0", "R", 64, aborted=False, is_last=False, ttl_s=2.0, computed_tokens=64)
+    assert b.pin("R", [1, 2], 2.0)[0]
+    for child in ("A", "B"):
+        b.arrive(f"{child}0", child, 64, workflow="R", parent="R")
+        b.leave(f"{child}0", child, 64, aborted=False, is_last=False, ttl_s=0, computed_tokens=64)
+    clock.now += 10
+    assert b.expire(lambda: ()) == [] and "R" in b.pins
+    assert b.counters["pins_held_for_sub_agents"] == 1
+    b.expire(lambda: ())
+    assert b.counters["pins_held_for_sub_agents"] == 1  # counted once per pin
+    b.end("A")
+    assert b.expire(lambda: ()) == []  # B still reads the prefix
+    b.end("B")
+    assert [r.reason for r in b.expire(lambda: ())] == ["expired"]
+    # under pressure it goes as any pin does
+    b.arrive("r1", "R", 64, workflow="R")
+    b.leave("r1", "R", 64, aborted=False, is_last=False, ttl_s=2.0, computed_tokens=64)
+    b.pin("R", [3], 2.0)
+    b.arrive("C0", "C", 64, workflow="R", parent="R")
+    assert b.release_for("C", b.rank("C"), running=True, preempted=False, arrival_time=clock.now).reason == "pressure"
+    assert "R" not in b.pins
+
+
 def test_admission_weighs_a_workflow_by_its_expected_size_and_never_holds_its_sub_agents():
     from agentserve.options import AdmissionOptions
 
@@ -272,15 +301,17 @@ def test_no_rank_key_service_or_pin_outlives_its_workflow(events, order):
         live.add(program)
         seq += 1
         rid = f"r{seq}"
-        b.arrive(rid, program, 64, workflow=workflow)
+        b.arrive(rid, program, 64, workflow=workflow, parent=workflow if k else None)
         _, ttl = b.leave(rid, program, 64, aborted=False, is_last=False, ttl_s=5.0, computed_tokens=64)
         if what == "pin" and ttl > 0:
             b.pin(program, list(range(2)), ttl)
+        b.expire(lambda: ())
         assert not any(p in b.pins for p in ended)
     for wf in range(4):
         for k in range(4):
             b.end(f"w{wf}.p{k}")
     assert not (b._ranks or b._key or b._members or b._service or b._size) and len(b.pins) == 0 and b.idle
+    assert not (b._parent or b._sub_agents or b._held_for_sub_agents)
 
 
 @settings(max_examples=100, deadline=None)

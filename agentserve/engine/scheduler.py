@@ -36,8 +36,8 @@ from agentserve.options import SchedulerConfig
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.next_use import NEVER
 from agentserve.hosttier import policy as host_policy
-from agentserve.programs.fields import (XARG_IS_LAST, XARG_NEXT_USE, XARG_PROGRAM, XARG_REMAINING, XARG_TTL,
-                                       XARG_WORKFLOW)
+from agentserve.programs.fields import (XARG_IS_LAST, XARG_NEXT_USE, XARG_PARENT, XARG_PROGRAM, XARG_REMAINING,
+                                       XARG_TTL, XARG_WORKFLOW)
 from agentserve.ttl.pins import Release
 
 
@@ -75,7 +75,8 @@ class ProgramScheduler(Scheduler):
 
     def add_request(self, request: Request) -> None:
         request.priority = self.book.arrive(request.request_id, program_of_request(request),
-                                            request.num_prompt_tokens, _xarg(request, XARG_WORKFLOW))
+                                            request.num_prompt_tokens, _xarg(request, XARG_WORKFLOW),
+                                            _xarg(request, XARG_PARENT))
         super().add_request(request)
 
     def _handle_blocked_waiting_request(self, request: Request) -> bool:

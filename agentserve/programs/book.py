@@ -71,6 +71,9 @@ class ProgramBook:
         self._size: Counter[str] = Counter()  # rank key -> programs it has had (a workflow's size)
         self._sizes: deque[int] = deque(maxlen=WORKFLOW_SIZE_WINDOW)  # sizes of workflows that ended
         self._live: Counter[str] = Counter()  # program -> its requests in the engine now
+        self._parent: dict[str, str] = {}  # sub-agent -> its parent program
+        self._sub_agents: Counter[str] = Counter()  # program -> its sub-agents not ended
+        self._held_for_sub_agents: set[int] = set()  # pins kept past their TTL for sub-agents (ids, counted once)
         self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
         self._newcomers: dict[str, str] = {}  # first requests of new programs not admitted yet -> program
         self._held: set[str] = set()  # newcomers the gate has held at least once
@@ -78,9 +81,10 @@ class ProgramBook:
         self._next_aging_check = 0.0
 
     # ---- arrivals, admission, departures -------------------------------------------------------
-    def arrive(self, request_id: str, program: str | None, prompt_tokens: int, workflow: str | None = None) -> int:
+    def arrive(self, request_id: str, program: str | None, prompt_tokens: int, workflow: str | None = None,
+               parent: str | None = None) -> int:
         """A request entered the engine; returns its priority (its program's, or workflow's, arrival
-        rank; with "las" its workflow's attained service)."""
+        rank; with "las" its workflow's attained service). `parent`: the sub-agent's parent program."""
         if program is None:
             return next(self._rank_seq)  # a lone request is a one-turn program
         key = self._key.get(program)
@@ -90,6 +94,9 @@ class ProgramBook:
             self._size[key] += 1
             if key != program:
                 self.counters["sub_agents_ranked_by_workflow"] += 1
+            if parent is not None and parent != program:
+                self._parent[program] = parent
+                self._sub_agents[parent] += 1
         if key not in self._ranks:
             self._ranks[key] = next(self._rank_seq)
             if len(self._ranks) > MAX_PROGRAM_RANKS:
@@ -218,11 +225,21 @@ class ProgramBook:
             self.reorder_due = True
 
     def expire(self, busy_programs: Callable[[], Iterable[str | None]]) -> list[Release]:
-        """Pins past their TTL, except those of programs with a request waiting (it takes the pin)."""
+        """Pins past their TTL, except those of programs with a request waiting (it takes the pin) and
+        of parents with live sub-agents: a parent's context is the prefix its sub-agents fork from, so
+        it stays while any of them may still read it (still the first to go under pressure, as any pin)."""
+        now = self.clock()
         nxt = self.pins.next_expiry()
-        if nxt is None or nxt > self.clock():
+        if nxt is None or nxt > now:
             return []
-        return self._released(self.pins.expire(self.clock(), set(busy_programs())))
+        parents = {p for p, n in self._sub_agents.items() if n > 0 and p in self.pins}
+        for program in parents:
+            pin = self.pins.get(program)
+            if pin.expires_at <= now and id(pin) not in self._held_for_sub_agents:
+                self._held_for_sub_agents.add(id(pin))
+                self.counters["pins_held_for_sub_agents"] += 1
+                self.event("pin_held_for_sub_agents", program, sub_agents=self._sub_agents[program])
+        return self._released(self.pins.expire(now, set(busy_programs()) | parents))
 
     # ---- the control plane's commands ------------------------------------------------------------
     def end(self, program: str) -> list[Release]:
@@ -237,6 +254,12 @@ class ProgramBook:
         self.next_use.ended(program)
         if self.admission is not None:
             self.admission.end(program)
+        parent = self._parent.pop(program, None)
+        if parent is not None and self._sub_agents[parent] > 0:
+            self._sub_agents[parent] -= 1
+            if self._sub_agents[parent] == 0:
+                del self._sub_agents[parent]
+        self._sub_agents.pop(program, None)  # a parent ended before its sub-agents: nothing to hold for
         return self._released([self.pins.release(program, "program_end")])
 
     def release(self, program: str, reason: str) -> list[Release]:
@@ -284,6 +307,7 @@ class ProgramBook:
     def _released(self, releases: Iterable[Release | None]) -> list[Release]:
         out = [r for r in releases if r is not None]
         for r in out:
+            self._held_for_sub_agents.discard(id(r.pin))
             self.counters[f"pins_released_{r.reason}"] += 1
             self.event("unpin", r.pin.program_id, reason=r.reason, blocks=r.pin.num_blocks,
                        held_s=self.clock() - r.pin.created_at)

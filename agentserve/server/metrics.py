@@ -21,6 +21,8 @@ REQUESTS_AGED = Counter("agentserve_requests_aged", "Requests that waited past -
                         "programs and were then served in arrival order")
 SUB_AGENTS_BY_WORKFLOW = Counter("agentserve_sub_agents_ranked_by_workflow", "Sub-agents whose requests took "
                                  "their workflow's rank (--order other than program)")
+PINS_HELD_FOR_SUB_AGENTS = Counter("agentserve_pins_held_for_sub_agents", "Pins kept past their TTL because "
+                                   "their program's sub-agents were live (the prefix they fork from)")
 ADMISSION = Counter("agentserve_admission_decisions", "Program admission (--admission-share), by reason: held "
                     "(a new program's first request waited), admitted, admitted_idle (nothing else admitted), "
                     "admitted_overdue (past --admission-max-hold), ended, expired_idle", ["reason"])
@@ -54,6 +56,11 @@ CROSS_MODEL_TOKENS_REUSED = Counter("agentserve_kvshare_cross_model_tokens_reuse
 KVSHARE_ANCHORS = Gauge("agentserve_kvshare_anchors", "KVCOMM anchors held now, all templates and placeholders")
 
 _last_engine_counters: dict[str, float] = {}
+# the scheduler plugin's counters that map one to one onto a Prometheus counter
+_ENGINE_COUNTERS = {"pins_created": PINS_CREATED, "pins_refused": PINS_REFUSED,
+                    "pinned_tokens_served": PINNED_TOKENS_SERVED, "requests_aged": REQUESTS_AGED,
+                    "sub_agents_ranked_by_workflow": SUB_AGENTS_BY_WORKFLOW,
+                    "pins_held_for_sub_agents": PINS_HELD_FOR_SUB_AGENTS}
 _last_kvshare_counters: dict[str, float] = {}
 
 
@@ -102,16 +109,8 @@ def record_engine_stats(stats: dict) -> None:
         _last_engine_counters[name] = value
         if delta <= 0:
             continue
-        if name == "pins_created":
-            PINS_CREATED.inc(delta)
-        elif name == "pins_refused":
-            PINS_REFUSED.inc(delta)
-        elif name == "pinned_tokens_served":
-            PINNED_TOKENS_SERVED.inc(delta)
-        elif name == "requests_aged":
-            REQUESTS_AGED.inc(delta)
-        elif name == "sub_agents_ranked_by_workflow":
-            SUB_AGENTS_BY_WORKFLOW.inc(delta)
+        if (counter := _ENGINE_COUNTERS.get(name)) is not None:
+            counter.inc(delta)
         elif name.startswith("admission_"):
             ADMISSION.labels(name.removeprefix("admission_")).inc(delta)
         elif name.startswith("pins_released_"):
