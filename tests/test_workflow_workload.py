@@ -35,13 +35,34 @@ def test_fanout_groups_consecutive_programs_into_planner_workers_reviewer():
             assert sub.turns[1:] == src.turns[1:] and sub.source == src.source
 
 
+def test_fanout_waves_spawn_one_after_another_and_each_turn_reads_the_last_waves_answers():
+    base = load_trace(DEFAULT_TRACE)
+    trace = load_trace(f"fanout:2x3:{DEFAULT_TRACE}")
+    assert trace.name.startswith("fanout2x3-") and len(trace.programs) == len(base.programs) // 6
+    for i, wf in enumerate(trace.programs):
+        src = base.programs[6 * i:6 * i + 6]
+        assert wf.check() is None and len(wf.subprograms) == 6 and len(wf.turns) == 4
+        waves = [wf.subprograms[0:2], wf.subprograms[2:4], wf.subprograms[4:6]]
+        for turn, wave in zip(wf.turns, waves):
+            assert turn.tool == JOIN_TOOL and turn.spawn == [s.id for s in wave]
+        for turn, done in zip(wf.turns[1:], [src[0:2], src[2:4], src[4:6]]):
+            assert turn.new_tokens == sum(w.turns[-1].output_tokens for w in done) + 2 * HANDOFF_TOKENS
+        assert wf.turns[1].output_tokens == PLAN_TOKENS and not wf.turns[-1].spawn
+    assert load_trace(f"fanout:4x1:{DEFAULT_TRACE}") == load_trace(f"fanout:4:{DEFAULT_TRACE}")
+
+
 def test_fanout_rejects_bad_specs():
-    with pytest.raises(TraceError, match="fanout:<K>:<trace>"):
-        load_trace("fanout:x:bfcl:base")
-    with pytest.raises(TraceError, match="fan-out must be at least 1"):
+    for spec in ("fanout:x:bfcl:base", "fanout:4x:bfcl:base", "fanout:4xa:bfcl:base", "fanout:4x2"):
+        with pytest.raises(TraceError, match="fanout:<K>:<trace>"):
+            load_trace(spec)
+    with pytest.raises(TraceError, match="fan-out and waves must be at least 1"):
         load_trace(f"fanout:0:{DEFAULT_TRACE}")
+    with pytest.raises(TraceError, match="fan-out and waves must be at least 1"):
+        load_trace(f"fanout:2x0:{DEFAULT_TRACE}")
     with pytest.raises(TraceError, match="needs at least 99"):
         load_trace(f"fanout:99:{DEFAULT_TRACE}")
+    with pytest.raises(TraceError, match="needs at least 20"):
+        load_trace(f"fanout:10x2:{DEFAULT_TRACE}")
 
 
 def turn(spawn=()):

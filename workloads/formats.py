@@ -3,7 +3,7 @@
 `auto` asks each adapter whether it recognises the file (by name and first record) and fails with
 the list of formats when none does. A directory loads every recognised file in it (sorted), so a
 folder of `.traj` files is one trace. `bfcl:<category>` loads a BFCL multi-turn category from the
-installed bfcl-eval package. `fanout:<K>:<trace>` builds fork/join workflows of K workers each from
+installed bfcl-eval package. `fanout:<K>[x<W>]:<trace>` builds fork/join workflows of K workers each (W waves of them) from
 any of these (`adapters/fanout.py`). `agentserve` is this project's own schema as JSON (`schema.Trace`), so any
 other source can be converted once and replayed.
 """
@@ -55,13 +55,15 @@ def detect(path: Path) -> str | None:
 
 
 def load_trace(source: str | Path, fmt: str = "auto") -> Trace:
-    """Load a trace file, a directory of trace files, `bfcl:<category>` or `fanout:<K>:<any of these>`."""
+    """Load a trace file, a directory of trace files, `bfcl:<category>` or `fanout:<K>[x<W>]:<any of these>`."""
     text = str(source)
     if text.startswith("fanout:"):
-        width, sep, base = text[len("fanout:"):].partition(":")
-        if not sep or not width.isdigit() or not base:
-            raise TraceError(text, "want fanout:<K>:<trace>, K the workers per workflow (e.g. fanout:4:bfcl:base)")
-        return fanout.fanout(load_trace(base, fmt), int(width))
+        shape, sep, base = text[len("fanout:"):].partition(":")
+        width, x, waves = shape.partition("x")
+        if not sep or not width.isdigit() or (x and not waves.isdigit()) or not base:
+            raise TraceError(text, "want fanout:<K>:<trace> or fanout:<K>x<W>:<trace>, K the workers per wave, "
+                                   "W the waves per workflow (e.g. fanout:4:bfcl:base, fanout:4x2:bfcl:base)")
+        return fanout.fanout(load_trace(base, fmt), int(width), int(waves) if x else 1)
     if text.startswith("bfcl:"):
         path, fmt = bfcl.category_file(text.split(":", 1)[1]), "bfcl"
     else:
