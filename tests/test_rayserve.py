@@ -118,15 +118,17 @@ def test_program_turns_stay_on_their_replica_and_new_programs_spread(ray_app):
 
 def test_program_routes_and_wire_contract_through_the_ingress(ray_app):
     replica, _ = chat("routes-1", 0, "hello " * 100)
-    status, _, body = post("/v1/programs/routes-1/tool", {"name": "bash", "event": "start"})
-    assert status == 200, body
-    status, _, body = post("/v1/programs/routes-1/tool", {"name": "bash", "event": "end", "duration_s": 0.5})
-    assert status == 200 and body["duration_s"] == 0.5
-    described = get("/v1/programs/routes-1")
-    assert described["llm_calls"] == 1 and described["last_tool"] == "bash"
-    stats = engine_stats_when(lambda s: s["replicas"].get(replica, {}).get("pins") == 1)
-    assert stats["replicas"][replica]["pins"] == 1  # the turn's pin lives on the replica that served it
-    assert post("/v1/programs/routes-1/end", None)[0] == 200
+    try:
+        status, _, body = post("/v1/programs/routes-1/tool", {"name": "bash", "event": "start"})
+        assert status == 200, body
+        status, _, body = post("/v1/programs/routes-1/tool", {"name": "bash", "event": "end", "duration_s": 0.5})
+        assert status == 200 and body["duration_s"] == 0.5
+        described = get("/v1/programs/routes-1")
+        assert described["llm_calls"] == 1 and described["last_tool"] == "bash"
+        stats = engine_stats_when(lambda s: s["replicas"].get(replica, {}).get("pins") == 1)
+        assert stats["replicas"][replica]["pins"] == 1, stats  # the turn's pin lives on the replica that served it
+    finally:  # a failure here leaves no program behind for the next tests to count
+        assert post("/v1/programs/routes-1/end", None)[0] == 200
     assert engine_stats_when(lambda s: s["engine"]["pins"] == 0)["engine"]["pins"] == 0
     status, _, body = post("/v1/programs/nope/end", None)
     assert status == 404 and body["error"]["param"] == "program_id"
