@@ -12,6 +12,20 @@ TEST_KV_TOKENS = 8192
 TEST_MAX_MODEL_LEN = 2048
 
 
+@pytest.fixture(params=["sync", "async"])
+def both_schedulers(request, monkeypatch):
+    """Runs a test under both of vLLM's schedulers: `offline.build_scheduler` builds what vLLM builds
+    with async scheduling off (CPU) or on (GPU's default): `Scheduler` or `AsyncScheduler`, and the
+    plugin's matching variant."""
+    import functools
+
+    from agentserve.engine import offline
+
+    monkeypatch.setattr(offline, "build_scheduler",
+                        functools.partial(offline.build_scheduler, async_scheduling=request.param == "async"))
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def server():
     from agentserve.server.process import ServerProcess

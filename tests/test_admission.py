@@ -68,16 +68,17 @@ def test_bad_settings_are_refused():
 # ---- on vLLM's scheduler -------------------------------------------------------------------------
 
 def admission_scheduler(share: float, max_hold_s: float = 60.0):
-    from agentserve.engine.offline import build_scheduler
+    from agentserve.engine import offline
     from agentserve.engine.settings import EngineSettings
 
-    return build_scheduler(EngineSettings(
+    return offline.build_scheduler(EngineSettings(
         model="tiny", kv_tokens=4096, max_model_len=4096, max_num_seqs=8, scheduling_policy="priority",
         scheduler_cls="agentserve.engine.scheduler.ProgramScheduler",
         additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": 2.0, "admission": {"share": share,
                                                                                         "max_hold_s": max_hold_s}}}))
 
 
+@pytest.mark.usefixtures("both_schedulers")
 def test_a_new_program_waits_for_an_admitted_one_to_end():
     from tests.test_scheduler_offline import prompt, request, run_until_done, step
 
@@ -104,6 +105,7 @@ def test_a_new_program_waits_for_an_admitted_one_to_end():
     assert stats["counters"]["admission_admitted_idle"] == 2 and stats["counters"]["admission_ended"] == 1  # A, then B
 
 
+@pytest.mark.usefixtures("both_schedulers")
 def test_a_held_program_is_admitted_past_the_hold_bound():
     from tests.test_scheduler_offline import prompt, request, step
 
@@ -118,6 +120,7 @@ def test_a_held_program_is_admitted_past_the_hold_bound():
     assert "b0" in admitted and s.book.admission.counters["admitted_overdue"] == 1
 
 
+@pytest.mark.usefixtures("both_schedulers")
 def test_without_a_share_every_program_starts_at_once():
     from tests.test_scheduler_offline import prompt, request, step
 
@@ -128,6 +131,7 @@ def test_without_a_share_every_program_starts_at_once():
     assert {r.req_id for r in out.scheduled_new_reqs} == {"a0", "b0"} and s.book.admission is None
 
 
+@pytest.mark.usefixtures("both_schedulers")
 def test_a_second_request_of_a_held_program_is_held_too():
     from tests.test_scheduler_offline import prompt, request, step
 

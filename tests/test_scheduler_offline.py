@@ -8,10 +8,12 @@ import time
 
 import pytest
 
-from agentserve.engine.offline import build_scheduler, step
+from agentserve.engine import offline
+from agentserve.engine.offline import step
 from agentserve.engine.settings import EngineSettings
 from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
 
+pytestmark = pytest.mark.usefixtures("both_schedulers")
 PLUGIN = "agentserve.engine.scheduler.ProgramScheduler"
 _tokens = itertools.count(100)
 
@@ -20,7 +22,7 @@ def make(max_wait_s: float = 2.0, max_num_seqs: int = 8):
     settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048, max_num_seqs=max_num_seqs,
                               scheduling_policy="priority", scheduler_cls=PLUGIN,
                               additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": max_wait_s}})
-    return build_scheduler(settings)
+    return offline.build_scheduler(settings)
 
 
 def request(hasher, rid: str, program: str, prompt: list[int], *, last=False, ttl=60.0, age_s=0.0, out=4):
@@ -105,13 +107,12 @@ def test_unknown_control_command_is_an_error(bad):
 
 
 def pressure_setup(pin_mode: str, max_wait_s: float = 2.0, cap: float = 0.5):
-    from agentserve.engine.offline import build_scheduler as build
 
     settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=4096, max_num_seqs=8,
                               scheduling_policy="priority", scheduler_cls=PLUGIN,
                               additional_config={"agentserve": {"pin_cap_share": cap, "max_wait_s": max_wait_s,
                                                                 "pin_mode": pin_mode}})
-    s, h = build(settings)
+    s, h = offline.build_scheduler(settings)
     s.add_request(request(h, "a0", "A", prompt(2048, 0)))  # program A: rank 0, pins 64 of 128 blocks
     run_until_done(s)
     assert s.book.pins.pinned_blocks == 64
@@ -231,7 +232,7 @@ def test_a_workflows_sub_agents_overtake_a_later_workflows_turns(order, expected
     settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048, max_num_seqs=1,
                               scheduling_policy="priority", scheduler_cls=PLUGIN,
                               additional_config={"agentserve": {"max_wait_s": 0.0, "order": order}})
-    s, h = build_scheduler(settings)
+    s, h = offline.build_scheduler(settings)
 
     def add(rid, program, workflow, base, remaining=0.0):
         params = SamplingParams(max_tokens=2, ignore_eos=True, extra_args={
@@ -249,3 +250,34 @@ def test_a_workflows_sub_agents_overtake_a_later_workflows_turns(order, expected
         out, _ = step(s, lambda: 7)
         started += [r.req_id for r in out.scheduled_new_reqs]
     assert started == expected
+
+
+def test_requests_waiting_for_their_kv_keep_their_programs_pin_and_age():
+    """vLLM's second waiting queue (`kv_holding_waiting`: requests whose KV a connector is loading, e.g.
+    from the host tier) counts for pin expiry and the wait bound, as `waiting` does."""
+    s, h = make(max_wait_s=1.0)
+    now = [time.time()]
+    s.book.clock = lambda: now[0]
+    s.add_request(request(h, "a0", "A", prompt(128, 0), ttl=2.0))
+    run_until_done(s)
+    assert "A" in s.book.pins
+    held = request(h, "a1", "A", prompt(128, 0) + prompt(40, 700))
+    s.add_request(held)
+    s.waiting.remove_request(held)
+    s.kv_holding_waiting.add_request(held)  # where vLLM queues it while a connector loads its KV
+    now[0] += 5.0  # past the pin's TTL and the request's wait bound
+    s.command("tick", {})
+    assert "A" in s.book.pins, "the pin of a program whose next turn waits does not expire"
+    step(s, lambda: 7)
+    assert s.book.counters["requests_aged"] == 1
+    assert isinstance(s.kv_holding_waiting, type(s.waiting))  # program order in both queues
+
+
+def test_the_plugin_follows_vllms_async_decision(both_schedulers):
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    from agentserve.engine.scheduler import ProgramScheduler
+
+    s, _ = make()
+    assert isinstance(s, ProgramScheduler)
+    assert isinstance(s, AsyncScheduler) == (both_schedulers == "async")

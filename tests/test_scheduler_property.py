@@ -37,13 +37,14 @@ def check_allocator(s) -> None:
         assert manager.req_to_blocks.get(request.request_id), f"running {request.request_id} has no blocks"
 
 
-def scheduler_for(pin_mode: str, admission_share: float = 0.0):
+def scheduler_for(pin_mode: str, admission_share: float = 0.0, async_scheduling: bool = False):
     """A fresh scheduler per example, so a failing example shrinks on its own state."""
     return build_scheduler(EngineSettings(
         model="tiny", kv_tokens=2048, max_model_len=2048, max_num_seqs=6, scheduling_policy="priority",
         scheduler_cls=plugin.__name__ + ".ProgramScheduler",
         additional_config={"agentserve": {"pin_cap_share": 0.6, "max_wait_s": 1.0, "pin_mode": pin_mode,
-                                          "admission": {"share": admission_share, "max_hold_s": 2.0}}}))
+                                          "admission": {"share": admission_share, "max_hold_s": 2.0}}}),
+        async_scheduling=async_scheduling)
 
 
 turn = st.tuples(st.integers(0, 3),            # program
@@ -56,13 +57,16 @@ turn = st.tuples(st.integers(0, 3),            # program
 
 @settings(max_examples=300, deadline=None)
 @given(turns=st.lists(turn, min_size=1, max_size=16), pin_mode=st.sampled_from(["soft", "ordered"]),
-       burst=st.integers(1, 6), admission_share=st.sampled_from([0.0, 0.5, 1.0]))
-def test_random_program_traffic_keeps_the_allocator_consistent(turns, pin_mode, burst, admission_share):
+       burst=st.integers(1, 6), admission_share=st.sampled_from([0.0, 0.5, 1.0]), async_scheduling=st.booleans())
+def test_random_program_traffic_keeps_the_allocator_consistent(turns, pin_mode, burst, admission_share,
+                                                               async_scheduling):
     from vllm import SamplingParams
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.request import Request
 
     clock = FakeClock()
-    s, hasher = scheduler_for(pin_mode, admission_share)
+    s, hasher = scheduler_for(pin_mode, admission_share, async_scheduling)
+    assert isinstance(s, AsyncScheduler) == async_scheduling
     s.book.clock = clock.time
     allocate = s._allocate
     slow = {"s": 0.0}

@@ -20,6 +20,13 @@ not admission or allocation failure, so "unpin when the next turn is admitted" a
 preempting" would need the scheduler anyway; the connector slot stays free for KV sharing.
 
 The front end talks to it through the engine core's `agentserve_scheduler_command` utility (engine/utilities.py).
+
+Both of vLLM's schedulers: vLLM decides async scheduling late (on by default on GPU, forced off on CPU,
+off for some executors and speculative methods) and, with a `scheduler_cls` set, builds that class
+whatever it decided. So `ProgramScheduler` picks its variant when built, from the final config:
+`AsyncProgramScheduler` (the same rules over `AsyncScheduler`, which only adds output placeholders and
+caches blocks one step later) when async scheduling is on. Nothing here depends on which: a request's
+blocks are pinned in `_free_request`, which both call once its last output is applied.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
@@ -55,6 +63,12 @@ def remaining_of_request(request: Request) -> float:
 
 
 class ProgramScheduler(Scheduler):
+    def __new__(cls, *args, **kwargs):
+        config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is ProgramScheduler and config is not None and config.scheduler_config.async_scheduling:
+            cls = AsyncProgramScheduler
+        return super().__new__(cls)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         config = msgspec.convert((self.vllm_config.additional_config or {}).get("agentserve", {}), SchedulerConfig)
@@ -62,7 +76,11 @@ class ProgramScheduler(Scheduler):
         self.book = ProgramBook(config, total_blocks=self.block_pool.num_gpu_blocks - 1,  # minus the null block
                                 block_size=self.cache_config.block_size,
                                 max_model_len=self.vllm_config.model_config.max_model_len)
-        self.waiting = ProgramQueue(ProgramFCFS(self.book, program_of_request, remaining_of_request))
+        order = ProgramFCFS(self.book, program_of_request, remaining_of_request)
+        # vLLM drains `kv_holding_waiting` (requests whose KV is being loaded, e.g. from the host tier)
+        # before `waiting`; both get the program order, the wait bound and pin expiry.
+        self.waiting = ProgramQueue(order)
+        self.kv_holding_waiting = ProgramQueue(order)
         # the host tier's eviction policy (if the engine runs one) orders by the book's next-use predictions
         host_policy.attach(self._program_of_id, self.book.next_use)
         self._prefix_hit: dict[str, int] = {}  # running request -> tokens it found cached at admission
@@ -143,14 +161,15 @@ class ProgramScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs):
         self._free(self.book.expire(self._waiting_programs))
-        if self.waiting:
-            self.book.age((r.request_id, r.arrival_time) for r in self.waiting.unordered())
+        if self.waiting or self.kv_holding_waiting:
+            self.book.age((r.request_id, r.arrival_time) for r in self._waiting_requests())
         if self.book.reorder_due:
             # Only here, never inside vLLM's schedule(): its waiting loop peeks the head, allocates
             # (which may release pins, see above) and then pops the head, so re-keying in between
             # would pop another request than the one it allocated for.
             self.book.reorder_due = False
             self.waiting.reorder()
+            self.kv_holding_waiting.reorder()
         output = super().schedule(*args, **kwargs)
         for new in output.scheduled_new_reqs:
             self._prefix_hit[new.req_id] = new.num_computed_tokens
@@ -159,8 +178,13 @@ class ProgramScheduler(Scheduler):
                                              request.num_prompt_tokens, request.arrival_time))
         return output
 
+    def _waiting_requests(self):
+        """Every waiting request: vLLM's `deferred_waiting` is a subset of these two queues."""
+        yield from self.waiting.unordered()
+        yield from self.kv_holding_waiting.unordered()
+
     def _waiting_programs(self) -> set[str | None]:
-        return {program_of_request(r) for r in self.waiting.unordered()}
+        return {program_of_request(r) for r in self._waiting_requests()}
 
     def command(self, command: str, payload: dict) -> dict[str, Any]:
         """A control command from the front end (end / release / release_all / set_ttl / tick); answers
@@ -178,8 +202,12 @@ class ProgramScheduler(Scheduler):
             raise ValueError(f"unknown agentserve control command {command!r}")
         self._free(self.book.expire(self._waiting_programs))
         return {**self.book.stats(), "free_blocks": self.block_pool.get_num_free_blocks(),
-                "total_blocks": self.block_pool.num_gpu_blocks - 1, "queued": len(self.waiting) + len(self.running),
+                "total_blocks": self.block_pool.num_gpu_blocks - 1, "queued": sum(self.get_request_counts()),
                 "host_tier": host_policy.tier_stats(self.connector)}
+
+
+class AsyncProgramScheduler(ProgramScheduler, AsyncScheduler):
+    """The plugin under async scheduling: its rules, then `AsyncScheduler`'s, then `Scheduler`'s (MRO)."""
 
 
 utilities.install()
