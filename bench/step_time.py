@@ -50,7 +50,7 @@ async def run_side(side: str, args, programs: list[list[dict]]) -> dict:
     settings = EngineSettings(model=args.model, kv_tokens=args.kv_tokens, scheduler_cls=scheduler_cls,
                               scheduling_policy=policy, max_model_len=args.max_model_len,
                               additional_config={"agentserve": {"pin_cap_share": 0.5,
-                                                                "host_tokens": args.host_kv_tokens}})
+                                                                "host_tokens": args.host_kv_tokens}}).for_device()
     settings = msgspec.structs.replace(settings, kv_transfer_config=host_tier(args, settings.block_size,
                                                                              programs=side == "agentserve"))
     async with start_engine(settings) as engine:

@@ -18,7 +18,7 @@ def test_serve_config_parses_into_app_args():
     assert app["import_path"] == "agentserve.rayserve.app:app_builder" and app["name"] == "agentserve"
     args = msgspec.convert(app["args"], AppArgs)
     assert args.accelerator == "gpu" and args.replicas >= 2 and args.program_options.policy == "agentserve"
-    assert args.engine.dtype == "bfloat16"
+    assert args.engine.dtype is None  # the accelerator decides (agentserve.options.platform_defaults)
     with pytest.raises(msgspec.ValidationError, match="replica"):
         msgspec.convert({**app["args"], "replica": 3}, AppArgs)
     with pytest.raises(msgspec.ValidationError, match="pin_mode"):

@@ -95,7 +95,7 @@ class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         engine = msgspec.structs.replace(self.engine, max_model_len=self.context)
         if policy == "oracle":
             engine = msgspec.structs.replace(engine, kv_tokens=max(
-                ORACLE_MIN_KV_TOKENS, programs * self.context + engine.block_size))
+                ORACLE_MIN_KV_TOKENS, programs * self.context + engine.for_device().block_size))
         base, extra = policy_spec(policy)
         program = msgspec.structs.replace(self.program, policy="vllm" if policy == "oracle" else base)
         if not uses_host_tier(policy):

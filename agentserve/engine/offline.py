@@ -24,6 +24,7 @@ def build_scheduler(settings: EngineSettings, scheduler_cls: str | None = None, 
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
+    settings = settings.for_device()
     config = engine_args(settings).create_engine_config()
     config.cache_config.num_gpu_blocks = settings.num_blocks
     config.scheduler_config.async_scheduling = async_scheduling

@@ -51,7 +51,9 @@ def model_context_length(model_dir: Path) -> int:
 
 
 def vllm_cli_args(s: EngineSettings) -> list[str]:
-    """The `vllm serve` arguments (without host/port) that start the engine `s` describes."""
+    """The `vllm serve` arguments (without host/port) that start the engine `s` describes (its
+    device defaults decided for this process's device unless decided already)."""
+    s = s.for_device()
     model_dir, name = resolve_model(s.model)
     max_len = s.max_model_len or min(s.kv_tokens, model_context_length(model_dir))
     batched = s.max_num_batched_tokens or max(max_len, 2048)
@@ -68,10 +70,11 @@ def vllm_cli_args(s: EngineSettings) -> list[str]:
         "--max-num-seqs", str(s.max_num_seqs),
         "--max-num-batched-tokens", str(batched),
         "--scheduling-policy", s.scheduling_policy,
-        "--enforce-eager",
         "--enable-prompt-tokens-details",
         "--enable-prefix-caching" if s.prefix_caching else "--no-enable-prefix-caching",
     ]
+    if not s.cuda_graphs:
+        args.append("--enforce-eager")
     if s.scheduler_cls:
         args += ["--scheduler-cls", s.scheduler_cls]
     if s.tool_call_parser:
@@ -108,13 +111,15 @@ def resolve_host_tier(settings: EngineSettings, options: ProgramOptions) -> Prog
     """`options` with the host tier's default size decided for this engine's model and KV budget."""
     if options.host.kv_tokens is not None:
         return options
+    settings = settings.for_device()
     model_dir, _ = resolve_model(settings.model)
     return options.with_host_tier(settings.kv_tokens, kv_bytes_per_token(model_dir, settings.dtype))
 
 
-def engine_settings_for(settings: EngineSettings, options: ProgramOptions) -> EngineSettings:
-    """The engine settings with the scheduler plugin on (any policy but `vllm`), and vLLM's own tracing
-    sent to the same collector as agentserve's."""
+def engine_settings_for(settings: EngineSettings, options: ProgramOptions, device: str | None = None) -> EngineSettings:
+    """The engine settings for `device` (default: this process's), with the scheduler plugin on (any
+    policy but `vllm`), and vLLM's own tracing sent to the same collector as agentserve's."""
+    settings = settings.for_device(device)
     if options.otlp_traces_endpoint:
         settings = msgspec.structs.replace(settings, extra_vllm_args=[
             *settings.extra_vllm_args, "--otlp-traces-endpoint", options.otlp_traces_endpoint])

@@ -104,7 +104,7 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
     options = options or ProgramOptions()
     if options.host.kv_tokens is None:  # on Ray Serve the host tier is opt-in (each replica's own pool)
         options = msgspec.structs.replace(options, host=msgspec.structs.replace(options.host, kv_tokens=0))
-    config = llm_config(engine_settings_for(settings, options), model_id=model_id, replicas=replicas,
+    config = llm_config(engine_settings_for(settings, options, device=accelerator), model_id=model_id, replicas=replicas,
                         accelerator=accelerator, router=router)
     control_plane = serve.deployment(ControlPlaneDeployment, name="ClusterControlPlane", num_replicas=1,
                                      ray_actor_options={"num_cpus": 0}).bind(msgspec.to_builtins(options), replicas, model_id)
