@@ -47,24 +47,42 @@ def segments(rng: random.Random, *lengths: int) -> list[list[int]]:
     return [[rng.randrange(30, 300) for _ in range(n)] for n in lengths]
 
 
+def checked_plan(p: SharePlanner, spec: ShareSpec, tokens: list[int], computed: int):
+    """`p.plan`, after checking that the scheduler process's copy of `p`'s knowledge (ShareIndex over
+    what the worker reports, pickled as vLLM ships it) decides as `p` does: the same reason, or a plan
+    tried that the values then refuse."""
+    import pickle
+
+    from agentserve.kvshare.index import ShareIndex, describe
+    from agentserve.kvshare.planner import REUSE, decide
+
+    index = ShareIndex(p.model, p.correction)
+    index.update(pickle.loads(pickle.dumps(describe(p, version=1))))
+    expected = decide(spec, tokens, computed, index) if not spec.produce else "produce"
+    got = p.plan(spec, tokens, computed)
+    assert got.reason == expected or (expected == REUSE and got.reason in ("reused", "anchors_refused")), \
+        (expected, got.reason)
+    return got
+
+
 def test_a_recorded_prompt_is_planned_back_exactly_from_its_locally_cached_prefix(model):
     rng = random.Random(0)
     segs = segments(rng, 40, 25)
     p = planner(model)
     tokens, spec = prompt(rng, segs)
-    assert p.plan(spec, tokens, 0).reason == "no_base"  # nothing produced: full prefill, nothing to record
+    assert checked_plan(p, spec, tokens, 0).reason == "no_base"  # nothing produced: full prefill, nothing to record
     for seg in segs:
         produce(p, model, seg)
-    first = p.plan(spec, tokens, 0)
+    first = checked_plan(p, spec, tokens, 0)
     assert (first.plan, first.record, first.reason) == (None, True, "new_template")
     real = prefill(model, tokens)
     p.saved(spec, tokens, real)  # the connector hands back the full prefill's KV
     end = spec.segments[-1][0] + spec.segments[-1][1]
     for computed in (0, 32):  # nothing cached locally; one block cached locally
-        again = p.plan(spec, tokens, computed)
+        again = checked_plan(p, spec, tokens, computed)
         assert again.reason == "reused" and again.plan.start == computed
         assert torch.allclose(again.plan.kv, real[:, :, :, computed:end], atol=1e-5)
-    assert p.plan(spec, tokens, end).plan is None  # all cached locally already
+    assert checked_plan(p, spec, tokens, end).plan is None  # all cached locally already
     assert p.stats()["tokens_reused"] == 2 * end - 32
 
 
@@ -85,14 +103,14 @@ def test_a_new_content_is_estimated_from_anchors_and_beats_the_naive_move(model)
         for seg in segs:
             produce(p, model, seg)
         tokens, spec = prompt(rng, segs)
-        decision = p.plan(spec, tokens, 0)
+        decision = checked_plan(p, spec, tokens, 0)
         if decision.record:
             p.saved(spec, tokens, prefill(model, tokens))
     assert p.stats()["anchors"] >= 4
     for seg in new:
         produce(p, model, seg)
     tokens, spec = prompt(rng, new)
-    got = p.plan(spec, tokens, 0)
+    got = checked_plan(p, spec, tokens, 0)
     assert got.reason == "reused"
     end = spec.segments[-1][0] + spec.segments[-1][1]
     real = prefill(model, tokens)[:, :, :, :end]
@@ -113,9 +131,9 @@ def test_a_new_content_is_estimated_from_anchors_and_beats_the_naive_move(model)
     assert err(got.plan.kv) < err(moved), "the anchors' correction helps"
     # the naive mode plans exactly that move, from one recorded prompt of the template, no anchors
     naive.correction = "none"
-    assert naive.plan(spec, tokens, 0).reason == "new_template"
+    assert checked_plan(naive, spec, tokens, 0).reason == "new_template"
     naive.saved(spec, tokens, prefill(model, tokens))
-    plain = naive.plan(spec, tokens, 0)
+    plain = checked_plan(naive, spec, tokens, 0)
     assert plain.reason == "reused"
     assert torch.allclose(plain.plan.kv[:, :, :, on_segments], moved[:, :, :, on_segments], atol=1e-5)
     with pytest.raises(ValueError, match="correction"):
@@ -129,15 +147,15 @@ def test_template_changes_scopes_and_bad_specs(model):
     for seg in segs:
         produce(p, model, seg, scope="acme")
     tokens, spec = prompt(rng, segs)
-    assert p.plan(spec, tokens, 0).reason == "no_base"  # produced under another tenant's scope
+    assert checked_plan(p, spec, tokens, 0).reason == "no_base"  # produced under another tenant's scope
     scoped = ShareSpec(template="reader", scope="acme", segments=spec.segments)
-    assert p.plan(scoped, tokens, 0).reason == "new_template"
+    assert checked_plan(p, scoped, tokens, 0).reason == "new_template"
     p.saved(scoped, tokens, prefill(model, tokens))
-    assert p.plan(scoped, tokens, 0).reason == "reused"
+    assert checked_plan(p, scoped, tokens, 0).reason == "reused"
     produce(p, model, segs[0], scope="acme", between=(13, 14))
     other, spec2 = prompt(rng, segs, between=(13, 14))
     scoped2 = ShareSpec(template="reader", scope="acme", segments=spec2.segments)
-    assert p.plan(scoped2, other, 0).reason == "template_changed"
+    assert checked_plan(p, scoped2, other, 0).reason == "template_changed"
     with pytest.raises(ValueError, match="go on after"):
         ShareSpec(template="t", segments=[(0, 5)]).check(5)
     with pytest.raises(ValueError, match="overlap"):

@@ -105,3 +105,25 @@ def test_a_server_without_kvshare_refuses_share(server):
     with pytest.raises(openai.BadRequestError, match="--kvshare"), client.program() as prog:
         prog.complete(model=MODEL, template="t", parts=[part("a", shared=True), part("b")], max_tokens=1)
     client.close()
+
+
+def test_a_claim_the_worker_cannot_build_is_recomputed_and_recorded(base):
+    """The scheduler process claims tokens on its copy of the planner's knowledge; the worker's anchor
+    pool may still refuse on the values (random reports are equally far from every anchor). The claimed
+    blocks are then recomputed by vLLM: the answer is a plain prefill's, and the prompt is recorded."""
+    client = AgentServe(base)
+    claimed_and_refused = 0
+    for i in range(8):
+        parts = parts_for(5, reports(100 + i), [90, 91])
+        before = httpx.get(base + "/v1/kvshare/stats").json()["decisions"]
+        with client.program() as prog:
+            shared = prog.complete(model=MODEL, template="refusals", parts=parts, max_tokens=6, temperature=0)
+        after = httpx.get(base + "/v1/kvshare/stats").json()["decisions"]
+        plain = client.openai.completions.create(model=MODEL, prompt=flat(parts), max_tokens=6, temperature=0)
+        assert shared.choices[0].text == plain.choices[0].text
+        if after.get("recomputed", 0) > before.get("recomputed", 0):
+            claimed_and_refused += 1
+            assert shared.usage.prompt_tokens_details.cached_tokens > 0  # it was claimed
+            assert after["recorded"] == before.get("recorded", 0) + 1
+    assert claimed_and_refused >= 1
+    client.close()

@@ -38,5 +38,9 @@ def combined(*configs: dict | None) -> dict | None:
     present = [c for c in configs if c]
     if len(present) <= 1:
         return present[0] if present else None
-    return {"kv_connector": "MultiConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"connectors": present}}
+    combined = {"kv_connector": "MultiConnector", "kv_role": "kv_both",
+                "kv_connector_extra_config": {"connectors": present}}
+    # vLLM reads the failure policy from the top-level config only
+    if any(c.get("kv_load_failure_policy") == "recompute" for c in present):
+        combined["kv_load_failure_policy"] = "recompute"
+    return combined

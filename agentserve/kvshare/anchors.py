@@ -42,6 +42,7 @@ class Anchor:
     base: torch.Tensor  # [L, 2, H, n, D] the content's standalone KV, position-0 frame
     delta: torch.Tensor  # [L, 2, H, n, D] real - base at its observed place, keys in the position-0 frame
     suffix_delta: torch.Tensor | None  # [L, 2, H, m, D] the same for the template segment after it
+    key: str = ""  # the content's identity (segment_key), so a pool can be described without its tensors
     seq: int = 0
     uses: int = 0
 
@@ -87,12 +88,12 @@ class AnchorPool:
         return len(self.anchors)
 
     def add(self, base: torch.Tensor, real: torch.Tensor, suffix_base: torch.Tensor | None = None,
-            suffix_real: torch.Tensor | None = None) -> Anchor:
+            suffix_real: torch.Tensor | None = None, key: str = "") -> Anchor:
         """Record an observed content: its base and its real KV (both position-0 frame)."""
         if base.shape != real.shape:
             raise ValueError(f"base {tuple(base.shape)} and real {tuple(real.shape)} KV differ in shape")
         suffix = None if suffix_base is None else suffix_real - suffix_base
-        anchor = Anchor(base, real - base, suffix, next(self._seq))
+        anchor = Anchor(base, real - base, suffix, key, next(self._seq))
         if len(self.anchors) >= self.max_anchors:
             oldest = sorted(self.anchors, key=lambda a: a.seq)[:EVICT_AMONG_OLDEST]
             self.anchors.remove(min(oldest, key=lambda a: (a.uses, a.seq)))
@@ -116,6 +117,10 @@ class AnchorPool:
             self._stacked = _Stacked(torch.tensor([a.tokens for a in self.anchors]),
                                      torch.stack([_pad(a.base[:, 1], n) for a in self.anchors]), by_token, suffix)
         return self._stacked
+
+    def described(self) -> list[tuple[str, int]]:
+        """(content key, tokens) of each anchor: what `may_estimate` needs."""
+        return [(a.key, a.tokens) for a in self.anchors]
 
     def estimate(self, base: torch.Tensor) -> Correction | None:
         """The correction for a new content's base KV, or None: prefill it fully (and add it)."""
@@ -152,3 +157,11 @@ class AnchorPool:
             if float(w_a) > 1.0 / count:
                 a.uses += 1
         return Correction(delta, suffix, count, entropy)
+
+
+def may_estimate(anchors: list[tuple[str, int]], key: str, tokens: int, min_anchors: int = MIN_ANCHORS) -> bool:
+    """Whether a pool of `anchors` ((content key, tokens)) may estimate a content (`key`, `tokens`)
+    before its values are looked at: it was seen (an exact anchor), or enough anchors are long enough.
+    `estimate` may still refuse on the values (weights too flat)."""
+    return (any(k == key and n == tokens for k, n in anchors)
+            or sum(n >= tokens for _, n in anchors) >= min_anchors)

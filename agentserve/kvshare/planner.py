@@ -23,20 +23,27 @@ the content (docs/benchmarks.md measures both).
 
 The text between segments gets a base of its own, as in KVCOMM, rather than an earlier prompt's real
 KV of the same text: that KV was computed over another prompt's segments and carries their content.
+
+The decision comes in two steps, so that it can be split across processes: `decide` needs only what
+the planner knows about tokens (`Knowledge`: which segments have a base, the templates' text, how many
+anchors of which length each pool has) and says whether a plan will be tried; building the plan then
+needs the KV, and the anchor pool may still refuse on the values (weights too flat). In the served
+path the scheduler process decides on a tensor-free copy of the knowledge (`ShareIndex`) and the
+model's worker, which holds the planner and its KV, builds (connector.py).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 import torch
 
-from agentserve.kvshare.anchors import AnchorPool
+from agentserve.kvshare.anchors import AnchorPool, may_estimate
 from agentserve.kvshare.rope import RopeShift
-from agentserve.kvshare.segments import SegmentStore, place, to_frame_zero
+from agentserve.kvshare.segments import SegmentStore, place, scoped, segment_key, to_frame_zero
 
 PARAMS_KEY = "agentserve_share"  # the key in kv_transfer_params
 MAX_SEGMENTS = 64  # segments per prompt: a bound on work and on the anchor pools a template may create
@@ -92,6 +99,54 @@ class Decision:
 
 NO_TEXT = torch.zeros(0)  # no template text between two segments
 CORRECTIONS = ("anchors", "none")  # KVCOMM's offset estimate, or the naive RoPE move alone
+REUSE = "reuse"  # `decide`: a plan will be built
+RECORDING = frozenset({"new_template", "template_changed", "anchors_refused"})  # prefilled, then recorded
+
+
+class Knowledge(Protocol):
+    """What `decide` reads: tokens and counts, never KV."""
+
+    correction: str
+
+    def has_segment(self, scope: str, tokens: list[int]) -> bool: ...
+
+    def prefix_tokens(self, scope: str, template: str) -> list[int] | None: ...
+
+    def between_tokens(self, scope: str, template: str, slot: int) -> list[int] | None: ...
+
+    def anchors(self, scope: str, template: str, slot: int) -> list[tuple[str, int]]: ...
+
+    def content_key(self, scope: str, tokens: list[int]) -> str: ...
+
+
+def text_after(spec: ShareSpec, tokens: list[int], slot: int) -> list[int]:
+    """The template text between segment `slot` and the next (none after the last)."""
+    start, n = spec.segments[slot]
+    stop = spec.segments[slot + 1][0] if slot + 1 < len(spec.segments) else start + n
+    return tokens[start + n:stop]
+
+
+def decide(spec: ShareSpec, tokens: list[int], num_computed: int, knows: Knowledge) -> str:
+    """`REUSE` when a plan for `tokens` [num_computed, spec.end) is worth building, else why not
+    (cached | no_base | new_template | template_changed | anchors_refused; the last three record)."""
+    if not spec.segments or num_computed >= spec.end:
+        return "cached"
+    texts = [text_after(spec, tokens, slot) for slot in range(len(spec.segments) - 1)]
+    if not all(knows.has_segment(spec.scope, tokens[s:s + n]) for s, n in spec.segments) or not all(
+            knows.has_segment(spec.scope, text) for text in texts if text):
+        return "no_base"
+    prefix = knows.prefix_tokens(spec.scope, spec.template)
+    if prefix is None:
+        return "new_template"
+    if prefix != tokens[:spec.segments[0][0]] or any(
+            knows.between_tokens(spec.scope, spec.template, slot) != text for slot, text in enumerate(texts)):
+        return "template_changed"
+    if knows.correction == "anchors" and not all(
+            may_estimate(knows.anchors(spec.scope, spec.template, slot),
+                         knows.content_key(spec.scope, tokens[s:s + n]), n)
+            for slot, (s, n) in enumerate(spec.segments)):
+        return "anchors_refused"
+    return REUSE
 
 
 class SharePlanner:
@@ -124,18 +179,11 @@ class SharePlanner:
         return decision
 
     def _plan(self, spec: ShareSpec, tokens: list[int], num_computed: int) -> Decision:
-        if not spec.segments or num_computed >= spec.end:
-            return Decision(None, False, "cached")
+        reason = decide(spec, tokens, num_computed, self)
+        if reason != REUSE:
+            return Decision(None, reason in RECORDING, reason)
         bases, texts = self._bases(spec, tokens), self._text_bases(spec, tokens)
-        if any(b is None for b in bases + texts):
-            return Decision(None, False, "no_base")
-        known = self.prefix.get((spec.scope, spec.template))
-        if known is None:
-            return Decision(None, True, "new_template")
-        if known[0] != tokens[:spec.segments[0][0]] or any(
-                self.between.get((spec.scope, spec.template, slot)) != self._text_after(spec, tokens, slot)
-                for slot in range(len(spec.segments) - 1)):
-            return Decision(None, True, "template_changed")
+        known = self.prefix[(spec.scope, spec.template)]
         pieces = [known[1]]
         for slot, ((start, n), base) in enumerate(zip(spec.segments, bases)):
             text = texts[slot] if slot < len(texts) else NO_TEXT
@@ -169,33 +217,46 @@ class SharePlanner:
         first = spec.segments[0][0]
         self.prefix[(spec.scope, spec.template)] = (tokens[:first], kv[:, :, :, :first].clone())
         for slot, ((start, n), base) in enumerate(zip(spec.segments, bases)):
-            text = self._text_after(spec, tokens, slot) if slot < len(spec.segments) - 1 else []
+            text = text_after(spec, tokens, slot) if slot < len(spec.segments) - 1 else []
             real = to_frame_zero(kv[:, :, :, start:start + n], start, self.shift)
             after = to_frame_zero(kv[:, :, :, start + n:start + n + len(text)], start + n, self.shift)
             pool = self.pools.setdefault((spec.scope, spec.template, slot), AnchorPool(**self.pool_args))
+            key = self.content_key(spec.scope, tokens[start:start + n])
             if (self.between.get((spec.scope, spec.template, slot)) or []) != text:
                 pool.clear()  # the template changed around this slot: its anchors describe another text
             self.between[(spec.scope, spec.template, slot)] = text
             text_base = texts[slot] if slot < len(texts) else NO_TEXT
-            pool.add(base, real, text_base if text_base.numel() else torch.zeros_like(after), after)
+            pool.add(base, real, text_base if text_base.numel() else torch.zeros_like(after), after, key=key)
         self.counts["recorded"] += 1
 
     def _store_key(self, spec: ShareSpec) -> str:
-        return f"{self.model}\0{spec.scope}"
+        return scoped(self.model, spec.scope)
 
     def _bases(self, spec: ShareSpec, tokens: list[int]) -> list[torch.Tensor | None]:
         return [self.store.get(self._store_key(spec), tokens[s:s + n]) for s, n in spec.segments]
 
     def _text_bases(self, spec: ShareSpec, tokens: list[int]) -> list[torch.Tensor | None]:
         """Bases of the template text between consecutive segments (no text between two: NO_TEXT)."""
-        texts = [self._text_after(spec, tokens, slot) for slot in range(len(spec.segments) - 1)]
+        texts = [text_after(spec, tokens, slot) for slot in range(len(spec.segments) - 1)]
         return [self.store.get(self._store_key(spec), text) if text else NO_TEXT for text in texts]
 
-    @staticmethod
-    def _text_after(spec: ShareSpec, tokens: list[int], slot: int) -> list[int]:
-        start, n = spec.segments[slot]
-        stop = spec.segments[slot + 1][0] if slot + 1 < len(spec.segments) else start + n
-        return tokens[start + n:stop]
+    # ---- Knowledge (what `decide` reads) ----------------------------------------------------------
+    def has_segment(self, scope: str, tokens: list[int]) -> bool:
+        return self.content_key(scope, tokens) in self.store
+
+    def prefix_tokens(self, scope: str, template: str) -> list[int] | None:
+        known = self.prefix.get((scope, template))
+        return None if known is None else known[0]
+
+    def between_tokens(self, scope: str, template: str, slot: int) -> list[int] | None:
+        return self.between.get((scope, template, slot))
+
+    def anchors(self, scope: str, template: str, slot: int) -> list[tuple[str, int]]:
+        pool = self.pools.get((scope, template, slot))
+        return pool.described() if pool is not None else []
+
+    def content_key(self, scope: str, tokens: list[int]) -> str:
+        return segment_key(scoped(self.model, scope), tokens)
 
     def stats(self) -> dict:
         return {"decisions": dict(self.counts), "tokens_reused": self.tokens_reused, "segments": len(self.store),

@@ -16,6 +16,11 @@ import torch
 from agentserve.kvshare.rope import RopeShift
 
 
+def scoped(model: str, scope: str) -> str:
+    """The store's namespace of one model and one scope (tenant): segments never cross either."""
+    return f"{model}\0{scope}"
+
+
 def segment_key(model: str, tokens: Sequence[int]) -> str:
     digest = hashlib.sha256(model.encode() + b"\0")
     digest.update(torch.tensor(list(tokens), dtype=torch.int64).numpy().tobytes())
@@ -60,6 +65,12 @@ class SegmentStore:
         self._kv[key] = kv
         self.bytes += size
         return True
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kv
+
+    def keys(self) -> list[str]:
+        return list(self._kv)
 
     def get(self, model: str, tokens: Sequence[int]) -> torch.Tensor | None:
         key = segment_key(model, tokens)

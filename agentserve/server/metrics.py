@@ -43,7 +43,7 @@ TTL_ETA = Gauge("agentserve_ttl_eta", "eta of the TTL rule: -Corr(turns served, 
 
 KVSHARE_DECISIONS = Counter("agentserve_kvshare_decisions", "KV-sharing planner decisions on sharing requests, "
                             "by reason (reused, cached, no_base, new_template, template_changed, "
-                            "anchors_refused, produced, recorded)", ["reason"])
+                            "anchors_refused, produced, recorded, recomputed)", ["reason"])
 KVSHARE_TOKENS_REUSED = Counter("agentserve_kvshare_tokens_reused", "Prompt tokens whose KV was reused from "
                                 "shared segments (not prefilled)")
 KVSHARE_SEGMENTS = Gauge("agentserve_kvshare_segments", "Shared segments whose base KV is held now")
