@@ -153,14 +153,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logger.propagate = False
     settings = from_flags(EngineSettings, args)
     options = from_flags(ProgramOptions, args)
-    if args.replicas is not None and options.kvshare.enabled:
-        raise SystemExit("--kvshare is not supported with --replicas yet: each replica holds its own segment store")
-    if args.replicas is not None and options.tenants is not None:
-        raise SystemExit("--tenants is not supported with --replicas yet: the Ray Serve ingress has no tenant gate")
     if args.replicas is None:
         asyncio.run(serve(settings, host=args.host, port=args.port, options=options))
     else:
-        from agentserve.rayserve.app import run
+        from agentserve.rayserve.app import check_cluster_options, run
+
+        try:
+            check_cluster_options(options)
+        except ValueError as e:
+            raise SystemExit(f"--replicas: {e}") from None
 
         run(settings, options=options, replicas=args.replicas, router=args.router, host=args.host, port=args.port)
     return 0

@@ -203,7 +203,8 @@ class ProgramScheduler(Scheduler):
         self._free(self.book.expire(self._waiting_programs))
         return {**self.book.stats(), "free_blocks": self.block_pool.get_num_free_blocks(),
                 "total_blocks": self.block_pool.num_gpu_blocks - 1, "queued": sum(self.get_request_counts()),
-                "host_tier": host_policy.tier_stats(self.connector)}
+                "host_tier": host_policy.tier_stats(self.connector),
+                "scheduler": type(self).__name__}  # which of vLLM's schedulers it runs under
 
 
 class AsyncProgramScheduler(ProgramScheduler, AsyncScheduler):

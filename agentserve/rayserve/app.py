@@ -26,6 +26,7 @@ import msgspec
 from agentserve.engine.settings import EngineSettings, vllm_namespace
 from agentserve.engine.settings import engine_settings_for
 from agentserve.options import ProgramOptions
+from agentserve.server.tenants import TenantGate
 
 # Ray Serve LLM sets these itself (model_loading_config, the Serve HTTP proxy).
 _SET_BY_RAY = ("model", "served_model_name", "host", "port")
@@ -74,6 +75,14 @@ def router_config(router: str):
     raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
 
 
+def check_cluster_options(options: ProgramOptions) -> None:
+    """Refuse, before anything starts, what the Ray Serve app does not serve."""
+    if options.kvshare.enabled:
+        raise ValueError("KV sharing (kvshare) is not served on Ray Serve: each replica would hold its own segment "
+                         "store, and a shared part's produce request would have to reach every replica that "
+                         "serves its consumers; serve it with `agentserve serve --kvshare` (one engine)")
+
+
 def llm_config(settings: EngineSettings, *, model_id: str, replicas: int = 1, accelerator: str = "cpu",
                router: str = "affinity"):
     from ray.serve.llm import LLMConfig
@@ -88,7 +97,10 @@ def llm_config(settings: EngineSettings, *, model_id: str, replicas: int = 1, ac
                      deployment_config={"autoscaling_config": {"min_replicas": replicas,
                                                                "max_replicas": replicas},
                                         "request_router_config": router_config(router)},
-                     engine_kwargs=kwargs, server_cls=ProgramLLMServer)
+                     engine_kwargs=kwargs, server_cls=ProgramLLMServer,
+                     # vLLM's own Prometheus logger in each replica (Ray's would export to Ray's
+                     # metrics agent instead): the replicas send its page to the ingress's /metrics
+                     log_engine_metrics=False)
 
 
 def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOptions | None = None,
@@ -102,6 +114,7 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
     from agentserve.rayserve.ingress import ProgramIngress, program_ingress_cls
 
     options = options or ProgramOptions()
+    check_cluster_options(options)
     if options.host.kv_tokens is None:  # on Ray Serve the host tier is opt-in (each replica's own pool)
         options = msgspec.structs.replace(options, host=msgspec.structs.replace(options.host, kv_tokens=0))
     config = llm_config(engine_settings_for(settings, options, device=accelerator), model_id=model_id, replicas=replicas,
@@ -111,7 +124,9 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
     llm = build_llm_deployment(config, bind_kwargs={
         "control_plane": control_plane, "measure_reload": options.policy == "agentserve",
         "pins": options.policy != "vllm"})
-    ingress = serve.deployment(program_ingress_cls(), **ProgramIngress.get_deployment_options([config]))
+    # one gate (so one cache-salt secret) for every ingress replica
+    gate = TenantGate(options.tenants) if options.tenants is not None else None
+    ingress = serve.deployment(program_ingress_cls(gate), **ProgramIngress.get_deployment_options([config]))
     return ingress.bind(llm_deployments={model_id: llm}, model_cards={model_id: to_model_metadata(model_id, config)})
 
 

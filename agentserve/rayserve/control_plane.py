@@ -32,7 +32,7 @@ from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
 from agentserve.observability.events import program_events
 from agentserve.options import ProgramOptions
-from agentserve.server.periodic import every
+from agentserve.server.tenants import TenantGate, ttl_caps, under_limit
 from agentserve.ttl.policy import OnlineBenefit, make_policy
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
@@ -49,6 +49,8 @@ SYNC_S = 0.2
 REPLICA_SILENT_S = 10.0
 # Engine events kept between two stats reads: the embedded scheduler's own bound.
 MAX_EVENTS = 4096
+# Replicas send their Prometheus page every this many syncs (the ingress's /metrics merges them).
+METRICS_EVERY = 10
 # Stats summed over replicas in the cluster view.
 _SUMMED = ("pins", "pinned_blocks", "pin_cap_blocks", "programs", "free_blocks", "total_blocks", "queued")
 
@@ -63,6 +65,7 @@ class ClusterControlPlane:
         self.replicas: dict[str, dict] = {}  # replica -> its last stats (without events)
         self.last_sync: dict[str, float] = {}  # replica -> monotonic time of its last sync
         self.events: list[dict] = []
+        self.metrics: dict[str, str] = {}  # replica -> its last Prometheus page
         predictor, benefit = ToolDurationPredictor(), OnlineBenefit()
         policy = None
         if self.options.policy not in ("vllm", "agentserve"):
@@ -70,8 +73,10 @@ class ClusterControlPlane:
         # `agentserve` needs the reload profile measured on a replica's engine: set on registration.
         link = None if self.options.policy == "vllm" else self._link
         on_event, tracer = program_events(self.options, model)
+        # tenants' TTL limits; the gate's secret salts nothing here (the ingress salts the cache)
+        cap = ttl_caps(TenantGate(self.options.tenants)) if self.options.tenants is not None else None
         self.control = ControlPlane(ProgramTracker(self.options.idle_timeout_s), predictor, policy, link,
-                                      benefit, on_event=on_event, tracer=tracer)
+                                      benefit, on_event=on_event, tracer=tracer, ttl_cap=cap)
         self.local = LocalControl(self.control)
         self._ticker: asyncio.Task | None = None
 
@@ -81,10 +86,12 @@ class ClusterControlPlane:
                            fixed_ttl_s=o.fixed_ttl_s, max_ttl_s=o.max_ttl_s)
 
     async def start(self) -> None:
-        """Tick in the background (abandoned programs end, their pins are released)."""
+        """Tick in the background (abandoned programs end, their pins are released, the metrics of
+        this process are refreshed), as the single server's control plane does."""
+        from agentserve.server.program_routes import tick_loop
+
         if self._ticker is None:
-            self._ticker = asyncio.get_running_loop().create_task(
-                every(SYNC_S, self.control.tick, "control plane tick"))
+            self._ticker = asyncio.get_running_loop().create_task(tick_loop(self.control))
 
     # ---- replicas -----------------------------------------------------------------------------
     def register(self, replica_id: str, reload: dict | None) -> bool:
@@ -109,6 +116,8 @@ class ClusterControlPlane:
     def sync(self, replica_id: str, stats: dict) -> list[tuple[str, dict]]:
         """A replica's periodic report; returns the commands queued for it."""
         events = stats.pop("events", [])
+        if "metrics" in stats:
+            self.metrics[replica_id] = stats.pop("metrics")
         self.events.extend(events[: max(0, MAX_EVENTS - len(self.events))])
         self.replicas[replica_id] = stats
         self.last_sync[replica_id] = time.monotonic()
@@ -171,6 +180,17 @@ class ClusterControlPlane:
 
     async def shutdown(self) -> dict:
         return await self._answer(self.local.shutdown)
+
+    def metrics_pages(self) -> dict[str, str]:
+        """Prometheus pages of this process and of every live replica (their last)."""
+        from agentserve.observability.exposition import this_process
+
+        live = self.live()
+        return {"control-plane": this_process(), **{r: page for r, page in self.metrics.items() if r in live}}
+
+    def admit(self, program_id: str, tenant: str, max_programs: int) -> bool:
+        """The tenant gate's program limit, for an ingress."""
+        return under_limit(self.control, tenant, max_programs, program_id)
 
     @staticmethod
     async def _answer(call: Callable[[], Awaitable[Any]]) -> dict:

@@ -6,6 +6,11 @@ program layer, so the Ray path speaks the embedded server's wire contract.
   shared control plane;
 - every LLM response names the replica that served it in `x-agentserve-replica` (the replica's
   `ReplicaTag`, stripped from the stream);
+- with tenants, the embedded server's tenant gate: API keys, program ids scoped by tenant, the
+  tenant's cache salt (one secret for every ingress replica: the app builder makes it) and its
+  program limit, which the control plane answers;
+- `/metrics` merges the Prometheus pages of the ingress, the control plane and every replica
+  (observability/exposition.py);
 - a call whose replica dies before it produced anything is sent again, and the router places it on
   a live replica (`REPLICA_RETRIES`). A stream cut after its first chunk cannot be resumed
   transparently (another replica would generate different tokens): it ends with an OpenAI error
@@ -18,13 +23,17 @@ import json
 import logging
 
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress, init, make_fastapi_ingress
 
+from agentserve.observability.exposition import merge, this_process
 from agentserve.rayserve.replica import ReplicaTag
 from agentserve.rayserve.remote import RemoteControl
 from agentserve.server.middleware import AgentFieldsMiddleware, error_response
 from agentserve.server.program_routes import add_program_routes
+from agentserve.server.tenants import TenantGate
 
 log = logging.getLogger("agentserve.rayserve")
 
@@ -68,12 +77,28 @@ class ProgramIngress(OpenAiIngress):
         return response
 
 
-def program_ingress_cls():
-    """`ProgramIngress` as a Serve ingress class: vLLM-compatible OpenAI routes + program routes."""
+def remote_admit(control: RemoteControl):
+    """`admit(tenant, program_id)` for the middleware, answered by the control plane (awaited)."""
+
+    def admit(tenant, program_id: str):
+        return control.admit(program_id, tenant.name, tenant.max_programs)
+
+    return admit
+
+
+def program_ingress_cls(gate: TenantGate | None = None):
+    """`ProgramIngress` as a Serve ingress class: vLLM-compatible OpenAI routes + program routes,
+    behind the tenant gate if there is one."""
     app: FastAPI = init()
-    app.add_middleware(AgentFieldsMiddleware)
     programs = RemoteControl()
-    add_program_routes(app, programs)
+    app.add_middleware(AgentFieldsMiddleware, gate=gate, admit=remote_admit(programs) if gate is not None else None)
+    add_program_routes(app, programs, record_metrics=False)
+
+    @app.get("/metrics")
+    async def metrics():
+        """Every process's metrics on one page, each series labelled with its process (`replica`)."""
+        pages = await programs.metrics_pages()
+        return PlainTextResponse(merge({"ingress": this_process(), **pages}), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():

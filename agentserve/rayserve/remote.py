@@ -61,6 +61,12 @@ class RemoteControl:
     def shutdown(self) -> Awaitable[dict]:
         return _unwrap(self._cp().shutdown.remote())
 
+    def metrics_pages(self) -> Awaitable[dict[str, str]]:
+        return self._cp().metrics_pages.remote()
+
+    def admit(self, program_id: str, tenant: str, max_programs: int) -> Awaitable[bool]:
+        return self._cp().admit.remote(program_id, tenant, max_programs)
+
     def ready(self) -> Awaitable[bool]:
         """Every configured replica has started once (the ingress's /health)."""
         return self._cp().ready.remote()

@@ -4,7 +4,8 @@ shared control plane (control_plane.py).
 - its engine client is wrapped in the embedded server's `ProgramEngineClient`, with `RemoteControl`
   (remote.py) as the control: every program call is tracked and given its TTL by the one control plane;
 - a sync task pulls the commands queued for this replica (end, release) and pushes its pin stats and
-  load (free KV blocks, queue) every `SYNC_S`;
+  load (free KV blocks, queue) every `SYNC_S`, and its Prometheus page (vLLM's metrics) every
+  `METRICS_EVERY` syncs;
 - every response stream starts with a `ReplicaTag`, which the ingress turns into the
   `x-agentserve-replica` header (and strips), so operators and tests see who served a request;
 - `agentserve_scheduler_command` runs a control command on this replica's engine directly (tests, operators).
@@ -19,7 +20,7 @@ import msgspec
 from ray import serve
 from ray.serve.llm import LLMServer
 
-from agentserve.rayserve.control_plane import SYNC_S
+from agentserve.rayserve.control_plane import METRICS_EVERY, SYNC_S
 from agentserve.rayserve.remote import RemoteControl
 from agentserve.server.engine_client import ProgramEngineClient
 
@@ -61,8 +62,8 @@ class ProgramLLMServer(LLMServer):
         if await control_plane.register.remote(self.replica_id, None) and measure_reload:
             reload = await self._measure_reload()
             await control_plane.register.remote(self.replica_id, msgspec.to_builtins(reload))
-        if pins:
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+        self._pins = pins  # the plugin runs (else the sync carries metrics only)
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
         await control_plane.replica_started.remote(self.replica_id)
 
     async def _measure_reload(self):
@@ -74,12 +75,18 @@ class ProgramLLMServer(LLMServer):
         return profile
 
     async def _sync_loop(self) -> None:
+        from agentserve.observability.exposition import this_process
+
         events: list[dict] = []
+        syncs = 0
         while True:
             await asyncio.sleep(SYNC_S)
             try:
-                stats = await self.agentserve_scheduler_command("tick")
+                stats = await self.agentserve_scheduler_command("tick") if self._pins else {}
                 stats["events"] = events + stats.get("events", [])
+                if syncs % METRICS_EVERY == 0:  # this replica's vLLM metrics, for the ingress's /metrics
+                    stats["metrics"] = this_process()
+                syncs += 1
                 events = []
                 for command, payload in await self._control_plane.sync.remote(self.replica_id, stats):
                     events += (await self.agentserve_scheduler_command(command, payload)).get("events", [])

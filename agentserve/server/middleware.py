@@ -19,9 +19,11 @@ A body that mentions nothing of agentserve's, on a server without tenants, is no
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, unquote
+
+import inspect
 
 import msgspec
 from fastapi.responses import JSONResponse
@@ -96,6 +98,8 @@ class AgentFieldsMiddleware:
             if self.cross is not None and scope["path"] == "/v1/completions" and self.cross.wants(incoming.data):
                 return await cross_model_response(incoming.data, self.cross, incoming.scope)(scope, receive, send)
             error = apply(incoming, self.rewriters[scope["path"]])
+            if error is None and incoming.admission is not None and not await incoming.admission:
+                error = over_limit(incoming.tenant)
             if error is not None:
                 return await error(scope, receive, send)
             body = incoming.encode()
@@ -149,7 +153,7 @@ class Incoming:
     """A chat / completion body, decoded once. `data` is the body as builtins (rewriters edit it in
     place); `fields` and `share` are the `agentserve` object as typed structs (None when absent)."""
 
-    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers")
+    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers", "admission")
 
     def __init__(self, data: dict[str, Any], fields: ProgramFields | None, share: SharedPrompt | None,
                  tenant: Tenant | None, headers: dict[str, str] | None = None):
@@ -160,6 +164,7 @@ class Incoming:
         self.tenant = tenant
         self.scope = tenant.name if tenant is not None else ""  # the KV-sharing scope
         self.produce: list[list[int]] = []  # shared parts to produce before the request runs
+        self.admission: Awaitable[bool] | None = None  # a tenant limit answered elsewhere (Ray Serve)
 
     @classmethod
     def decode(cls, body: bytes, tenant: Tenant | None = None,
@@ -269,7 +274,12 @@ def shared_prompt(shares: SharedPrompts) -> Rewriter:
     return rewrite
 
 
-def tenancy(gate: TenantGate, admit: Callable[[Tenant, str], bool] | None) -> Rewriter:
+def over_limit(tenant: Tenant) -> JSONResponse:
+    return error_response(429, f"tenant {tenant.name!r} has {tenant.max_programs} live programs, its limit",
+                          "agentserve.program_id")
+
+
+def tenancy(gate: TenantGate, admit: Callable[[Tenant, str], bool | Awaitable[bool]] | None) -> Rewriter:
     """The tenant's cache salt (a client's own kept, appended), its program ids scoped, its program limit."""
 
     def rewrite(incoming: Incoming) -> JSONResponse | None:
@@ -285,9 +295,12 @@ def tenancy(gate: TenantGate, admit: Callable[[Tenant, str], bool] | None) -> Re
         incoming.fields = fields = msgspec.structs.replace(
             fields, program_id=TenantGate.scope(tenant, fields.program_id),
             parent_program_id=TenantGate.scope(tenant, parent) if parent else None)
-        if admit is not None and not admit(tenant, fields.program_id):
-            return error_response(429, f"tenant {tenant.name!r} has {tenant.max_programs} live programs, "
-                                       "its limit", "agentserve.program_id")
+        if admit is not None:
+            admitted = admit(tenant, fields.program_id)
+            if inspect.isawaitable(admitted):  # the answer comes from another process: the middleware awaits it
+                incoming.admission = admitted
+            elif not admitted:
+                return over_limit(tenant)
         return None
 
     return rewrite

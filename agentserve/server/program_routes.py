@@ -46,8 +46,10 @@ def document_wire_contract(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def add_program_routes(app: FastAPI, control: Control) -> None:
-    """The program routes, answered by `control` (the server's own, or on Ray Serve the shared one)."""
+def add_program_routes(app: FastAPI, control: Control, *, record_metrics: bool = True) -> None:
+    """The program routes, answered by `control` (the server's own, or on Ray Serve the shared one).
+    `record_metrics`: the stats route refreshes this process's engine metrics (on Ray Serve the
+    control plane's tick does, in its own process)."""
     document_wire_contract(app)
 
     async def call(answer: Callable[[], Awaitable[Any]]) -> Any:
@@ -81,7 +83,8 @@ def add_program_routes(app: FastAPI, control: Control) -> None:
     @app.get("/v1/agentserve/stats")
     async def stats():
         result = await control.stats()
-        metrics.record_engine_stats(result["engine"])
+        if record_metrics:
+            metrics.record_engine_stats(result["engine"])
         return result
 
 

@@ -55,14 +55,19 @@ class TenantGate:
         return scope_id(tenant.name, program_id)
 
 
+def under_limit(control, tenant: str, max_programs: int, program_id: str) -> bool:
+    """A known program always; a new one while its tenant has fewer live programs than its limit (a
+    count over live programs: O(programs))."""
+    if control.knows(program_id):
+        return True
+    return control.live_programs(lambda p: tenant_of(p) == tenant) < max_programs
+
+
 def admit_under_limits(control):
-    """`admit(tenant, program_id)` for the middleware: a known program always, a new one while its
-    tenant has fewer live programs than its limit (a count over live programs: O(programs))."""
+    """`admit(tenant, program_id)` for the middleware, over this process's control plane."""
 
     def admit(tenant: Tenant, program_id: str) -> bool:
-        if control.knows(program_id):
-            return True
-        return control.live_programs(lambda p: tenant_of(p) == tenant.name) < tenant.max_programs
+        return under_limit(control, tenant.name, tenant.max_programs, program_id)
 
     return admit
 
