@@ -35,7 +35,7 @@ def test_engine_kwargs_carry_the_plugin_the_exact_kv_budget_and_cached_token_usa
     source, kw = engine_kwargs(engine_settings_for(SETTINGS, OPTIONS))
     assert (Path(source) / "config.json").exists()  # the locally built model directory
     assert kw["scheduler_cls"] == SCHEDULER_CLS and kw["scheduling_policy"] == "priority"
-    assert kw["num_gpu_blocks_override"] == SETTINGS.num_blocks and kw["kv_cache_memory_bytes"] > 0
+    assert kw["num_gpu_blocks_override"] == SETTINGS.for_device("cpu").num_blocks and kw["kv_cache_memory_bytes"] > 0
     assert kw["additional_config"]["agentserve"]["pin_cap_share"] == 0.5
     assert kw["enable_prompt_tokens_details"] is True
     assert not {"model", "served_model_name", "host", "port"} & set(kw)
