@@ -3,6 +3,7 @@ costs ~20-40 s on this machine."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -10,6 +11,24 @@ import pytest
 # A small KV budget so tests can fill it; a max model length that over-long prompts can exceed.
 TEST_KV_TOKENS = 8192
 TEST_MAX_MODEL_LEN = 2048
+
+
+@contextlib.contextmanager
+def serve_app(settings, options, port: int, replicas: int = 2):
+    """agentserve's Ray Serve app on a local Ray cluster, shut down on the way out."""
+    import ray
+    from ray import serve
+
+    from agentserve.rayserve.app import APP_NAME, build_app
+
+    ray.init(num_cpus=8, include_dashboard=False)  # logical CPUs: the ingress must schedule on 2 cores
+    try:
+        serve.start(http_options={"port": port})
+        serve.run(build_app(settings, model_id="tiny", options=options, replicas=replicas), name=APP_NAME)
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture(params=["sync", "async"])

@@ -43,19 +43,10 @@ def test_engine_kwargs_carry_the_plugin_the_exact_kv_budget_and_cached_token_usa
 
 @pytest.fixture(scope="module")
 def ray_app():
-    import ray
-    from ray import serve
+    from tests.conftest import serve_app
 
-    from agentserve.rayserve.app import APP_NAME, build_app
-
-    ray.init(num_cpus=8, include_dashboard=False)  # logical CPUs: the ingress must schedule on 2 cores
-    try:
-        serve.start(http_options={"port": PORT})
-        serve.run(build_app(SETTINGS, model_id="tiny", options=OPTIONS, replicas=2), name=APP_NAME)
+    with serve_app(SETTINGS, OPTIONS, PORT):
         yield
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def post(path: str, body: dict | None) -> tuple[int, dict, dict]:

@@ -37,22 +37,13 @@ def collector():
 
 @pytest.fixture(scope="module")
 def ray_app(collector):
-    import ray
-    from ray import serve
-
-    from agentserve.rayserve.app import APP_NAME, build_app
+    from tests.conftest import serve_app
 
     options = ProgramOptions(policy="fixed", fixed_ttl_s=30.0, tenants=TENANTS,
                              otlp_traces_endpoint=f"http://127.0.0.1:{collector.port}")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # the actors' span exporters flush every 0.2 s
-    ray.init(num_cpus=8, include_dashboard=False)
-    try:
-        serve.start(http_options={"port": PORT})
-        serve.run(build_app(SETTINGS, model_id="tiny", options=options, replicas=2), name=APP_NAME)
+    with serve_app(SETTINGS, options, PORT):
         yield
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def call(path: str, key: str | None, body: dict | None = None) -> tuple[int, dict, dict]:
