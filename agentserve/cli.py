@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(serve.add_argument_group("programs"), ProgramOptions)
 
     add_replay_parser(sub)
+    from agentserve.sim.cli import add_sim_parser
+
+    add_sim_parser(sub, add_workload_flags)
 
     models = sub.add_parser(
         "models",
@@ -73,8 +76,25 @@ REPLAY_SKIPS = ("--seed", "--policy", "--otlp-traces-endpoint", "--tenants", "--
 REPLAY_KV_TOKENS = 8192
 
 
-def add_replay_parser(sub) -> None:
+def add_workload_flags(p) -> None:
+    """What is replayed (`replay` and `sim` alike): the trace, how many programs, their arrivals, scaling."""
     from workloads.formats import FORMATS
+
+    p.add_argument("--trace", default=str(DEFAULT_TRACE),
+                   help="trace file or directory, or bfcl:CATEGORY (base, long_context, miss_func, miss_param), "
+                   "or fanout:KxW:TRACE (default: the embedded 16-program mini-swe-agent SWE-bench sample)")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="trace format (default: auto)")
+    p.add_argument("--programs", type=_positive_int, default=8, help="programs to replay (default: 8)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, default=None, help="Poisson program arrivals per second (default: 0.5)")
+    load.add_argument("--concurrency", type=_positive_int, default=None, help="run this many programs at once instead")
+    p.add_argument("--token-scale", type=float, default=0.25, help="multiply every token count (default: 0.25)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply every tool duration (default: 1)")
+    p.add_argument("--max-turns", type=_positive_int, default=10, help="LLM calls per program at most (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="program sample, arrivals, tool times (default: 0)")
+
+
+def add_replay_parser(sub) -> None:
     from workloads.replay import POLICIES
 
     rp = sub.add_parser(
@@ -85,10 +105,7 @@ def add_replay_parser(sub) -> None:
         "policy, the same model, KV budget and arrival plan. Writes OUT/results.json, records.json, "
         "jct_cdf.png and timeline.png and prints the side-by-side table.",
     )
-    rp.add_argument("--trace", default=str(DEFAULT_TRACE),
-                    help="trace file or directory, or bfcl:CATEGORY (base, long_context, miss_func, miss_param) "
-                    "(default: the embedded 16-program mini-swe-agent SWE-bench sample)")
-    rp.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="trace format (default: auto)")
+    add_workload_flags(rp)
     rp.add_argument("--policies", type=_csv, default=["vllm", "continuum", "agentserve", "oracle"],
                     help=f"comma-separated, run in this order, from {','.join(POLICIES)}; a plugin policy "
                     "may carry its own `agentserve serve` program options as +KEY=VALUE (KEY: the flag without --, "
@@ -98,14 +115,6 @@ def add_replay_parser(sub) -> None:
     rp.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
                     help="also replay against a running OpenAI-compatible server (e.g. a stock vllm serve "
                     "of the same model), with plain OpenAI requests; repeatable")
-    rp.add_argument("--programs", type=_positive_int, default=8, help="programs to replay (default: 8)")
-    load = rp.add_mutually_exclusive_group()
-    load.add_argument("--rate", type=float, default=None, help="Poisson program arrivals per second (default: 0.5)")
-    load.add_argument("--concurrency", type=_positive_int, default=None, help="run this many programs at once instead")
-    rp.add_argument("--token-scale", type=float, default=0.25, help="multiply every token count (default: 0.25)")
-    rp.add_argument("--time-scale", type=float, default=1.0, help="multiply every tool duration (default: 1)")
-    rp.add_argument("--max-turns", type=_positive_int, default=10, help="LLM calls per program at most (default: 10)")
-    rp.add_argument("--seed", type=int, default=0, help="program sample, arrivals, tool times (default: 0)")
     rp.add_argument("--rounds", type=_positive_int, default=1,
                     help="replay every policy this many times, round by round; the table pools the rounds "
                     "and adds each round's ratios to stock vLLM, so noise shows; an --endpoint server keeps its cache "
@@ -189,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_models(args)
         if args.command == "replay":
             return cmd_replay(args)
+        if args.command == "sim":
+            from agentserve.sim.cli import cmd_sim
+
+            return cmd_sim(args)
     except ValueError as e:  # bad settings: say what, no traceback
         print(f"agentserve: error: {e}", file=sys.stderr)
         return 2

@@ -192,7 +192,8 @@ class Waiting:
 
 
 def test_program_fcfs_orders_preempted_overdue_pinned_then_program_arrival():
-    from agentserve.engine.program_queue import ProgramFCFS, ProgramQueue
+    from agentserve.engine.program_queue import ProgramQueue
+    from agentserve.programs.queue_order import ProgramFCFS
 
     clock = Clock()
     b = book(clock, max_wait_s=0.5)

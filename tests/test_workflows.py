@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agentserve.engine.program_queue import ProgramFCFS, ProgramQueue
+from agentserve.engine.program_queue import ProgramQueue
+from agentserve.programs.queue_order import ProgramFCFS
 from agentserve.options import SchedulerConfig
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.control import ControlPlane

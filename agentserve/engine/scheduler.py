@@ -39,7 +39,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from agentserve.engine import utilities
-from agentserve.engine.program_queue import ProgramFCFS, ProgramQueue
+from agentserve.engine.program_queue import ProgramQueue
+from agentserve.programs.queue_order import ProgramFCFS
 from agentserve.options import SchedulerConfig
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.next_use import NEVER
@@ -189,17 +190,7 @@ class ProgramScheduler(Scheduler):
     def command(self, command: str, payload: dict) -> dict[str, Any]:
         """A control command from the front end (end / release / release_all / set_ttl / tick); answers
         the book's stats and this engine's load (free blocks count evictable cached ones)."""
-        program = payload.get("program_id")
-        if command == "end":
-            self._free(self.book.end(program))
-        elif command == "release":
-            self._free(self.book.release(program, payload.get("reason", "program_end")))
-        elif command == "release_all":
-            self._free(self.book.release_all(payload.get("reason", "program_end")))
-        elif command == "set_ttl":
-            self.book.set_ttl(program, float(payload["ttl_s"]))
-        elif command != "tick":
-            raise ValueError(f"unknown agentserve control command {command!r}")
+        self._free(self.book.command(command, payload))
         self._free(self.book.expire(self._waiting_programs))
         return {**self.book.stats(), "free_blocks": self.block_pool.get_num_free_blocks(),
                 "total_blocks": self.block_pool.num_gpu_blocks - 1, "queued": sum(self.get_request_counts()),

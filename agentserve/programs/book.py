@@ -268,6 +268,22 @@ class ProgramBook:
     def release_all(self, reason: str) -> list[Release]:
         return self._released(self.pins.release_all(reason))
 
+    def command(self, command: str, payload: dict) -> list[Release]:
+        """A control command from the front end (end / release / release_all / set_ttl / tick): the
+        pins it releases. ValueError for an unknown command."""
+        program, reason = payload.get("program_id"), payload.get("reason", "program_end")
+        if command == "end":
+            return self.end(program)
+        if command == "release":
+            return self.release(program, reason)
+        if command == "release_all":
+            return self.release_all(reason)
+        if command == "set_ttl":
+            self.set_ttl(program, float(payload["ttl_s"]))
+        elif command != "tick":
+            raise ValueError(f"unknown agentserve control command {command!r}")
+        return []
+
     def set_ttl(self, program: str, ttl_s: float) -> None:
         if (pin := self.pins.get(program)) is not None:
             pin.expires_at = pin.created_at + max(0.0, ttl_s)

@@ -1,0 +1,280 @@
+"""One simulated vLLM engine: continuous batching with a token budget and chunked prefill, prefix
+caching over a block pool (pool.py), preemption by recompute, and, with a `ProgramBook`, agentserve's
+scheduler plugin: the same book (ranks, wait bound, admission, pins) and the same queue order
+(`ProgramFCFS`) the vLLM adapter (agentserve/engine/scheduler.py) drives, called at the same points.
+
+A step is two calls: `schedule(now)` picks the work and says how long it takes (the cost model);
+`complete(now)` applies it when that time has passed. What follows vLLM's scheduler, and why:
+- running requests first, in order; a request that cannot get a block releases pins first (the
+  book names them), then preempts the lowest-priority running request (the latest one without a
+  book), which loses its KV and waits again (recompute);
+- waiting requests next, in queue order, unless a preemption happened this step; a request's prefix
+  hit is the cached run of its full blocks, at most all but one token; a request that cannot get
+  blocks stops the scan;
+- a finished request's full blocks stay cached (LRU), or pinned if the book pins them.
+What is left out: the host tier, speculative decoding, multi-modal inputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agentserve.programs.book import ProgramBook
+from agentserve.programs.next_use import NEVER
+from agentserve.sim.costs import CostModel
+from agentserve.sim.pool import BlockKey, BlockPool
+
+
+class Stream:
+    """A program's token stream, by block: block i's identity. A sub-program's stream starts with its
+    parent's first `prefix_tokens` tokens (its prompt extends the parent's context)."""
+
+    def __init__(self, owner: str, block_size: int, parent: Stream | None = None, prefix_tokens: int = 0):
+        self.owner, self.block_size, self.parent = owner, block_size, parent
+        self.shared_blocks = prefix_tokens // block_size if parent is not None else 0
+
+    def key(self, i: int) -> BlockKey:
+        return self.parent.key(i) if i < self.shared_blocks else (self.owner, i)
+
+    def keys(self, n: int) -> list[BlockKey]:
+        return [self.key(i) for i in range(n)]
+
+
+@dataclass(eq=False)
+class SimRequest:
+    request_id: str
+    program: str | None
+    stream: Stream
+    prompt_tokens: int
+    output_tokens: int
+    arrival_time: float
+    ttl_s: float = 0.0  # the front end's TTL for this turn's pin (0: none)
+    is_last: bool = False
+    next_use_s: float | None = None
+    workflow: str | None = None
+    parent: str | None = None
+    remaining_s: float = 0.0  # predicted work its program has left (the critical-path orders)
+    priority: int = 0
+    num_preemptions: int = 0
+    computed: int = 0
+    generated: int = 0
+    held: list[BlockKey] = field(default_factory=list)  # full blocks it references, in order
+    anonymous: int = 0  # blocks it holds that are not full yet
+    hit_tokens: int = 0  # found cached when last admitted
+    cached_tokens: int | None = None  # at its first admission (what the API reports)
+    first_token_at: float | None = None
+    done_at: float | None = None
+    scheduled: int = 0  # tokens in the step under way
+    owner: object = None  # whoever sent it (the fleet's program)
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.generated
+
+    def blocks(self) -> int:
+        return len(self.held) + self.anonymous
+
+
+def _fcfs(request: SimRequest) -> tuple:
+    return (request.arrival_time,)
+
+
+class SimEngine:
+    def __init__(self, name: str, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_batched_tokens: int, cost: CostModel, book: ProgramBook | None = None,
+                 order: Callable[[SimRequest], tuple] | None = None):
+        self.name, self.block_size, self.cost = name, block_size, cost
+        self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
+        self.pool = BlockPool(num_blocks)
+        self.book = book
+        self.order = order or _fcfs
+        self.waiting: list[tuple[tuple, int, SimRequest]] = []
+        self.running: list[SimRequest] = []
+        self.batch: list[SimRequest] = []
+        self.preemptions = 0
+        self._seq = itertools.count()
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add(self, request: SimRequest) -> None:
+        if self.book is not None:
+            request.priority = self.book.arrive(request.request_id, request.program, request.prompt_tokens,
+                                                request.workflow, request.parent)
+        self._enqueue(request)
+
+    def _enqueue(self, request: SimRequest) -> None:
+        heapq.heappush(self.waiting, (self.order(request), next(self._seq), request))
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def queued(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- a step ----------------------------------------------------------------------------------
+    def schedule(self, now: float) -> float:
+        """Pick this step's work; returns its duration (0: nothing to run)."""
+        if self.book is not None:
+            self.free(self.book.expire(lambda: {r.program for _, _, r in self.waiting}))
+            if self.waiting:
+                self.book.age((r.request_id, r.arrival_time) for _, _, r in self.waiting)
+            if self.book.reorder_due:
+                self.book.reorder_due = False
+                self.waiting = [(self.order(r), s, r) for _, s, r in self.waiting]
+                heapq.heapify(self.waiting)
+        budget, preempted = self.max_batched_tokens, False
+        self.batch = []
+        for request in list(self.running):
+            if budget <= 0:
+                break
+            if request not in self.running:  # preempted by an earlier one this step
+                continue
+            n = min(request.total - request.computed, budget)
+            if not self._grow(request, n):
+                preempted = True
+                continue
+            request.scheduled, budget = n, budget - n
+            self.batch.append(request)
+        if not preempted:
+            budget = self._admit(budget)
+        prefill = sum(r.scheduled for r in self.batch if r.scheduled > 1 or r.generated == 0)
+        decodes = [r for r in self.batch if r.scheduled == 1 and r.generated > 0]
+        return self.cost.step(prefill, len(decodes), sum(r.computed for r in decodes))
+
+    def _grow(self, request: SimRequest, n: int) -> bool:
+        """Blocks for `n` more tokens of a running request: releasing pins, then preempting."""
+        need = -(-(request.computed + n) // self.block_size) - request.blocks()
+        while need > 0 and not self.pool.take(need):
+            if self._release_pin(request, running=True):
+                continue
+            victim = max(self.running, key=self._preemption_order)
+            self._preempt(victim)
+            if victim is request:
+                return False
+        request.anonymous += max(0, need)
+        return True
+
+    def _preemption_order(self, request: SimRequest) -> tuple:
+        # vLLM: the lowest priority (the highest number, then the latest arrival); FCFS: the latest
+        return (request.priority, request.arrival_time) if self.book is not None else (request.arrival_time,)
+
+    def _preempt(self, request: SimRequest) -> None:
+        self.running.remove(request)
+        self.pool.release(request.held, request.anonymous)
+        request.held, request.anonymous, request.computed = [], 0, 0
+        request.num_preemptions += 1
+        self.preemptions += 1
+        self._enqueue(request)
+
+    def _release_pin(self, request: SimRequest, *, running: bool) -> bool:
+        if self.book is None or not self.book.pins:
+            return False
+        release = self.book.release_for(request.program, request.priority, running=running,
+                                        preempted=request.num_preemptions > 0, arrival_time=request.arrival_time)
+        if release is None:
+            return False
+        self.free([release])
+        return True
+
+    def _admit(self, budget: int) -> int:
+        skipped = []
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0][2]
+            if self.book is not None and not self.book.may_start(request.request_id, request.total,
+                                                                 request.arrival_time):
+                skipped.append(heapq.heappop(self.waiting))
+                continue
+            hits = self.pool.cached_prefix(request.stream.keys((request.total - 1) // self.block_size))
+            keys = request.stream.keys(hits)
+            self.pool.touch(keys)
+            n = min(request.total - hits * self.block_size, budget)
+            need = -(-(hits * self.block_size + n) // self.block_size) - hits
+            while not self.pool.take(need):
+                if not self._release_pin(request, running=False):
+                    self.pool.release(keys)
+                    self.waiting.extend(skipped)
+                    heapq.heapify(self.waiting)
+                    return budget
+            heapq.heappop(self.waiting)
+            request.held, request.anonymous = keys, need
+            request.computed = request.hit_tokens = hits * self.block_size
+            if request.cached_tokens is None:
+                request.cached_tokens = request.computed
+            request.scheduled, budget = n, budget - n
+            self.running.append(request)
+            self.batch.append(request)
+            if self.book is not None:
+                self.free(self.book.started(request.request_id, request.program, request.computed,
+                                             request.prompt_tokens, request.arrival_time))
+        for entry in skipped:
+            heapq.heappush(self.waiting, entry)
+        return budget
+
+    def complete(self, now: float) -> list[SimRequest]:
+        """The step's work is done at `now`: KV computed, tokens sampled. Returns requests that
+        produced their first token or finished (check `first_token_at`, `done_at`)."""
+        touched = []
+        for request in self.batch:
+            before = request.computed // self.block_size
+            request.computed += request.scheduled
+            request.scheduled = 0
+            for i in range(before, request.computed // self.block_size):
+                key = request.stream.key(i)
+                self.pool.fill(key)
+                request.anonymous -= 1
+                request.held.append(key)
+            if request.computed < request.total:
+                continue  # a prefill chunk
+            request.generated += 1
+            if request.generated == 1:
+                request.first_token_at = now
+                touched.append(request)
+            if request.generated >= request.output_tokens:
+                request.done_at = now
+                self._finish(request)
+                if request not in touched:
+                    touched.append(request)
+        self.batch = []
+        return touched
+
+    def _finish(self, request: SimRequest) -> None:
+        self.running.remove(request)
+        if self.book is not None:
+            releases, ttl = self.book.leave(request.request_id, request.program, request.total, aborted=False,
+                                            is_last=request.is_last, ttl_s=request.ttl_s,
+                                            next_use_s=request.next_use_s,
+                                            computed_tokens=request.total - request.hit_tokens)
+            self.free(releases)
+            if ttl > 0 and request.program is not None:
+                pinned, releases = self.book.pin(request.program, list(request.held), ttl)
+                self.free(releases)
+                if pinned:
+                    self.pool.touch(request.held)
+        self.pool.release(request.held, request.anonymous)
+        if self.book is not None and self.book.next_use.seconds_until(request.program) == NEVER:
+            # only what this request computed: its prefix hit may be a prefix others share
+            self.pool.evict_first(request.held[request.hit_tokens // self.block_size:])
+        request.held, request.anonymous = [], 0
+
+    def free(self, releases) -> None:
+        """Unpin: the released pins' blocks go back to the pool."""
+        for release in releases:
+            self.pool.release(list(release.pin.blocks))
+
+    def check(self) -> None:
+        """Invariants after a step: blocks conserved; every reference accounted for by a running
+        request or a pin."""
+        self.pool.check()
+        refs: dict[BlockKey, int] = {}
+        for request in self.running:
+            for key in request.held:
+                refs[key] = refs.get(key, 0) + 1
+        if self.book is not None:
+            for pin in self.book.pins.pins.values():
+                for key in pin.blocks:
+                    refs[key] = refs.get(key, 0) + 1
+        assert all(self.pool.ref.get(k, 0) == n for k, n in refs.items()), "a reference without an owner"
+        assert sum(1 for r in self.pool.ref.values() if r > 0) == len(refs), "a referenced block nobody holds"
+        assert sum(r.anonymous for r in self.running) == self.pool.anonymous, "anonymous blocks out of step"

@@ -1,0 +1,128 @@
+"""The fleet simulator (agentserve/sim/): a hand-computed scenario, determinism, invariants checked
+after every simulated step (blocks conserved, every reference owned, no pin outlives its program),
+and the policies' effects in the direction they have on the real engine."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentserve.options import ProgramOptions
+from agentserve.sim.costs import CostModel
+from agentserve.sim.fleet import Fleet, FleetSetup
+from agentserve.sim.pool import BlockPool
+from workloads.plan import TEMPLATE_TOKENS_PER_TURN, PlannedProgram, PlannedTurn
+from workloads.report import summarize
+
+# 1 ms per step, 1 ms per prefill token, nothing else: times are easy to add up by hand
+UNIT = CostModel(name="unit", step_s=0.001, prefill_token_s=0.001, decode_seq_s=0.0, kv_read_token_s=0.0)
+
+
+def program(pid: str, arrival: float, turns: list[tuple[int, int, float]]) -> PlannedProgram:
+    """(new tokens, output tokens, tool seconds) per turn; the last turn's tool is dropped."""
+    planned = [PlannedTurn(n, o, "bash", t, True) for n, o, t in turns[:-1]]
+    n, o, _ = turns[-1]
+    return PlannedProgram(pid, "test", arrival, planned + [PlannedTurn(n, o, None, 0.0, True)], False)
+
+
+def fleet(policy: str = "vllm", **kw) -> Fleet:
+    options = kw.pop("options", ProgramOptions(policy=policy if policy != "oracle" else "vllm", fixed_ttl_s=30.0))
+    return Fleet(FleetSetup(policy=policy, replicas=kw.pop("replicas", 1), kv_tokens=kw.pop("kv_tokens", 4096),
+                            cost=kw.pop("cost", UNIT), check=True, options=options, **kw))
+
+
+def test_one_program_by_hand():
+    """Two turns of one program alone: prefill, decode, the tool call, a prefix hit."""
+    f = fleet("vllm")
+    (rec,) = f.run([program("p", 0.0, [(100, 3, 2.0), (20, 2, 0.0)])])
+    first, second = rec.turns
+    p1 = 100 + TEMPLATE_TOKENS_PER_TURN  # 112 tokens: one prefill step of 1 + 112 ms, then 2 decode steps of 1 ms
+    assert first.first_token == pytest.approx(0.113) and first.done == pytest.approx(0.115)
+    assert first.cached_tokens == 0 and first.prompt_tokens == p1
+    # turn 2 is sent when the tool ends (2 s later); its prompt: the context (112 + 3) + 20 + 12
+    assert second.sent == pytest.approx(2.115) and second.prompt_tokens == p1 + 3 + 20 + TEMPLATE_TOKENS_PER_TURN
+    # the context's full blocks (3 of 32 tokens: 96) are cached; the other 51 tokens are computed
+    assert second.cached_tokens == 96
+    assert second.first_token == pytest.approx(2.115 + 0.001 + 0.001 * (147 - 96))
+    assert rec.end == second.done and rec.tool_wait_s == 2.0
+
+
+def run_mix(policy: str, seed: int = 0, **kw):
+    import random
+
+    rng = random.Random(seed)
+    programs = [program(f"p{i}", i * 0.3, [(rng.randrange(50, 400), rng.randrange(1, 30), rng.uniform(0.2, 3.0))
+                                          for _ in range(rng.randrange(1, 6))]) for i in range(30)]
+    f = fleet(policy, **kw)
+    records = f.run(programs)
+    return f, records
+
+
+@pytest.mark.parametrize("policy", ["vllm", "fixed", "continuum", "agentserve", "oracle"])
+def test_the_same_seed_gives_the_same_results(policy):
+    a = summarize(run_mix(policy, replicas=2, router="pow2")[1], {})
+    b = summarize(run_mix(policy, replicas=2, router="pow2")[1], {})
+    assert a == b
+
+
+def test_pins_keep_contexts_across_tool_calls_and_none_outlives_its_program():
+    stock, stock_records = run_mix("vllm", kv_tokens=2560)
+    pinned, pinned_records = run_mix("fixed", kv_tokens=2560)
+    hit = lambda records: summarize(records, {}).prefix_hit_rate  # noqa: E731
+    assert hit(pinned_records) > hit(stock_records)
+    stats = pinned.server_stats()
+    assert stats["pins_created"] > 0 and stats["pins_outstanding"] == 0
+    for engine in pinned.engines:
+        assert engine.pool.num_free() == engine.pool.num_blocks  # every program ended: every block free
+
+
+def test_the_oracle_never_evicts():
+    f, records = run_mix("oracle", kv_tokens=2560)
+    assert all(e.pool.evictions == 0 for e in f.engines)
+    assert summarize(records, {}).prefix_hit_rate >= summarize(run_mix("vllm", kv_tokens=2560)[1], {}).prefix_hit_rate
+
+
+def test_a_turn_larger_than_a_replica_is_refused_not_stalled():
+    with pytest.raises(ValueError, match="more than a replica"):
+        fleet("vllm", kv_tokens=256).run([program("big", 0.0, [(400, 4, 0.0)])])
+
+
+def test_affinity_keeps_a_program_on_one_replica_and_pow2_does_not():
+    def homes(router: str) -> float:
+        f, records = run_mix("fixed", replicas=4, router=router, kv_tokens=8192)
+        return summarize(records, {}).prefix_hit_rate
+
+    assert homes("affinity") > homes("pow2")
+
+
+@settings(max_examples=60, deadline=None)
+@given(kv_blocks=st.integers(8, 80), programs=st.lists(
+    st.lists(st.tuples(st.integers(1, 300), st.integers(1, 20), st.floats(0, 2)), min_size=1, max_size=5),
+    min_size=1, max_size=12), policy=st.sampled_from(["vllm", "fixed", "agentserve"]),
+    replicas=st.integers(1, 3), max_wait=st.sampled_from([0.0, 0.5]))
+def test_invariants_hold_on_random_traffic(kv_blocks, programs, policy, replicas, max_wait):
+    """check=True asserts after every step: blocks conserved, references owned; at the end no pin."""
+    planned = [program(f"p{i}", i * 0.1, turns) for i, turns in enumerate(programs)]
+    kv_tokens = kv_blocks * 32
+    longest = max(sum(n + o + TEMPLATE_TOKENS_PER_TURN for n, o, _ in turns) for turns in programs)
+    if longest + 32 > kv_tokens:  # the plan cuts programs to the context: no program bigger than the KV
+        kv_tokens = longest + 64
+    f = fleet(policy, kv_tokens=kv_tokens, replicas=replicas,
+              options=ProgramOptions(policy=policy, fixed_ttl_s=1.0, max_wait_s=max_wait))
+    records = f.run(planned)
+    assert all(r.end >= r.start for r in records) and len(records) == len(planned)
+    assert all(len(r.turns) == len(p.turns) for r, p in zip(records, planned))
+    assert f.server_stats()["pins_outstanding"] == 0
+
+
+def test_block_pool_evicts_the_oldest_free_block_and_tails_first():
+    pool = BlockPool(4)
+    assert pool.take(2)
+    pool.fill(("a", 0))
+    pool.fill(("a", 1))
+    pool.release([("a", 0), ("a", 1)])  # freed tail first: a1 is the older free block
+    assert pool.take(3)  # 2 empty + the oldest cached (a1)
+    assert ("a", 1) not in pool.ref and ("a", 0) in pool.ref
+    assert not pool.take(2)
+    pool.check()
