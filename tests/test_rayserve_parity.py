@@ -10,6 +10,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import pytest
@@ -96,15 +97,17 @@ def test_a_tenants_cached_prefix_never_serves_another_tenant_on_the_same_replica
     chat(KEY_A, "salt-a", prompt)
     usage, home = chat(KEY_A, "salt-a", prompt)
     assert usage["prompt_tokens_details"]["cached_tokens"] > 0  # acme's own cache works
-    landed = []
-    for i in range(8):  # bolt's new programs spread over the replicas: find one on acme's
-        usage, replica = chat(KEY_B, f"salt-b{i}", prompt)
+    # bolt's new programs at once: placed within one load report, they spread over both replicas
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: chat(KEY_B, f"salt-b{i}", prompt), range(6)))
+    for i in range(6):
         call(f"/v1/programs/salt-b{i}/end", KEY_B)
-        if replica == home:
-            landed.append(usage["prompt_tokens_details"]["cached_tokens"] or 0)
     call("/v1/programs/salt-a/end", KEY_A)
+    landed = [usage["prompt_tokens_details"]["cached_tokens"] or 0 for usage, replica in answers if replica == home]
     assert landed, "no bolt request landed on acme's replica"
-    assert landed[0] == 0  # the same prompt on the same replica, another tenant: nothing cached
+    # the same prompt on acme's replica, another tenant: bolt's first finds nothing cached (with
+    # acme's prefix shared, every one of them would; later ones may hit bolt's own)
+    assert min(landed) == 0, landed
 
 
 def test_metrics_of_every_process_reach_the_ingress(ray_app):
