@@ -42,6 +42,9 @@ class Stream:
     def keys(self, n: int) -> list[BlockKey]:
         return [self.key(i) for i in range(n)]
 
+    def iter_keys(self, n: int):
+        return (self.key(i) for i in range(n))
+
 
 @dataclass(eq=False)
 class SimRequest:
@@ -186,11 +189,16 @@ class SimEngine:
                                                                  request.arrival_time):
                 skipped.append(heapq.heappop(self.waiting))
                 continue
-            hits = self.pool.cached_prefix(request.stream.keys((request.total - 1) // self.block_size))
-            keys = request.stream.keys(hits)
-            self.pool.touch(keys)
+            hits = self.pool.cached_prefix(request.stream.iter_keys((request.total - 1) // self.block_size))
             n = min(request.total - hits * self.block_size, budget)
             need = -(-(hits * self.block_size + n) // self.block_size) - hits
+            no_pins = self.book is None or not self.book.pins
+            if no_pins and need > self.pool.num_free():
+                break  # it cannot get its blocks: vLLM's scan stops here too
+            keys = request.stream.keys(hits)
+            if no_pins and need > self.pool.num_free() - sum(1 for k in keys if self.pool.ref[k] == 0):
+                break  # referencing its hits takes them off the free queue
+            self.pool.touch(keys)
             while not self.pool.take(need):
                 if not self._release_pin(request, running=False):
                     self.pool.release(keys)

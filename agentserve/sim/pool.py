@@ -11,6 +11,7 @@ free-anonymous, cached-free, or referenced, and they add up to the pool.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 BlockKey = tuple[str, int]
 
@@ -27,8 +28,8 @@ class BlockPool:
     def num_free(self) -> int:
         return self.empty + len(self.lru)
 
-    def cached_prefix(self, keys: list[BlockKey]) -> int:
-        """How many of `keys`, from the first, are cached."""
+    def cached_prefix(self, keys: Iterable[BlockKey]) -> int:
+        """How many of `keys`, from the first, are cached (read lazily: stops at the first miss)."""
         n = 0
         for key in keys:
             if key not in self.ref:

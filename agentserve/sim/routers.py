@@ -35,8 +35,8 @@ class AffinityRouter:
 
 class PrefixRouter:
     def pick(self, request: SimRequest, engines: list[SimEngine]) -> SimEngine:
-        keys = request.stream.keys(request.total // request.stream.block_size)
-        return max(engines, key=lambda e: (e.pool.cached_prefix(keys), -e.queued(), e.name))
+        n = request.total // request.stream.block_size
+        return max(engines, key=lambda e: (e.pool.cached_prefix(request.stream.iter_keys(n)), -e.queued(), e.name))
 
     def end(self, program: str) -> None:
         return
