@@ -126,3 +126,79 @@ def test_block_pool_evicts_the_oldest_free_block_and_tails_first():
     assert ("a", 1) not in pool.ref and ("a", 0) in pool.ref
     assert not pool.take(2)
     pool.check()
+
+
+def test_a_context_evicted_on_the_device_is_loaded_back_from_the_host_tier():
+    """A's context is evicted by B during A's tool call; with a host tier A's next turn loads its
+    three full blocks back (at the load price) instead of recomputing them."""
+    from agentserve.options import HostTierOptions
+
+    cost = CostModel(name="unit+load", step_s=0.001, prefill_token_s=0.001, decode_seq_s=0.0, kv_read_token_s=0.0,
+                     host_load_token_s=0.0001)
+    a = program("a", 0.0, [(100, 3, 2.0), (20, 2, 0.0)])
+    b = program("b", 0.5, [(150, 1, 0.0)])  # 162 tokens: all 6 blocks of the device
+
+    def second_turn(host_tokens: int):
+        options = ProgramOptions(policy="vllm", host=HostTierOptions(kv_tokens=host_tokens))
+        f = fleet("vllm", kv_tokens=192, cost=cost, options=options)
+        records = {r.id: r for r in f.run([a, b])}
+        return records["a"].turns[1], f.server_stats()
+
+    stock, stats = second_turn(0)
+    assert stock.cached_tokens == 0 and "host_hit_tokens" not in stats
+    tiered, stats = second_turn(4096)
+    assert tiered.cached_tokens == 96 and stats["host_hit_tokens"] == 96
+    assert tiered.first_token - tiered.sent == pytest.approx(0.001 + 0.001 * (147 - 96) + 0.0001 * 96)
+
+
+def test_concurrency_starts_a_program_when_one_ends():
+    programs = [program(f"p{i}", 100.0 * i, [(50, 2, 0.5), (10, 2, 0.0)]) for i in range(4)]
+    records = fleet("vllm").run(programs, concurrency=2)
+    start = {r.id: r.start for r in records}
+    end = {r.id: r.end for r in records}
+    assert start["p0"] == start["p1"] == 0.0  # planned arrivals do not count
+    assert sorted([start["p2"], start["p3"]]) == sorted(end[p] for p in ("p0", "p1"))
+
+
+def test_profiles_named_roofline_and_from_a_file(tmp_path):
+    import msgspec
+
+    from agentserve.sim.costs import DEVICES, SHAPES, load_profile, roofline
+
+    fitted = load_profile("cpu-bench")
+    assert fitted.prefill_token_s > 0 and fitted.host_load_token_s > 0 and "fit_costs" in fitted.source
+    gpu = load_profile("roofline:llama-3.1-8b@h100")
+    h100 = DEVICES["h100"]
+    assert gpu == roofline(SHAPES["llama-3.1-8b"], h100)
+    # a decode step of one sequence streams 16 GB of weights; a prefill token is 2 x 8B FLOPs
+    assert gpu.step_s == pytest.approx(h100.step_overhead_s + 2 * 8.03e9 / (3.35e12 * 0.72))
+    assert gpu.prefill_token_s == pytest.approx(2 * 8.03e9 / (989.5e12 * h100.prefill_mfu))
+    assert gpu.kv_read_token_s * 3.35e12 * 0.72 == pytest.approx(2 * 32 * 8 * 128 * 2)
+    tp4 = load_profile("roofline:llama-3.1-70b@h100x4")
+    assert tp4.prefill_token_s == pytest.approx(2 * 70.6e9 / (4 * 989.5e12 * h100.prefill_mfu))
+    path = tmp_path / "p.json"
+    path.write_bytes(msgspec.json.encode(gpu))
+    assert load_profile(str(path)) == gpu
+    for bad in ("nope", "roofline:llama-3.1-8b@tpu", "roofline:llama-3.1-8b@h100xq"):
+        with pytest.raises(ValueError, match="profile"):
+            load_profile(bad)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="p.json"):
+        load_profile(str(path))
+
+
+def test_policy_specs_are_the_replays_with_its_host_tier_sizes():
+    from agentserve.sim.cli import policy_options
+
+    base = ProgramOptions()
+    assert policy_options("vllm", base, 8192)[1].host.kv_tokens == 0
+    assert policy_options("oracle", base, 8192)[1].host.kv_tokens == 0
+    assert policy_options("vllm+offload", base, 8192)[1].host.kv_tokens == 4 * 8192
+    name, options, fleet_options = policy_options("agentserve+max-wait=0+replicas=2+router=pow2", base, 8192)
+    assert (name, options.policy, options.max_wait_s, options.host.kv_tokens) == ("agentserve", "agentserve", 0.0,
+                                                                                   4 * 8192)
+    assert fleet_options == {"replicas": 2, "router": "pow2"}
+    assert policy_options("agentserve+host-kv-tokens=1024", base, 8192)[1].host.kv_tokens == 1024
+    for bad in ("nope", "oracle+max-wait=1", "agentserve+offload", "agentserve+zzz=1"):
+        with pytest.raises(ValueError):
+            policy_options(bad, base, 8192)

@@ -28,6 +28,9 @@ class StepTimed:
                                                   "step": []}
         self.step_tokens: list[int] = []  # tokens scheduled by each schedule() call
         self.step_requests: list[int] = []  # requests scheduled by each schedule() call
+        # what each step computes, the cost model's terms (agentserve/sim/costs.py): prefill tokens,
+        # decoding sequences, cached tokens those decodes attend to
+        self.step_shapes: list[tuple[int, int, int]] = []
         self._step_start = 0.0
 
     def _record(self, name: str, t0: float) -> None:
@@ -47,7 +50,19 @@ class StepTimed:
         if len(self.step_tokens) < MAX_SAMPLES:
             self.step_tokens.append(output.total_num_scheduled_tokens)
             self.step_requests.append(len(output.num_scheduled_tokens))
+            self.step_shapes.append(self._shape(output))
         return output
+
+    def _shape(self, output) -> tuple[int, int, int]:
+        # after schedule() a request's num_computed_tokens already counts this step's tokens
+        prefill = decodes = kv = 0
+        for request_id, n in output.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is not None and n == 1 and request.num_output_tokens > 0:
+                decodes, kv = decodes + 1, kv + request.num_computed_tokens - 1
+            else:
+                prefill += n
+        return prefill, decodes, kv
 
     def update_from_output(self, *args, **kwargs):
         t0 = time.perf_counter()
@@ -57,9 +72,10 @@ class StepTimed:
         return outputs
 
     def take_step_times(self) -> dict:
-        taken = {**self.step_times, "step_tokens": self.step_tokens, "step_requests": self.step_requests}
+        taken = {**self.step_times, "step_tokens": self.step_tokens, "step_requests": self.step_requests,
+                 "step_shapes": self.step_shapes}
         self.step_times = {name: [] for name in self.step_times}
-        self.step_tokens, self.step_requests = [], []
+        self.step_tokens, self.step_requests, self.step_shapes = [], [], []
         return taken
 
 

@@ -17,9 +17,9 @@ from agentserve.options import ProgramOptions, add_flags, flag_names, from_flags
 
 
 def add_sim_parser(sub, replay_workload_flags) -> None:
-    from agentserve.sim.costs import PROFILES
-    from agentserve.sim.fleet import POLICIES
+    from agentserve.sim.costs import DEVICES, PROFILES, SHAPES
     from agentserve.sim.routers import ROUTERS
+    from workloads.replay import POLICIES
 
     sp = sub.add_parser(
         "sim", help="simulate a trace replay on a fleet of replicas: the same policies, plan and results.json",
@@ -28,11 +28,14 @@ def add_sim_parser(sub, replay_workload_flags) -> None:
         "OUT/results.json (the replay's fields) and prints the side-by-side table.")
     replay_workload_flags(sp)
     sp.add_argument("--policies", default="vllm,agentserve,oracle",
-                    help=f"comma-separated, from {','.join(POLICIES)}, each with +KEY=VALUE program options "
-                    "like the replay's (default: vllm,agentserve,oracle)")
+                    help=f"comma-separated, from {','.join(POLICIES)}, each with +KEY=VALUE program options, "
+                    "+replicas=N, +router=R and vllm+offload, as the replay's (default: vllm,agentserve,oracle)")
     sp.add_argument("--replicas", type=int, default=1, help="replicas in the fleet (default: 1)")
     sp.add_argument("--router", default="affinity", choices=ROUTERS, help="(default: affinity)")
-    sp.add_argument("--profile", default="cpu-bench", choices=sorted(PROFILES), help="cost model (default: cpu-bench)")
+    sp.add_argument("--profile", default="cpu-bench",
+                    help=f"cost model: {', '.join(PROFILES)}; roofline:MODEL@DEVICE[xTP] (MODEL: "
+                    f"{', '.join(SHAPES)}; DEVICE: {', '.join(DEVICES)}); or a profile JSON from "
+                    "bench/fit_costs.py (default: cpu-bench)")
     sp.add_argument("--kv-tokens", type=int, default=8192, help="KV budget per replica in tokens (default: 8192)")
     sp.add_argument("--block-size", type=int, default=32, help="(default: 32)")
     sp.add_argument("--max-num-seqs", type=int, default=64, help="(default: 64)")
@@ -45,28 +48,34 @@ def add_sim_parser(sub, replay_workload_flags) -> None:
                                     "--cross-model-profile"))
 
 
-def policy_options(spec: str, base: ProgramOptions) -> tuple[str, ProgramOptions]:
-    """(policy, its program options) of a `NAME+KEY=VALUE...` spec: `base` (the command's flags) with
-    the spec's options over it."""
-    from agentserve.sim.fleet import POLICIES
+def policy_options(spec: str, base: ProgramOptions, kv_tokens: int) -> tuple[str, ProgramOptions, dict]:
+    """(policy, its program options, its fleet overrides) of a replay policy spec `NAME+KEY=VALUE...`:
+    `base` (the command's flags) with the spec's options over it, the host tier sized as the replay
+    sizes it (the plugin policies and vllm+offload get --host-kv-tokens, by default HOST_AUTO_FACTOR
+    x the device budget; vllm and oracle none), `replicas` and `router` apart."""
+    from agentserve.options import HOST_AUTO_FACTOR
+    from workloads.replay import policy_spec, uses_host_tier
 
-    name, *pairs = spec.split("+")
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r} in {spec!r}; choose from {', '.join(POLICIES)}")
-    argv = to_flags(base)
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key == "policy" or f"--{key}" not in flag_names(ProgramOptions):
-            raise ValueError(f"bad policy option {pair!r} in {spec!r}: want KEY=VALUE, KEY a program option")
-        argv += [f"--{key}", value]
+    name, extra = policy_spec(spec)
+    argv, fleet = to_flags(base), {}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in ("--replicas", "--router"):
+            fleet[flag[2:]] = int(value) if flag == "--replicas" else value
+        else:
+            argv += [flag, value]
     parser = argparse.ArgumentParser(prog=spec, add_help=False)
     add_flags(parser, ProgramOptions)
-    return name, from_flags(ProgramOptions, parser.parse_args(argv), policy=name if name != "oracle" else "vllm")
+    options = from_flags(ProgramOptions, parser.parse_args(argv), policy=name if name != "oracle" else "vllm")
+    host = options.host.kv_tokens if uses_host_tier(spec) else 0
+    if host is None:
+        host = HOST_AUTO_FACTOR * kv_tokens
+    return name, msgspec.structs.replace(options, host=msgspec.structs.replace(options.host, kv_tokens=host)), fleet
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from agentserve.sim.costs import PROFILES
+    from agentserve.sim.costs import load_profile
     from agentserve.sim.fleet import Fleet, FleetSetup
+    from agentserve.sim.routers import ROUTERS
     from workloads.formats import load_trace
     from workloads.plan import ReplayConfig, plan
     from workloads.report import Results, summarize, table
@@ -75,27 +84,33 @@ def cmd_sim(args: argparse.Namespace) -> int:
     rate = args.rate if args.rate is not None or args.concurrency is not None else 0.5
     cfg = ReplayConfig(programs=args.programs, rate=rate, concurrency=args.concurrency, token_scale=args.token_scale,
                        time_scale=args.time_scale, max_turns=args.max_turns, seed=args.seed)
-    if args.concurrency is not None:
-        raise SystemExit("agentserve sim: --concurrency is not simulated yet; give --rate")
+    base = from_flags(ProgramOptions, args)
+    try:
+        cost = load_profile(args.profile)
+        specs = [(spec, *policy_options(spec, base, args.kv_tokens)) for spec in args.policies.split(",") if spec]
+    except ValueError as e:
+        raise SystemExit(f"agentserve sim: {e}") from None
+    for spec, _, _, fleet in specs:
+        if fleet.get("router", args.router) not in ROUTERS or fleet.get("replicas", args.replicas) < 1:
+            raise SystemExit(f"agentserve sim: {spec!r}: router from {', '.join(ROUTERS)}, replicas >= 1")
     trace = load_trace(args.trace, args.format)
     programs = plan(trace, cfg, ToolTimeModel.load(), args.kv_tokens)
-    base = from_flags(ProgramOptions, args)
     summaries, runs = {}, {}
-    for spec in [p for p in args.policies.split(",") if p]:
-        name, options = policy_options(spec, base)
-        setup = FleetSetup(policy=name, replicas=args.replicas, kv_tokens=args.kv_tokens,
-                           cost=PROFILES[args.profile], router=args.router, block_size=args.block_size,
+    for spec, name, options, fleet in specs:
+        setup = FleetSetup(policy=name, replicas=fleet.get("replicas", args.replicas), kv_tokens=args.kv_tokens,
+                           cost=cost, router=fleet.get("router", args.router), block_size=args.block_size,
                            max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                            options=options, seed=args.seed)
         t0 = time.monotonic()
-        fleet = Fleet(setup)
-        records = fleet.run(programs)
+        sim = Fleet(setup)
+        records = sim.run(programs, cfg.concurrency)
         wall = time.monotonic() - t0
-        summaries[spec] = summarize(records, fleet.server_stats())
-        runs[spec] = {"events": fleet.events_run, "wall_s": round(wall, 3),
-                      "events_per_s": round(fleet.events_run / wall) if wall > 0 else None}
+        summaries[spec] = summarize(records, sim.server_stats())
+        runs[spec] = {"replicas": setup.replicas, "router": setup.router, "host_kv_tokens": setup.host_kv_tokens,
+                      "events": sim.events_run, "wall_s": round(wall, 3),
+                      "events_per_s": round(sim.events_run / wall) if wall > 0 else None}
     config = {"trace": args.trace, "programs": len(programs), "replicas": args.replicas, "router": args.router,
-              "profile": args.profile, "kv_tokens": args.kv_tokens, "workload": msgspec.to_builtins(cfg),
+              "profile": msgspec.to_builtins(cost), "kv_tokens": args.kv_tokens, "workload": msgspec.to_builtins(cfg),
               "simulated": runs}
     results = Results(config=config, policies=summaries)
     out = Path(args.out)

@@ -12,7 +12,9 @@ A step is two calls: `schedule(now)` picks the work and says how long it takes (
   hit is the cached run of its full blocks, at most all but one token; a request that cannot get
   blocks stops the scan;
 - a finished request's full blocks stay cached (LRU), or pinned if the book pins them.
-What is left out: the host tier, speculative decoding, multi-modal inputs.
+With a host tier (host.py), a device prefix miss continues on the host: the blocks it holds are
+loaded back in the admitting step, at the cost model's load price, instead of recomputed.
+What is left out: speculative decoding, multi-modal inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.next_use import NEVER
 from agentserve.sim.costs import CostModel
+from agentserve.sim.host import HostTier
 from agentserve.sim.pool import BlockKey, BlockPool
 
 
@@ -88,11 +91,14 @@ def _fcfs(request: SimRequest) -> tuple:
 class SimEngine:
     def __init__(self, name: str, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_batched_tokens: int, cost: CostModel, book: ProgramBook | None = None,
-                 order: Callable[[SimRequest], tuple] | None = None):
+                 order: Callable[[SimRequest], tuple] | None = None, host: HostTier | None = None):
         self.name, self.block_size, self.cost = name, block_size, cost
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.pool = BlockPool(num_blocks)
         self.book = book
+        self.host = host
+        self.loaded_tokens = 0  # loaded back from the host tier in the step under way
+        self.host_hit_tokens = 0
         self.order = order or _fcfs
         self.waiting: list[tuple[tuple, int, SimRequest]] = []
         self.running: list[SimRequest] = []
@@ -128,7 +134,7 @@ class SimEngine:
                 self.waiting = [(self.order(r), s, r) for _, s, r in self.waiting]
                 heapq.heapify(self.waiting)
         budget, preempted = self.max_batched_tokens, False
-        self.batch = []
+        self.batch, self.loaded_tokens = [], 0
         for request in list(self.running):
             if budget <= 0:
                 break
@@ -144,7 +150,7 @@ class SimEngine:
             budget = self._admit(budget)
         prefill = sum(r.scheduled for r in self.batch if r.scheduled > 1 or r.generated == 0)
         decodes = [r for r in self.batch if r.scheduled == 1 and r.generated > 0]
-        return self.cost.step(prefill, len(decodes), sum(r.computed for r in decodes))
+        return self.cost.step(prefill, len(decodes), sum(r.computed for r in decodes), self.loaded_tokens)
 
     def _grow(self, request: SimRequest, n: int) -> bool:
         """Blocks for `n` more tokens of a running request: releasing pins, then preempting."""
@@ -189,9 +195,13 @@ class SimEngine:
                                                                  request.arrival_time):
                 skipped.append(heapq.heappop(self.waiting))
                 continue
-            hits = self.pool.cached_prefix(request.stream.iter_keys((request.total - 1) // self.block_size))
-            n = min(request.total - hits * self.block_size, budget)
-            need = -(-(hits * self.block_size + n) // self.block_size) - hits
+            limit = (request.total - 1) // self.block_size
+            hits = self.pool.cached_prefix(request.stream.iter_keys(limit))
+            loads = 0 if self.host is None else self.host.cached_prefix(
+                request.stream.key(i) for i in range(hits, limit))
+            start = (hits + loads) * self.block_size
+            n = min(request.total - start, budget)
+            need = -(-(start + n) // self.block_size) - hits
             no_pins = self.book is None or not self.book.pins
             if no_pins and need > self.pool.num_free():
                 break  # it cannot get its blocks: vLLM's scan stops here too
@@ -207,7 +217,15 @@ class SimEngine:
                     return budget
             heapq.heappop(self.waiting)
             request.held, request.anonymous = keys, need
-            request.computed = request.hit_tokens = hits * self.block_size
+            if loads:
+                loaded = request.stream.keys(hits + loads)[hits:]
+                self.host.load(loaded)
+                for key in loaded:
+                    self.pool.fill(key)
+                request.held, request.anonymous = keys + loaded, need - loads
+                self.loaded_tokens += loads * self.block_size
+                self.host_hit_tokens += loads * self.block_size
+            request.computed = request.hit_tokens = start
             if request.cached_tokens is None:
                 request.cached_tokens = request.computed
             request.scheduled, budget = n, budget - n
@@ -233,6 +251,8 @@ class SimEngine:
                 self.pool.fill(key)
                 request.anonymous -= 1
                 request.held.append(key)
+                if self.host is not None:
+                    self.host.store(key)
             if request.computed < request.total:
                 continue  # a prefill chunk
             request.generated += 1

@@ -30,6 +30,7 @@ from agentserve.programs.fields import (XARG_NEXT_USE, XARG_REMAINING, XARG_TTL,
 from agentserve.programs.tracker import ProgramTracker
 from agentserve.sim.costs import CostModel
 from agentserve.sim.engine import SimEngine, SimRequest, Stream
+from agentserve.sim.host import HostTier
 from agentserve.sim.routers import make_router
 from agentserve.ttl.policy import OnlineBenefit, make_policy
 from agentserve.ttl.predictor import ToolDurationPredictor
@@ -55,6 +56,11 @@ class FleetSetup:
     options: ProgramOptions = field(default_factory=ProgramOptions)
     seed: int = 0
     check: bool = False  # assert the engines' invariants after every step (tests)
+
+    @property
+    def host_kv_tokens(self) -> int:
+        """Each replica's host tier (0: none); the options carry it, resolved as the replay does."""
+        return self.options.host.kv_tokens or 0
 
 
 @dataclass(eq=False)
@@ -84,9 +90,12 @@ class Fleet:
             o = setup.options
             predictor, benefit = ToolDurationPredictor(), OnlineBenefit()
             # the server measures this curve on its engine at start-up; here the cost model is the engine
-            reload = ReloadProfile.fit([(n, setup.cost.prefill_s(n)) for n in (256, 1024, 4096, 16384)])
+            sizes = (256, 1024, 4096, 16384)
+            reload = ReloadProfile.fit([(n, setup.cost.prefill_s(n)) for n in sizes])
+            host = ReloadProfile.fit([(n, setup.cost.load_s(n)) for n in sizes]) if setup.host_kv_tokens else None
             policy = make_policy(setup.policy, predictor=predictor, reload=reload, benefit=benefit,
-                                 fixed_ttl_s=o.fixed_ttl_s, max_ttl_s=o.max_ttl_s)
+                                 fixed_ttl_s=o.fixed_ttl_s, max_ttl_s=o.max_ttl_s, host=host,
+                                 host_tokens=setup.host_kv_tokens)
             self.control = ControlPlane(ProgramTracker(o.idle_timeout_s, clock=lambda: self.now), predictor, policy,
                                         self._link, benefit)
         kv_tokens = setup.kv_tokens if setup.policy != "oracle" else 1 << 40
@@ -99,6 +108,7 @@ class Fleet:
         self._idle_ticks: dict[str, int] = {}
         self._ids = itertools.count()
         self.records: list[ProgramRecord] = []
+        self._queued: list[PlannedProgram] = []  # concurrency mode: programs not started yet, last first
         self.events_run = 0
 
     def _engine(self, name: str, blocks: int) -> SimEngine:
@@ -107,16 +117,24 @@ class Fleet:
         if self.control is not None:
             book = ProgramBook(s.options.scheduler_config(), total_blocks=blocks, block_size=s.block_size,
                                max_model_len=s.kv_tokens, clock=lambda: self.now)
+        host = HostTier(s.host_kv_tokens // s.block_size) if s.host_kv_tokens else None
         engine = SimEngine(name, num_blocks=blocks, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
-                           max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book)
+                           max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book, host=host)
         if book is not None:
             engine.order = ProgramFCFS(book, lambda r: r.program, lambda r: r.remaining_s)
         return engine
 
     # ---- the event loop --------------------------------------------------------------------------
-    def run(self, programs: list[PlannedProgram]) -> list[ProgramRecord]:
-        for p in programs:
-            self._at(p.arrival_s, "start", (p, None))
+    def run(self, programs: list[PlannedProgram], concurrency: int | None = None) -> list[ProgramRecord]:
+        """Simulate `programs`: at their planned arrivals, or `concurrency` at a time (a program starts
+        when one ends, in plan order, as the replay's driver runs them)."""
+        if concurrency:
+            self._queued = list(reversed(programs))
+            for _ in range(min(concurrency, len(programs))):
+                self._at(0.0, "start", (self._queued.pop(), None))
+        else:
+            for p in programs:
+                self._at(p.arrival_s, "start", (p, None))
         while self._events:
             self.now, _, kind, payload = heapq.heappop(self._events)
             self.events_run += 1
@@ -233,6 +251,8 @@ class Fleet:
             completed(self.control.end_program(run.plan.id))  # its link ends it on the replicas
         self.router.end(run.plan.id)
         parent = run.parent
+        if parent is None and self._queued:
+            self._start(self._queued.pop(), None)
         if parent is not None:
             parent.waiting_for -= 1
             if parent.waiting_for == 0:
@@ -255,8 +275,11 @@ class Fleet:
             if engine.book is not None:
                 counters.update(engine.book.counters)
                 pins += len(engine.book.pins)
-        return {"preemptions": sum(e.preemptions for e in self.engines), "pins_created": counters["pins_created"],
-                "pins_outstanding": pins, "counters": dict(counters)}
+        stats = {"preemptions": sum(e.preemptions for e in self.engines), "pins_created": counters["pins_created"],
+                 "pins_outstanding": pins, "counters": dict(counters)}
+        if self.setup.host_kv_tokens:
+            stats["host_hit_tokens"] = sum(e.host_hit_tokens for e in self.engines)
+        return stats
 
 
 def completed(coroutine):
