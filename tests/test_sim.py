@@ -166,13 +166,17 @@ def test_profiles_named_roofline_and_from_a_file(tmp_path):
     from agentserve.sim.costs import DEVICES, SHAPES, load_profile, roofline
 
     fitted = load_profile("cpu-bench")
-    assert fitted.prefill_token_s > 0 and fitted.host_load_token_s > 0 and "fit_costs" in fitted.source
+    assert fitted.prefill_token_s > 0 and fitted.prefill_pair_s > 0 and fitted.host_load_token_s > 0
+    assert "fit_costs" in fitted.source
     gpu = load_profile("roofline:llama-3.1-8b@h100")
     h100 = DEVICES["h100"]
     assert gpu == roofline(SHAPES["llama-3.1-8b"], h100)
     # a decode step of one sequence streams 16 GB of weights; a prefill token is 2 x 8B FLOPs
     assert gpu.step_s == pytest.approx(h100.step_overhead_s + 2 * 8.03e9 / (3.35e12 * 0.72))
     assert gpu.prefill_token_s == pytest.approx(2 * 8.03e9 / (989.5e12 * h100.prefill_mfu))
+    assert gpu.prefill_pair_s == pytest.approx(4 * 32 * 32 * 128 / (989.5e12 * h100.prefill_mfu))
+    # a prefill's attention grows with the context it extends: a 4k re-prefill costs more than 4 x 1k
+    assert gpu.prefill_s(4096) > 4 * gpu.prefill_s(1024) - 3 * gpu.step_s
     assert gpu.kv_read_token_s * 3.35e12 * 0.72 == pytest.approx(2 * 32 * 8 * 128 * 2)
     tp4 = load_profile("roofline:llama-3.1-70b@h100x4")
     assert tp4.prefill_token_s == pytest.approx(2 * 70.6e9 / (4 * 989.5e12 * h100.prefill_mfu))
@@ -202,3 +206,52 @@ def test_policy_specs_are_the_replays_with_its_host_tier_sizes():
     for bad in ("nope", "oracle+max-wait=1", "agentserve+offload", "agentserve+zzz=1"):
         with pytest.raises(ValueError):
             policy_options(bad, base, 8192)
+
+
+def test_a_request_preempted_after_it_was_scheduled_leaves_the_step():
+    """vLLM pops the lowest-priority running request even if this step already scheduled it: its
+    tokens leave the batch and go back to the budget, and no waiting request is admitted."""
+    from agentserve.sim.engine import SimEngine, SimRequest, Stream
+
+    engine = SimEngine("r", num_blocks=3, block_size=4, max_num_seqs=8, max_batched_tokens=64, cost=UNIT)
+    decoding = []
+    for name, arrival in (("b", 1.0), ("a", 0.0)):  # b runs first (a was preempted and readmitted once)
+        r = SimRequest(name, None, Stream(name, 4), prompt_tokens=4, output_tokens=9, arrival_time=arrival)
+        assert engine.pool.take(1)
+        engine.pool.fill((name, 0))
+        r.held, r.computed, r.generated = [(name, 0)], 4, 1  # the next token needs a second block
+        decoding.append(r)
+    engine.running = list(decoding)
+    b, a = decoding
+    engine.add(SimRequest("c", None, Stream("c", 4), prompt_tokens=2, output_tokens=1, arrival_time=2.0))
+    engine.schedule(0.0)
+    assert engine.batch == [a] and b.scheduled == 0 and b.num_preemptions == 1
+    assert {r.request_id for _, _, r in engine.waiting} == {"b", "c"}
+    engine.complete(0.1)
+    engine.check()
+
+
+def test_the_fit_recovers_a_known_cost_model_and_keeps_terms_non_negative():
+    import random
+
+    from agentserve.sim.costs import prefill_pairs
+    from agentserve.sim.fit import TERMS, fit
+
+    true = {"step_s": 0.005, "prefill_token_s": 2e-4, "decode_seq_s": 3e-4, "kv_read_token_s": 2e-6,
+            "prefill_pair_s": 1e-7}
+    rng = random.Random(0)
+    steps = []
+    for _ in range(400):
+        prefill = rng.choice([0, rng.randint(1, 4096)])
+        decodes = rng.randint(0 if prefill else 1, 32)
+        shape = (prefill, decodes, decodes * rng.randint(64, 4096), prefill_pairs(rng.randint(0, 2048), prefill))
+        seconds = true["step_s"] + sum(true[t] * x for t, x in zip(TERMS[1:], shape))
+        steps.append((shape, seconds + rng.uniform(-2e-4, 2e-4)))  # timer noise
+    terms, error = fit(steps)
+    for name, value in true.items():
+        assert terms[name] == pytest.approx(value, rel=0.1), name
+    assert error["r2"] > 0.99 and abs(error["total_time_error"]) < 0.01
+    # a term with no cost behind it is fitted at zero or dropped, never negative
+    noisy = [((p, d, kv, pairs), t - true["prefill_pair_s"] * pairs) for (p, d, kv, pairs), t in steps]
+    terms, _ = fit(noisy)
+    assert all(v >= 0 for v in terms.values()) and terms["prefill_pair_s"] < 1e-8

@@ -15,6 +15,7 @@ import time
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from agentserve.engine.scheduler import ProgramScheduler
+from agentserve.sim.costs import prefill_pairs
 
 MAX_SAMPLES = 1_000_000  # per series; a benchmark reads them long before this
 
@@ -29,8 +30,8 @@ class StepTimed:
         self.step_tokens: list[int] = []  # tokens scheduled by each schedule() call
         self.step_requests: list[int] = []  # requests scheduled by each schedule() call
         # what each step computes, the cost model's terms (agentserve/sim/costs.py): prefill tokens,
-        # decoding sequences, cached tokens those decodes attend to
-        self.step_shapes: list[tuple[int, int, int]] = []
+        # decoding sequences, cached tokens those decodes attend to, prefill attention pairs
+        self.step_shapes: list[tuple[int, int, int, int]] = []
         self._step_start = 0.0
 
     def _record(self, name: str, t0: float) -> None:
@@ -53,16 +54,18 @@ class StepTimed:
             self.step_shapes.append(self._shape(output))
         return output
 
-    def _shape(self, output) -> tuple[int, int, int]:
+    def _shape(self, output) -> tuple[int, int, int, int]:
         # after schedule() a request's num_computed_tokens already counts this step's tokens
-        prefill = decodes = kv = 0
+        prefill = decodes = kv = pairs = 0
         for request_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is not None and n == 1 and request.num_output_tokens > 0:
                 decodes, kv = decodes + 1, kv + request.num_computed_tokens - 1
             else:
                 prefill += n
-        return prefill, decodes, kv
+                if request is not None:
+                    pairs += prefill_pairs(request.num_computed_tokens - n, n)
+        return prefill, decodes, kv, pairs
 
     def update_from_output(self, *args, **kwargs):
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from agentserve.options import ProgramOptions, add_flags, flag_names, from_flags, to_flags
+from agentserve.options import ProgramOptions, add_flags, from_flags, to_flags
 
 
 def add_sim_parser(sub, replay_workload_flags) -> None:
@@ -41,6 +41,9 @@ def add_sim_parser(sub, replay_workload_flags) -> None:
     sp.add_argument("--max-num-seqs", type=int, default=64, help="(default: 64)")
     sp.add_argument("--max-batched-tokens", type=int, default=8192, help="(default: 8192)")
     sp.add_argument("--out", default="sim-out", help="output directory (default: sim-out)")
+    sp.add_argument("--compare", metavar="RESULTS_JSON", default=None,
+                    help="a real replay's results.json of the same plan: print the error per metric and policy and "
+                    "whether the ranking agrees; written to OUT/validation.json")
     add_flags(sp.add_argument_group("programs (every plugin policy; +KEY=VALUE in --policies overrides)"),
               ProgramOptions, skip=("--policy", "--tenants", "--otlp-traces-endpoint", "--seed", "--kvshare",
                                     "--kvshare-gate", "--kvshare-temperature", "--kvshare-correction",
@@ -72,43 +75,74 @@ def policy_options(spec: str, base: ProgramOptions, kv_tokens: int) -> tuple[str
     return name, msgspec.structs.replace(options, host=msgspec.structs.replace(options.host, kv_tokens=host)), fleet
 
 
-def cmd_sim(args: argparse.Namespace) -> int:
-    from agentserve.sim.costs import load_profile
+class FleetShape(msgspec.Struct, frozen=True, kw_only=True):
+    """What every policy's fleet is, unless its spec says otherwise (+replicas, +router)."""
+
+    kv_tokens: int
+    replicas: int = 1
+    router: str = "affinity"
+    block_size: int = 32
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 8192
+
+
+def simulate(programs, policies: list[str], base: ProgramOptions, cost, shape: FleetShape, *, seed: int = 0,
+             concurrency: int | None = None) -> tuple[dict, dict]:
+    """Every policy over the same plan: (summaries by spec, each run's fleet, speed and records)."""
     from agentserve.sim.fleet import Fleet, FleetSetup
     from agentserve.sim.routers import ROUTERS
+    from workloads.report import summarize
+
+    specs = [(spec, *policy_options(spec, base, shape.kv_tokens)) for spec in policies]
+    for spec, _, _, fleet in specs:
+        if fleet.get("router", shape.router) not in ROUTERS or fleet.get("replicas", shape.replicas) < 1:
+            raise ValueError(f"{spec!r}: router from {', '.join(ROUTERS)}, replicas >= 1")
+    summaries, runs = {}, {}
+    for spec, name, options, fleet in specs:
+        setup = FleetSetup(policy=name, replicas=fleet.get("replicas", shape.replicas), kv_tokens=shape.kv_tokens,
+                           cost=cost, router=fleet.get("router", shape.router), block_size=shape.block_size,
+                           max_num_seqs=shape.max_num_seqs, max_batched_tokens=shape.max_batched_tokens,
+                           options=options, seed=seed)
+        t0 = time.monotonic()
+        sim = Fleet(setup)
+        records = sim.run(programs, concurrency)
+        wall = time.monotonic() - t0
+        summaries[spec] = summarize(records, sim.server_stats())
+        runs[spec] = {"replicas": setup.replicas, "router": setup.router, "host_kv_tokens": setup.host_kv_tokens,
+                      "events": sim.events_run, "wall_s": round(wall, 3),
+                      "events_per_s": round(sim.events_run / wall) if wall > 0 else None, "records": records}
+    return summaries, runs
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from agentserve.sim.costs import load_profile
     from workloads.formats import load_trace
     from workloads.plan import ReplayConfig, plan
-    from workloads.report import Results, summarize, table
+    from workloads.report import Results, table
     from workloads.tool_times import ToolTimeModel
 
     rate = args.rate if args.rate is not None or args.concurrency is not None else 0.5
     cfg = ReplayConfig(programs=args.programs, rate=rate, concurrency=args.concurrency, token_scale=args.token_scale,
                        time_scale=args.time_scale, max_turns=args.max_turns, seed=args.seed)
     base = from_flags(ProgramOptions, args)
+    if args.compare and not Path(args.compare).is_file():
+        raise SystemExit(f"agentserve sim: --compare {args.compare}: no such file")
+    shape = FleetShape(kv_tokens=args.kv_tokens, replicas=args.replicas, router=args.router,
+                       block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                       max_batched_tokens=args.max_batched_tokens)
     try:
         cost = load_profile(args.profile)
-        specs = [(spec, *policy_options(spec, base, args.kv_tokens)) for spec in args.policies.split(",") if spec]
+        for spec in args.policies.split(","):
+            policy_options(spec, base, args.kv_tokens)  # fail before the trace is read
     except ValueError as e:
         raise SystemExit(f"agentserve sim: {e}") from None
-    for spec, _, _, fleet in specs:
-        if fleet.get("router", args.router) not in ROUTERS or fleet.get("replicas", args.replicas) < 1:
-            raise SystemExit(f"agentserve sim: {spec!r}: router from {', '.join(ROUTERS)}, replicas >= 1")
-    trace = load_trace(args.trace, args.format)
-    programs = plan(trace, cfg, ToolTimeModel.load(), args.kv_tokens)
-    summaries, runs = {}, {}
-    for spec, name, options, fleet in specs:
-        setup = FleetSetup(policy=name, replicas=fleet.get("replicas", args.replicas), kv_tokens=args.kv_tokens,
-                           cost=cost, router=fleet.get("router", args.router), block_size=args.block_size,
-                           max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                           options=options, seed=args.seed)
-        t0 = time.monotonic()
-        sim = Fleet(setup)
-        records = sim.run(programs, cfg.concurrency)
-        wall = time.monotonic() - t0
-        summaries[spec] = summarize(records, sim.server_stats())
-        runs[spec] = {"replicas": setup.replicas, "router": setup.router, "host_kv_tokens": setup.host_kv_tokens,
-                      "events": sim.events_run, "wall_s": round(wall, 3),
-                      "events_per_s": round(sim.events_run / wall) if wall > 0 else None}
+    programs = plan(load_trace(args.trace, args.format), cfg, ToolTimeModel.load(), args.kv_tokens)
+    try:
+        summaries, runs = simulate(programs, [p for p in args.policies.split(",") if p], base, cost, shape,
+                                   seed=args.seed, concurrency=cfg.concurrency)
+    except ValueError as e:
+        raise SystemExit(f"agentserve sim: {e}") from None
+    records = {spec: run.pop("records") for spec, run in runs.items()}
     config = {"trace": args.trace, "programs": len(programs), "replicas": args.replicas, "router": args.router,
               "profile": msgspec.to_builtins(cost), "kv_tokens": args.kv_tokens, "workload": msgspec.to_builtins(cfg),
               "simulated": runs}
@@ -116,8 +150,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
+    (out / "records.json").write_bytes(msgspec.json.encode(records))  # the replay's per-turn records
     print(table(results))
     for spec, run in runs.items():
         print(f"{spec}: {run['events']} events in {run['wall_s']} s ({run['events_per_s']} events/s)")
-    print(f"\nwritten: {out}/results.json")
+    written = [f"{out}/results.json", f"{out}/records.json"]
+    if args.compare:
+        from agentserve.sim.validate import compare, load, report
+
+        validation = compare(results, load(args.compare))
+        (out / "validation.json").write_bytes(msgspec.json.format(msgspec.json.encode(validation), indent=2) + b"\n")
+        print("\nagainst " + args.compare + ":\n" + report(validation))
+        written.append(f"{out}/validation.json")
+    print(f"\nwritten: {', '.join(written)}")
     return 0

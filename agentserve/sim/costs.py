@@ -1,14 +1,15 @@
 """What an engine step costs in the simulator: a linear model over what the step computes.
 
-    step seconds = fixed + per prefill token x prefill tokens + per decoding sequence x sequences
-                   + per KV token read x KV tokens the decodes attend to
+    step seconds = fixed + per prefill token x prefill tokens + per prefill pair x attention pairs
+                   + per decoding sequence x sequences + per KV token read x KV tokens the decodes read
 
-The four terms are what a continuous-batching step spends: launch and scheduling overhead (and, on
-a GPU, streaming the weights once), the prefill's matmuls (linear in tokens at these sizes), each
-sequence's per-token work, and decode attention (memory-bound: it reads every cached token of every
-decoding sequence). The trade-off: no quadratic prefill-attention term (agent contexts of a few
-thousand tokens are dominated by the linear term) and no overlap of compute with memory traffic
-(the terms add, where a roofline would take their maximum: conservative for mixed steps).
+The five terms are what a continuous-batching step spends: launch and scheduling overhead (and, on
+a GPU, streaming the weights once), the prefill's matmuls (linear in tokens), the prefill's
+attention (each new token against the context before it and the chunk up to it: quadratic in a
+chunk, linear in the cached prefix it extends), each decoding sequence's per-token work, and decode
+attention (memory-bound: every cached token of every decoding sequence is read). The trade-off: no
+overlap of compute with memory traffic (the terms add, where a roofline would take their maximum:
+conservative for mixed steps), and no interference beyond that.
 
 Three sources of numbers, all `CostModel`s:
 - fitted on this machine's engine steps (bench/fit_costs.py writes profiles/NAME.json);
@@ -32,28 +33,38 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True):
     prefill_token_s: float
     decode_seq_s: float
     kv_read_token_s: float  # per cached token a decoding sequence attends to
+    prefill_pair_s: float = 0.0  # per (new token, token it attends to) pair of a prefill
     host_load_token_s: float = 0.0  # a token's KV copied back from the host tier
     source: str = ""  # where the numbers come from
 
-    def step(self, prefill_tokens: int, decode_seqs: int, decode_kv_tokens: int, loaded_tokens: int = 0) -> float:
+    def step(self, prefill_tokens: int, decode_seqs: int, decode_kv_tokens: int, loaded_tokens: int = 0,
+             prefill_pairs: int = 0) -> float:
         if prefill_tokens == 0 and decode_seqs == 0:
             return self.host_load_token_s * loaded_tokens
-        return (self.step_s + self.prefill_token_s * prefill_tokens + self.decode_seq_s * decode_seqs
-                + self.kv_read_token_s * decode_kv_tokens + self.host_load_token_s * loaded_tokens)
+        return (self.step_s + self.prefill_token_s * prefill_tokens + self.prefill_pair_s * prefill_pairs
+                + self.decode_seq_s * decode_seqs + self.kv_read_token_s * decode_kv_tokens
+                + self.host_load_token_s * loaded_tokens)
 
     def prefill_s(self, tokens: int) -> float:
         """A re-prefill of `tokens` alone: what the TTL rule weighs a miss at."""
-        return self.step(tokens, 0, 0)
+        return self.step(tokens, 0, 0, prefill_pairs=prefill_pairs(0, tokens))
 
     def load_s(self, tokens: int) -> float:
         """A load-back of `tokens` from the host tier alone (the server profiles this at start-up)."""
         return self.host_load_token_s * tokens
 
 
+def prefill_pairs(context: int, tokens: int) -> int:
+    """Attention pairs of a prefill chunk of `tokens` after `context` cached ones: each new token
+    attends to the context and to the chunk up to itself."""
+    return tokens * context + tokens * (tokens + 1) // 2
+
+
 class ModelShape(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     params: float
     layers: int
+    heads: int
     kv_heads: int
     head_dim: int
     bytes_per_value: int = 2  # bf16
@@ -80,8 +91,10 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
 # TFLOP/s, 3.35 TB/s HBM3, PCIe Gen5 x16 64 GB/s); the efficiencies are the H100 calibration of the
 # llm-d inference simulator (BLIS) rounded: 0.72 of peak bandwidth, decode MFU 0.12, 0.5 ms a step.
 SHAPES = {
-    "llama-3.1-8b": ModelShape(name="llama-3.1-8b", params=8.03e9, layers=32, kv_heads=8, head_dim=128),
-    "llama-3.1-70b": ModelShape(name="llama-3.1-70b", params=70.6e9, layers=80, kv_heads=8, head_dim=128),
+    "llama-3.1-8b": ModelShape(name="llama-3.1-8b", params=8.03e9, layers=32, heads=32, kv_heads=8,
+                                 head_dim=128),
+    "llama-3.1-70b": ModelShape(name="llama-3.1-70b", params=70.6e9, layers=80, heads=64, kv_heads=8,
+                                  head_dim=128),
 }
 DEVICES = {
     "h100": Device(name="h100", flops=989.5e12, bandwidth=3.35e12, host_bandwidth=64e9),
@@ -91,7 +104,8 @@ DEVICES = {
 def roofline(shape: ModelShape, device: Device, tp: int = 1) -> CostModel:
     """A step's cost from the model's arithmetic and bytes on `tp` devices: the weights are read
     once a step, a prefill token costs 2 x params FLOPs at prefill MFU, a decoding sequence the same
-    FLOPs at decode MFU, a cached token its KV bytes at the effective bandwidth, a loaded-back token
+    FLOPs at decode MFU, a prefill attention pair 4 x heads x head_dim FLOPs a layer (scores and
+    values) at prefill MFU, a cached token its KV bytes at the effective bandwidth, a loaded-back token
     its KV bytes over the host link. Tensor parallelism divides FLOPs and bytes by `tp` and adds two
     all-reduces per layer to every step."""
     if tp < 1:
@@ -105,6 +119,7 @@ def roofline(shape: ModelShape, device: Device, tp: int = 1) -> CostModel:
         step_s=device.step_overhead_s + allreduce + weights / bandwidth,
         prefill_token_s=2 * shape.params / (flops * device.prefill_mfu),
         decode_seq_s=2 * shape.params / (flops * device.decode_mfu),
+        prefill_pair_s=4 * shape.layers * shape.heads * shape.head_dim / (flops * device.prefill_mfu),
         kv_read_token_s=kv / bandwidth,
         host_load_token_s=kv / (device.host_bandwidth * device.host_efficiency * tp),
         source=f"roofline: {shape.name} ({shape.params:.3g} params, {kv} KV bytes/token) on {tp} x {device.name}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.next_use import NEVER
-from agentserve.sim.costs import CostModel
+from agentserve.sim.costs import CostModel, prefill_pairs
 from agentserve.sim.host import HostTier
 from agentserve.sim.pool import BlockKey, BlockPool
 
@@ -104,6 +104,8 @@ class SimEngine:
         self.running: list[SimRequest] = []
         self.batch: list[SimRequest] = []
         self.preemptions = 0
+        self.preempted_this_step = False
+        self._returned = 0  # budget given back by requests preempted after they were scheduled
         self._seq = itertools.count()
 
     # ---- requests --------------------------------------------------------------------------------
@@ -133,24 +135,31 @@ class SimEngine:
                 self.book.reorder_due = False
                 self.waiting = [(self.order(r), s, r) for _, s, r in self.waiting]
                 heapq.heapify(self.waiting)
-        budget, preempted = self.max_batched_tokens, False
-        self.batch, self.loaded_tokens = [], 0
+        budget, self.preempted_this_step = self.max_batched_tokens, False
+        self.batch, self.loaded_tokens, self._returned = [], 0, 0
+        bs = self.block_size
         for request in list(self.running):
             if budget <= 0:
                 break
-            if request not in self.running:  # preempted by an earlier one this step
+            if self.preempted_this_step and request not in self.running:  # preempted by an earlier one
                 continue
             n = min(request.total - request.computed, budget)
-            if not self._grow(request, n):
-                preempted = True
-                continue
+            if request.computed + n > (len(request.held) + request.anonymous) * bs:
+                grown = self._grow(request, n)
+                budget, self._returned = budget + self._returned, 0
+                if not grown:
+                    continue
             request.scheduled, budget = n, budget - n
             self.batch.append(request)
-        if not preempted:
+        if not self.preempted_this_step:
             budget = self._admit(budget)
-        prefill = sum(r.scheduled for r in self.batch if r.scheduled > 1 or r.generated == 0)
-        decodes = [r for r in self.batch if r.scheduled == 1 and r.generated > 0]
-        return self.cost.step(prefill, len(decodes), sum(r.computed for r in decodes), self.loaded_tokens)
+        prefill = decodes = kv = pairs = 0
+        for r in self.batch:
+            if r.scheduled == 1 and r.generated > 0:
+                decodes, kv = decodes + 1, kv + r.computed
+            else:
+                prefill, pairs = prefill + r.scheduled, pairs + prefill_pairs(r.computed, r.scheduled)
+        return self.cost.step(prefill, decodes, kv, self.loaded_tokens, pairs)
 
     def _grow(self, request: SimRequest, n: int) -> bool:
         """Blocks for `n` more tokens of a running request: releasing pins, then preempting."""
@@ -171,6 +180,11 @@ class SimEngine:
 
     def _preempt(self, request: SimRequest) -> None:
         self.running.remove(request)
+        self.preempted_this_step = True
+        if request.scheduled:  # scheduled earlier in this step: its tokens go back to the budget
+            self.batch.remove(request)
+            self._returned += request.scheduled
+            request.scheduled = 0
         self.pool.release(request.held, request.anonymous)
         request.held, request.anonymous, request.computed = [], 0, 0
         request.num_preemptions += 1
