@@ -61,11 +61,16 @@ def plot(rows: list[dict], target: float, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"affinity": "-", "prefix": "--", "pow2": ":"}
+    styles = {"affinity": ("-", "o"), "prefix": ("--", "s"), "pow2": (":", "^")}  # a line style per router
+    policies = sorted({r["policy"] for r in rows})
+    colors = dict(zip(policies, plt.rcParams["axes.prop_cycle"].by_key()["color"]))  # a color per policy
     for key in sorted({(r["policy"], r["router"]) for r in rows}):
         pts = sorted((r["replicas"], r["jct_mean"]) for r in rows if (r["policy"], r["router"]) == key)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(key[1], "-"), marker="o", label=f"{key[0]}, {key[1]}")
+        line, marker = styles.get(key[1], ("-", "o"))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], line, marker=marker, color=colors[key[0]],
+                label=f"{key[0]}, {key[1]}", alpha=0.85)
     ax.axhline(target, color="grey", lw=0.8)
+    ax.text(min(r["replicas"] for r in rows), target * 1.03, f"target {target:g} s", fontsize=7, color="grey")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("replicas")
@@ -96,7 +101,14 @@ def main() -> None:
     ap.add_argument("--target-jct", type=float, required=True, help="mean JCT target (s)")
     ap.add_argument("--jobs", type=int, default=2, help="simulations run at once (default: 2)")
     ap.add_argument("--out", default="bench-out/capacity")
+    ap.add_argument("--plot-only", action="store_true", help="redraw OUT/capacity.png from OUT/capacity.json")
     a = ap.parse_args()
+    if a.plot_only:
+        saved = json.loads((Path(a.out) / "capacity.json").read_text())
+        c = saved["config"]
+        plot(saved["rows"], a.target_jct, Path(a.out) / "capacity.png",
+             f"{c['programs']} programs at {c['rate']}/s, {c['profile']}, {c['kv_tokens']:,} KV tokens per replica")
+        return
     args = {**vars(a), "context": a.context or min(a.kv_tokens, 131072)}
     jobs = [{"args": args, "policy": p, "router": r, "replicas": int(n)}
             for p in a.policies.split(",") for r in a.routers.split(",") for n in a.replicas.split(",")]

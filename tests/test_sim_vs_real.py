@@ -9,7 +9,7 @@ import pytest
 
 from agentserve.options import EngineSettings, ProgramOptions
 from agentserve.sim.cli import FleetShape, simulate
-from agentserve.sim.validate import compare
+from agentserve.sim.validate import compare, report
 from workloads import DEFAULT_TRACE
 from workloads.formats import load_trace
 from workloads.plan import ReplayConfig, plan
@@ -37,6 +37,7 @@ def test_the_simulator_agrees_with_a_real_replay_on_a_tiny_load(tmp_path):
     programs = plan(load_trace(str(DEFAULT_TRACE)), CFG, ToolTimeModel.load(), SETUP.context)
     summaries, _ = simulate(programs, policies, ProgramOptions(), cost, FleetShape(kv_tokens=KV_TOKENS), seed=CFG.seed)
     validation = compare(Results(config={}, policies=summaries), real)
+    print(report(validation))  # the margins, in the test log
     by_policy = {p.policy: p for p in validation.policies}
     for name in policies:
         assert summaries[name].llm_calls == real.policies[name].llm_calls
