@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from agentserve.sim.pool import BlockKey
+from agentserve.sim.pool import BlockKey, leading
 
 
 class HostTier:
@@ -35,12 +35,7 @@ class HostTier:
 
     def cached_prefix(self, keys: Iterable[BlockKey]) -> int:
         """How many of `keys`, from the first, the tier holds."""
-        n = 0
-        for key in keys:
-            if key not in self.blocks:
-                break
-            n += 1
-        return n
+        return leading(keys, self.blocks)
 
     def load(self, keys: list[BlockKey]) -> None:
         for key in keys:

@@ -11,9 +11,19 @@ free-anonymous, cached-free, or referenced, and they add up to the pool.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 BlockKey = tuple[str, int]
+
+
+def leading(keys: Iterable[BlockKey], held: Container[BlockKey]) -> int:
+    """How many of `keys`, from the first, `held` has (read lazily: stops at the first miss)."""
+    n = 0
+    for key in keys:
+        if key not in held:
+            break
+        n += 1
+    return n
 
 
 class BlockPool:
@@ -29,13 +39,8 @@ class BlockPool:
         return self.empty + len(self.lru)
 
     def cached_prefix(self, keys: Iterable[BlockKey]) -> int:
-        """How many of `keys`, from the first, are cached (read lazily: stops at the first miss)."""
-        n = 0
-        for key in keys:
-            if key not in self.ref:
-                break
-            n += 1
-        return n
+        """How many of `keys`, from the first, are cached."""
+        return leading(keys, self.ref)
 
     def touch(self, keys: list[BlockKey]) -> None:
         """Reference cached blocks (a prefix hit, a pin)."""
