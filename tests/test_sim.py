@@ -100,16 +100,20 @@ def test_affinity_keeps_a_program_on_one_replica_and_pow2_does_not():
 @given(kv_blocks=st.integers(8, 80), programs=st.lists(
     st.lists(st.tuples(st.integers(1, 300), st.integers(1, 20), st.floats(0, 2)), min_size=1, max_size=5),
     min_size=1, max_size=12), policy=st.sampled_from(["vllm", "fixed", "agentserve"]),
-    replicas=st.integers(1, 3), max_wait=st.sampled_from([0.0, 0.5]))
-def test_invariants_hold_on_random_traffic(kv_blocks, programs, policy, replicas, max_wait):
-    """check=True asserts after every step: blocks conserved, references owned; at the end no pin."""
+    replicas=st.integers(1, 3), max_wait=st.sampled_from([0.0, 0.5]), host_blocks=st.sampled_from([0, 4, 64]))
+def test_invariants_hold_on_random_traffic(kv_blocks, programs, policy, replicas, max_wait, host_blocks):
+    """check=True asserts after every step: blocks conserved, references owned, the host tier within its
+    size; at the end no pin."""
+    from agentserve.options import HostTierOptions
+
     planned = [program(f"p{i}", i * 0.1, turns) for i, turns in enumerate(programs)]
     kv_tokens = kv_blocks * 32
     longest = max(sum(n + o + TEMPLATE_TOKENS_PER_TURN for n, o, _ in turns) for turns in programs)
     if longest + 32 > kv_tokens:  # the plan cuts programs to the context: no program bigger than the KV
         kv_tokens = longest + 64
     f = fleet(policy, kv_tokens=kv_tokens, replicas=replicas,
-              options=ProgramOptions(policy=policy, fixed_ttl_s=1.0, max_wait_s=max_wait))
+              options=ProgramOptions(policy=policy, fixed_ttl_s=1.0, max_wait_s=max_wait,
+                                     host=HostTierOptions(kv_tokens=32 * host_blocks)))
     records = f.run(planned)
     assert all(r.end >= r.start for r in records) and len(records) == len(planned)
     assert all(len(r.turns) == len(p.turns) for r, p in zip(records, planned))

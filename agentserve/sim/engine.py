@@ -320,3 +320,4 @@ class SimEngine:
         assert all(self.pool.ref.get(k, 0) == n for k, n in refs.items()), "a reference without an owner"
         assert sum(1 for r in self.pool.ref.values() if r > 0) == len(refs), "a referenced block nobody holds"
         assert sum(r.anonymous for r in self.running) == self.pool.anonymous, "anonymous blocks out of step"
+        assert self.host is None or len(self.host.blocks) <= self.host.num_blocks, "the host tier over its size"
