@@ -259,3 +259,28 @@ def test_the_fit_recovers_a_known_cost_model_and_keeps_terms_non_negative():
     noisy = [((p, d, kv, pairs), t - true["prefill_pair_s"] * pairs) for (p, d, kv, pairs), t in steps]
     terms, _ = fit(noisy)
     assert all(v >= 0 for v in terms.values()) and terms["prefill_pair_s"] < 1e-8
+
+
+def test_validation_reports_errors_and_only_the_orders_the_real_run_resolves():
+    from agentserve.sim.validate import compare, report
+    from workloads.report import PolicyResult, Results
+
+    def result(jct: float, hit: float) -> PolicyResult:
+        return PolicyResult(jct_mean=jct, jct_p50=jct, jct_p95=jct, jct_p99=jct, ttft_p50=0.1, ttft_p99=1.0,
+                            prefix_hit_rate=hit, preemptions=0, pins_created=0, pins_outstanding_at_end=0,
+                            makespan=1.0, programs_completed=1, programs_failed=0, throughput=1.0, llm_calls=1)
+
+    real = Results(config={}, policies={"a": result(100, 0.5), "b": result(105, 0.5), "c": result(200, 0.2)})
+    # a and b are within 10 % on the real side: their order is not required; c is clearly last
+    sim = Results(config={}, policies={"a": result(110, 0.6), "b": result(100, 0.5), "c": result(190, 0.3),
+                                       "extra": result(1, 1)})
+    v = compare(sim, real)
+    assert v.same_ranking and [p.policy for p in v.policies] == ["a", "b", "c"]
+    a = v.policies[0]
+    assert a.error["jct_mean"] == pytest.approx(0.10) and a.error["prefix_hit_rate"] == pytest.approx(0.1)
+    assert "the same order" in report(v)
+    sim.policies["c"] = result(90, 0.3)  # now c before a: an order the real run resolves, reversed
+    v = compare(sim, real)
+    assert not v.same_ranking and ("a", "c") in v.discordant and "discordant: a/c" in report(v)
+    with pytest.raises(ValueError, match="no policy in common"):
+        compare(Results(config={}, policies={"z": result(1, 0)}), real)

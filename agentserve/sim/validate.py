@@ -4,8 +4,8 @@ whether the simulator ranks the policies as the real engine did.
 Both sides are `results.json` files (workloads/report.py), so any replay can be checked: `agentserve
 sim ... --compare REAL/results.json`. Error is (sim - real) / real; hit rates, already ratios, are
 compared as differences. The ranking is by mean JCT; policies whose real mean JCTs are within
-`TIE` of each other count as tied (a single real run differs by more than that between runs at
-overload), so only orders the real run resolves are required of the simulator.
+`TIE` of each other count as tied (two real runs of one load at overload differ by up to that), so
+only orders the real run resolves are required of the simulator.
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ class Validation(msgspec.Struct, kw_only=True):
     @property
     def same_ranking(self) -> bool:
         return not self.discordant
-
-    def max_error(self, metric: str) -> float:
-        return max(abs(p.error[metric]) for p in self.policies if p.error[metric] is not None)
 
 
 def _error(metric: str, sim: float | None, real: float | None) -> float | None:
