@@ -130,16 +130,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
     shape = FleetShape(kv_tokens=args.kv_tokens, replicas=args.replicas, router=args.router,
                        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_batched_tokens=args.max_batched_tokens)
+    policies = [p for p in args.policies.split(",") if p]
     try:
         cost = load_profile(args.profile)
-        for spec in args.policies.split(","):
+        for spec in policies:
             policy_options(spec, base, args.kv_tokens)  # fail before the trace is read
     except ValueError as e:
         raise SystemExit(f"agentserve sim: {e}") from None
     programs = plan(load_trace(args.trace, args.format), cfg, ToolTimeModel.load(), args.kv_tokens)
     try:
-        summaries, runs = simulate(programs, [p for p in args.policies.split(",") if p], base, cost, shape,
-                                   seed=args.seed, concurrency=cfg.concurrency)
+        summaries, runs = simulate(programs, policies, base, cost, shape, seed=args.seed,
+                                   concurrency=cfg.concurrency)
     except ValueError as e:
         raise SystemExit(f"agentserve sim: {e}") from None
     records = {spec: run.pop("records") for spec, run in runs.items()}

@@ -37,10 +37,10 @@ from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
 from workloads.driver import ProgramRecord, TurnRecord
 from workloads.plan import TEMPLATE_TOKENS_PER_TURN, PlannedProgram
+from workloads.replay import POLICIES
 
 IDLE_TICK_S = 0.01  # an engine with waiting work but nothing it may run looks again this much later
 MAX_IDLE_TICKS = 100_000  # ~1,000 simulated seconds of an engine that can run nothing: a stall, not a wait
-POLICIES = ("vllm", "fixed", "continuum", "agentserve", "oracle")
 
 
 @dataclass(frozen=True)
