@@ -20,12 +20,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from agentserve.options import ProgramOptions
-from agentserve.sim.cli import policy_options
+from agentserve.sim.cli import FleetShape, simulate
 from agentserve.sim.costs import load_profile
-from agentserve.sim.fleet import Fleet, FleetSetup
+from workloads import DEFAULT_TRACE
 from workloads.formats import load_trace
 from workloads.plan import ReplayConfig, plan
-from workloads.report import summarize
 from workloads.tool_times import ToolTimeModel
 
 
@@ -35,17 +34,15 @@ def one(job: dict) -> dict:
     cfg = ReplayConfig(programs=args["programs"], rate=args["rate"], token_scale=args["token_scale"],
                        time_scale=args["time_scale"], max_turns=args["max_turns"], seed=args["seed"])
     programs = plan(load_trace(args["trace"], "auto"), cfg, ToolTimeModel.load(), args["context"])
-    name, options, _ = policy_options(job["policy"], ProgramOptions(), args["kv_tokens"])
-    setup = FleetSetup(policy=name, replicas=job["replicas"], kv_tokens=args["kv_tokens"],
-                       cost=load_profile(args["profile"]), router=job["router"], max_num_seqs=args["max_num_seqs"],
-                       max_batched_tokens=args["max_batched_tokens"], options=options, seed=args["seed"])
-    t0 = time.monotonic()
-    fleet = Fleet(setup)
-    result = summarize(fleet.run(programs), fleet.server_stats())
+    shape = FleetShape(kv_tokens=args["kv_tokens"], replicas=job["replicas"], router=job["router"],
+                       max_num_seqs=args["max_num_seqs"], max_batched_tokens=args["max_batched_tokens"])
+    summaries, runs = simulate(programs, [job["policy"]], ProgramOptions(), load_profile(args["profile"]), shape,
+                               seed=args["seed"])
+    result, run = summaries[job["policy"]], runs[job["policy"]]
     return {"policy": job["policy"], "router": job["router"], "replicas": job["replicas"],
             "jct_mean": result.jct_mean, "jct_p95": result.jct_p95, "ttft_p99": result.ttft_p99,
             "hit_rate": result.prefix_hit_rate, "host_hit_rate": result.host_hit_rate,
-            "preemptions": result.preemptions, "events": fleet.events_run, "wall_s": time.monotonic() - t0}
+            "preemptions": result.preemptions, "events": run["events"], "wall_s": run["wall_s"]}
 
 
 def smallest(rows: list[dict], target: float) -> int | None:
@@ -83,7 +80,7 @@ def plot(rows: list[dict], target: float, path: Path, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", default=None)
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE), help="(default: the embedded SWE sample)")
     ap.add_argument("--profile", default="h100-llama8b")
     ap.add_argument("--kv-tokens", type=int, default=200_000, help="device KV per replica")
     ap.add_argument("--context", type=int, default=None, help="longest context (default: min(kv-tokens, 131072))")
