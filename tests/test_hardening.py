@@ -94,8 +94,10 @@ def test_two_hundred_concurrent_programs_complete(server):
     assert stats["programs"] == 0 and stats["engine"]["pins"] == 0
 
 
-def metric(base_url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(base_url + "/metrics").text
+def metric(base_url: str, name: str, labels: str = "", headers: dict | None = None) -> float:
+    r = httpx.get(base_url + "/metrics", headers=headers)
+    assert r.status_code == 200, r.text
+    text = r.text
     pattern = rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$"  # with or without labels
     return sum(float(v) for ls, v in re.findall(pattern, text, re.M) if labels in ls)
 

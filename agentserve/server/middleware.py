@@ -1,13 +1,14 @@
 """The request middleware of the HTTP server: the wire contract and tenancy applied to requests
 before vLLM's OpenAI app parses them.
 
-`AgentFieldsMiddleware` (ASGI) takes the `agentserve` object out of a chat / completion body (or
-names the program from a session convention: `session_id`, `X-Session-ID`; programs/sessions.py),
-validates it (400 naming the bad field) and passes it to vLLM as `vllm_xargs`; bodies without either
-are not touched, so such requests are served exactly as stock vLLM serves them. With tenants
-configured (server/tenants.py) it also checks the API key on every route, scopes program ids by
-tenant in bodies and program-route paths, salts the prefix cache per tenant and applies the
-program and body-size limits. A sub-agent's first call whose parent is unknown, ended, or would make a
+`AgentFieldsMiddleware` (ASGI) takes the `agentserve` object out of the body of an engine route
+(server/routes.py: chat, completions, Anthropic messages, responses; or names the program from a
+session convention: `session_id`, `X-Session-ID`; programs/sessions.py), validates it (400 naming the
+bad field) and passes it to vLLM as `vllm_xargs`; bodies without either are not touched, so such
+requests are served exactly as stock vLLM serves them. With tenants configured (server/tenants.py)
+it also checks the API key on every route, refuses every route that routes.py does not list (deny by
+default), scopes program ids by tenant in bodies and program-route paths, salts the prefix cache per
+tenant on every engine route and applies the program and body-size limits. A sub-agent's first call whose parent is unknown, ended, or would make a
 cycle is refused here (404 / 409, `lineage`), before vLLM sees it, where the server holds the program
 forest (the embedded server; on Ray Serve the control plane refuses it, inside the response stream).
 
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse
 
 from agentserve.programs.fields import XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
 from agentserve.programs.sessions import HEADERS as SESSION_HEADERS, SessionError, program_fields
-from agentserve.server import metrics
+from agentserve.server import metrics, routes
 from agentserve.server.cross_model_front import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.streams import request_streams
@@ -38,22 +39,28 @@ from agentserve.options import DEFAULT_MAX_BODY_BYTES, Tenant
 from agentserve.server.tenants import TenantGate
 
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
-_PROGRAM_ROUTES = ("/v1/chat/completions", "/v1/completions")
 _PROGRAMS_PREFIX = "/v1/programs/"
-PUBLIC_PATHS = ("/health",)  # answered without an API key
+# Body fields a tenant may not send: they name state that is not scoped by tenant (vLLM's stored
+# responses, a KV connector's transfer handles).
+_UNSCOPED_FIELDS = {
+    "/v1/responses": ("previous_response_id", "background", "kv_transfer_params"),
+    "/v1/chat/completions": ("kv_transfer_params",), "/v1/completions": ("kv_transfer_params",),
+    "/v1/messages": ("kv_transfer_params",), "/v1/chat/completions/batch": ("kv_transfer_params",)}
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+            404: "NotFoundError", 409: "ConflictError",
             413: "PayloadTooLarge", 429: "RateLimitError", 503: "ServiceUnavailable"}
     return JSONResponse({"error": {"message": message, "type": kind.get(status, "Error"), "param": param,
                                    "code": status}}, status_code=status)
 
 
 class AgentFieldsMiddleware:
-    """With `gate` (tenants configured): every route but `/health` needs a tenant's API key, program
-    ids are scoped by tenant (in program route paths and in request bodies), LLM requests get the
-    tenant's cache salt, and `admit(tenant, program_id)` may refuse a new program (429)."""
+    """With `gate` (tenants configured): every route but `/health` needs a tenant's API key, a tenant
+    may use only the routes routes.py lists (403), program ids are scoped by tenant (in program route
+    paths and in request bodies), engine requests get the tenant's cache salt, and `admit(tenant,
+    program_id)` may refuse a new program (429)."""
 
     def __init__(self, app, gate: TenantGate | None = None,
                  admit: Callable[[Tenant, str], bool] | None = None, shares: SharedPrompts | None = None,
@@ -64,19 +71,26 @@ class AgentFieldsMiddleware:
         self.shares = shares
         self.max_body = gate.config.max_body_bytes if gate is not None else MAX_BODY_BYTES
         self.rewriters = {path: rewriters(path, shares=shares, gate=gate, admit=admit, lineage_error=lineage_error)
-                          for path in _PROGRAM_ROUTES}
+                          for path in routes.ENGINE_ROUTES}
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and self.gate is not None:  # no websocket route is a tenant's
+            return await send({"type": "websocket.close", "code": 1008, "reason": "not served to tenants"})
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
         tenant = None
-        if self.gate is not None and scope["path"] not in PUBLIC_PATHS:
-            tenant = self.gate.authenticate(_header(scope, b"authorization"))
+        if self.gate is not None and not routes.is_public(method, path):
+            tenant = self.gate.authenticate(_header(scope, b"authorization"), _header(scope, b"x-api-key"))
             if tenant is None:
-                return await error_response(401, "missing or unknown API key (Authorization: Bearer KEY)",
-                                            "authorization")(scope, receive, send)
+                return await error_response(
+                    401, "missing or unknown API key (Authorization: Bearer KEY, or x-api-key: KEY)",
+                    "authorization")(scope, receive, send)
+            if not routes.tenant_may_use(method, path):
+                return await error_response(403, f"{method} {path} is not served to tenants",
+                                            "path")(scope, receive, send)
             scope = _scoped_program_path(scope, tenant)
-        if scope["method"] != "POST" or scope["path"] not in _PROGRAM_ROUTES:
+        if not routes.is_engine_route(method, path):
             return await self.app(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -120,8 +134,8 @@ class AgentFieldsMiddleware:
 
 def _mentions_program(body: bytes) -> bool:
     """Cheap test before any decode: the object, a client's own agentserve_* xargs (refused), or a
-    session id (programs/sessions.py)."""
-    return b"agentserve" in body or b"session_id" in body
+    session id (programs/sessions.py); or any escape, which could spell one of them (`"\\u0061gent..."`)."""
+    return b"agentserve" in body or b"session_id" in body or b"\\u" in body
 
 
 def _session_headers(scope) -> dict[str, str]:
@@ -202,14 +216,28 @@ def rewriters(path: str, *, shares: SharedPrompts | None = None, gate: TenantGat
     (completions with --kvshare), the tenant (salt, scoping, limits), the sub-agent's parent, the
     program fields into vllm_xargs."""
     steps: list[Rewriter] = [typed_fields, sessions]
+    if path in routes.NO_PROGRAM_ROUTES:
+        steps.append(no_program(path))
     if shares is not None and path == "/v1/completions":
         steps.append(shared_prompt(shares))
     if gate is not None:
-        steps.append(tenancy(gate, admit))
+        steps.append(tenancy(gate, admit, _UNSCOPED_FIELDS.get(path, ())))
     if lineage_error is not None:
         steps.append(lineage(lineage_error))
     steps.append(program_xargs)
     return steps
+
+
+def no_program(path: str) -> Rewriter:
+    """A route whose request is not one call of one program (a batch of conversations) takes no program."""
+
+    def rewrite(incoming: Incoming) -> JSONResponse | None:
+        if incoming.fields is None and incoming.share is None:
+            return None
+        return error_response(400, f"{path} serves no program: send a program's calls one by one to "
+                                   f"/v1/chat/completions", "agentserve")
+
+    return rewrite
 
 
 def lineage(check: LineageCheck) -> Rewriter:
@@ -279,11 +307,17 @@ def over_limit(tenant: Tenant) -> JSONResponse:
                           "agentserve.program_id")
 
 
-def tenancy(gate: TenantGate, admit: Callable[[Tenant, str], bool | Awaitable[bool]] | None) -> Rewriter:
-    """The tenant's cache salt (a client's own kept, appended), its program ids scoped, its program limit."""
+def tenancy(gate: TenantGate, admit: Callable[[Tenant, str], bool | Awaitable[bool]] | None,
+            unscoped: tuple[str, ...] = ()) -> Rewriter:
+    """The tenant's cache salt (a client's own kept, appended), its program ids scoped, its program
+    limit; the route's `unscoped` fields (state not scoped by tenant) refused."""
 
     def rewrite(incoming: Incoming) -> JSONResponse | None:
         tenant, data = incoming.tenant, incoming.data
+        for name in unscoped:
+            if data.get(name) not in (None, False):
+                return error_response(400, f"{name} is not served to tenants: it names state that is not "
+                                           f"kept apart by tenant", name)
         salt = data.get("cache_salt")
         if salt is not None and not isinstance(salt, str):
             return error_response(400, "cache_salt must be a string", "cache_salt")

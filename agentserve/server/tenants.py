@@ -3,7 +3,9 @@
 Configured by a file (`agentserve serve --tenants FILE`, JSON or YAML); without one the server is
 open, as vLLM is. With one:
 
-- every route but `/health` needs `Authorization: Bearer <key>` of a configured tenant (401 else);
+- every route but `/health` needs the API key of a configured tenant, as `Authorization: Bearer <key>`
+  (OpenAI clients) or `x-api-key: <key>` (Anthropic clients) (401 else), and a tenant may use only
+  the routes server/routes.py lists (403 else: deny by default);
 - program ids are scoped by tenant (`acme:prog-1` inside the server): a tenant's tool events, ends
   and reads reach only its own programs, another tenant's id is simply unknown (404), and ids never
   collide across tenants;
@@ -41,10 +43,20 @@ class TenantGate:
     def _digest(key: str) -> bytes:
         return hashlib.sha256(key.encode()).digest()
 
-    def authenticate(self, authorization: str | None) -> Tenant | None:
-        if not authorization or not authorization.startswith("Bearer "):
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> Tenant | None:
+        """The tenant of a request's key (`Authorization: Bearer KEY` and/or `x-api-key: KEY`), or None:
+        no key, an unknown key, or two keys that name different tenants."""
+        keys = []
+        if authorization is not None:
+            if not authorization.startswith("Bearer "):
+                return None
+            keys.append(authorization.removeprefix("Bearer ").strip())
+        if api_key is not None:
+            keys.append(api_key.strip())
+        tenants = {id(t): t for t in (self._by_key.get(self._digest(k)) for k in keys)}
+        if not keys or None in tenants.values() or len(tenants) != 1:
             return None
-        return self._by_key.get(self._digest(authorization.removeprefix("Bearer ").strip()))
+        return next(iter(tenants.values()))
 
     def cache_salt(self, tenant: Tenant, client_salt: str | None = None) -> str:
         salt = hmac.new(self._secret, tenant.name.encode(), hashlib.sha256).hexdigest()
