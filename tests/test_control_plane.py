@@ -41,7 +41,7 @@ def test_program_commands_go_to_the_replica_that_served_it():
     cp.end_call("p", 110)
     assert cp.place("p", ["r1", "r2"])[0] == "r2"  # its KV is on r2
     assert run(cp.end_program("p")) == {"ok": None}
-    assert cp.sync("r1", stats()) == [] and cp.sync("r2", stats()) == [("end", {"program_id": "p"})]
+    assert cp.sync("r1", stats()) == [] and cp.sync("r2", stats()) == [("end", {"program_id": "p", "life": 1})]
     assert cp.sync("r2", stats()) == [] and not cp.affinity.home and len(cp.control.tracker) == 0
 
 
@@ -72,7 +72,7 @@ def test_dead_replica_is_forgotten_and_its_programs_move(monkeypatch):
     now = time.monotonic()
     monkeypatch.setattr(cp_module.time, "monotonic", lambda: now + cp_module.REPLICA_SILENT_S + 1)
     assert run(cp.control.tick())["pins"] == 0 and not cp.live()
-    assert cp.sync("r2", stats(pins=0)) == [("end", {"program_id": "q"})]  # nothing lost meanwhile
+    assert cp.sync("r2", stats(pins=0)) == [("end", {"program_id": "q", "life": 2})]  # nothing lost meanwhile
     assert list(cp.live()) == ["r2"]
 
 

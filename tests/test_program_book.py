@@ -205,3 +205,28 @@ def test_program_fcfs_orders_preempted_overdue_pinned_then_program_arrival():
               Waiting("preempted", "R", 7, now, num_preemptions=1)):
         queue.add_request(w)
     assert [w.name for w in queue] == ["preempted", "overdue-2", "overdue-1", "pinned", "early", "late"]
+
+
+def test_a_request_outliving_its_programs_end_leaves_nothing_behind():
+    """The race behind a program counted live after its end: its request finished (and pinned) after
+    the end, or reached the engine after it, and brought the program back."""
+    b = book(Clock())
+    b.arrive("r1", "A", 64, life=1)
+    assert b.command("end", {"program_id": "A", "life": 1}) == []
+    assert b.leave("r1", "A", 64, aborted=False, is_last=False, ttl_s=30.0) == ([], 0.0)  # no pin
+    b.arrive("late", "A", 64, life=1)  # begun before the end, arrived after it
+    assert b.holds("A") == [] and b.started("late", "A", 0, 64, 1000.0) == []
+    assert b.leave("late", "A", 64, aborted=False, is_last=False, ttl_s=30.0) == ([], 0.0)
+    assert b.holds("A") == [] and b.idle and b.counters["requests_outliving_program_end"] == 2
+    b.arrive("next", "A", 64, life=2)  # the id begun again: a new life, served as a program
+    assert b.leave("next", "A", 64, aborted=False, is_last=False, ttl_s=30.0)[1] == 30.0
+
+
+def test_an_older_lifes_late_end_or_abort_leaves_the_newer_life_alone():
+    b = book(Clock())
+    pinned(b, "A", "r1", 2)
+    b.arrive("r2", "A", 64, life=3)  # life 3 got here before life 2's end (another process's delay)
+    assert b.command("release", {"program_id": "A", "reason": "abort", "life": 2}) == []
+    assert b.command("end", {"program_id": "A", "life": 2}) == []
+    assert set(b.holds("A")) == {"rank", "requests", "pin", "next_use"}
+    assert b.leave("r2", "A", 64, aborted=False, is_last=False, ttl_s=5.0)[1] == 5.0

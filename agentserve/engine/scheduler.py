@@ -45,14 +45,16 @@ from agentserve.options import SchedulerConfig
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.next_use import NEVER
 from agentserve.hosttier import policy as host_policy
-from agentserve.programs.fields import (XARG_IS_LAST, XARG_NEXT_USE, XARG_PARENT, XARG_PROGRAM, XARG_REMAINING,
-                                       XARG_TTL, XARG_WORKFLOW)
+from agentserve.programs.fields import XARG_PROGRAM, XARG_REMAINING
 from agentserve.ttl.pins import Release
 
 
+def _xargs(request: Request) -> dict:
+    return (request.sampling_params.extra_args if request.sampling_params else None) or {}
+
+
 def _xarg(request: Request, key: str, default=None):
-    extra = request.sampling_params.extra_args if request.sampling_params else None
-    return extra.get(key, default) if extra else default
+    return _xargs(request).get(key, default)
 
 
 def program_of_request(request: Request) -> str | None:
@@ -93,9 +95,7 @@ class ProgramScheduler(Scheduler):
         return program_of_request(request) if request is not None else None
 
     def add_request(self, request: Request) -> None:
-        request.priority = self.book.arrive(request.request_id, program_of_request(request),
-                                            request.num_prompt_tokens, _xarg(request, XARG_WORKFLOW),
-                                            _xarg(request, XARG_PARENT))
+        request.priority = self.book.arrive_request(request.request_id, _xargs(request), request.num_prompt_tokens)
         super().add_request(request)
 
     def _handle_blocked_waiting_request(self, request: Request) -> bool:
@@ -105,15 +105,10 @@ class ProgramScheduler(Scheduler):
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         program = program_of_request(request)
-        extra = request.sampling_params.extra_args if program is not None else {}
-        next_use = extra.get(XARG_NEXT_USE)
         hit = self._prefix_hit.pop(request.request_id, 0)  # tokens it found cached when admitted
-        releases, ttl = self.book.leave(request.request_id, program, request.num_tokens,
-                                        aborted=request.status == RequestStatus.FINISHED_ABORTED,
-                                        is_last=bool(extra.get(XARG_IS_LAST)),
-                                        ttl_s=float(extra.get(XARG_TTL, 0.0) or 0.0),
-                                        next_use_s=float(next_use) if next_use is not None else None,
-                                        computed_tokens=request.num_tokens - hit)
+        releases, ttl = self.book.leave_request(request.request_id, _xargs(request), request.num_tokens,
+                                                aborted=request.status == RequestStatus.FINISHED_ABORTED,
+                                                computed_tokens=request.num_tokens - hit)
         self._free(releases)
         blocks = [b for group in self.kv_cache_manager.get_blocks(request.request_id).blocks
                   for b in group if b.block_hash is not None and not b.is_null]

@@ -16,6 +16,11 @@ rules:
 - admission (`AdmissionGate`, optional): a new program's first request may be held.
 - pins (`PinTable`): whether a finished turn pins, which pin goes under pressure and who may take
   it (pin mode), expiry, and the release when the next turn is admitted.
+- the end: nothing of an ended program stays. A request still in the engine when its program ends, or
+  one that reaches the engine after the end (the front end began it first, or the end came sooner
+  from another process), is served as a one-off: no rank, no pin, no next use. Requests carry their
+  program's life (the control plane's serial, `XARG_LIFE`), so a late request of an ended life is told
+  apart from a request of the next life of the same id; ended lives are remembered (`MAX_PROGRAM_RANKS`).
 
 Every decision is counted (`counters`) and traced (`events`, drained by the control tick). Time comes
 from the injected `clock` (wall-clock seconds: vLLM stamps requests with `time.time()`), so tests and
@@ -29,13 +34,15 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from agentserve.options import SchedulerConfig
 from agentserve.programs.admission import AdmissionGate
+from agentserve.programs.fields import (XARG_IS_LAST, XARG_LIFE, XARG_NEXT_USE, XARG_PARENT, XARG_PROGRAM, XARG_TTL,
+                                       XARG_WORKFLOW)
 from agentserve.programs.ids import tenant_of
-from agentserve.programs.next_use import NextUse
+from agentserve.programs.next_use import NEVER, NextUse
 from agentserve.ttl.pins import Pin, PinTable, Release
 
 MAX_EVENTS = 4096  # events kept between two control ticks (the front end ticks ~5x per second)
@@ -70,7 +77,10 @@ class ProgramBook:
         self._service: Counter[str] = Counter()  # rank key -> tokens computed for it (las)
         self._size: Counter[str] = Counter()  # rank key -> programs it has had (a workflow's size)
         self._sizes: deque[int] = deque(maxlen=WORKFLOW_SIZE_WINDOW)  # sizes of workflows that ended
-        self._live: Counter[str] = Counter()  # program -> its requests in the engine now
+        self._live: dict[str, set[str]] = {}  # program -> its requests in the engine now
+        self._life: dict[str, int] = {}  # program -> the life its requests here belong to
+        self._ended: dict[str, int] = {}  # program -> its last life that ended (oldest first, bounded)
+        self._orphans: set[str] = set()  # requests in the engine whose program's life has ended
         self._parent: dict[str, str] = {}  # sub-agent -> its parent program
         self._sub_agents: Counter[str] = Counter()  # program -> its sub-agents not ended
         self._held_for_sub_agents: set[int] = set()  # pins kept past their TTL for sub-agents (ids, counted once)
@@ -81,10 +91,23 @@ class ProgramBook:
         self._next_aging_check = 0.0
 
     # ---- arrivals, admission, departures -------------------------------------------------------
+    def arrive_request(self, request_id: str, xargs: Mapping | None, prompt_tokens: int) -> int:
+        """`arrive`, with the program fields read from a request's xargs (what the front end attached)."""
+        x = xargs or {}
+        return self.arrive(request_id, x.get(XARG_PROGRAM), prompt_tokens, x.get(XARG_WORKFLOW), x.get(XARG_PARENT),
+                           x.get(XARG_LIFE))
+
     def arrive(self, request_id: str, program: str | None, prompt_tokens: int, workflow: str | None = None,
-               parent: str | None = None) -> int:
+               parent: str | None = None, life: int | None = None) -> int:
         """A request entered the engine; returns its priority (its program's, or workflow's, arrival
-        rank; with "las" its workflow's attained service). `parent`: the sub-agent's parent program."""
+        rank; with "las" its workflow's attained service). `parent`: the sub-agent's parent program;
+        `life`: the program's life the request belongs to (None: not known)."""
+        if program is not None and life is not None:
+            if life <= self._ended.get(program, -1):  # the program ended before its request got here
+                self._orphan(request_id, program)
+                program = None
+            else:
+                self._life[program] = max(life, self._life.get(program, life))
         if program is None:
             return next(self._rank_seq)  # a lone request is a one-turn program
         key = self._key.get(program)
@@ -112,7 +135,7 @@ class ProgramBook:
                     self.admission.join(program, prompt_tokens, self.clock())
                 else:
                     self.admission.started(program, prompt_tokens, self.clock())
-        self._live[program] += 1
+        self._live.setdefault(program, set()).add(request_id)
         self.next_use.started(program)
         if self.config.order == "las":
             return self._service[key]
@@ -142,7 +165,7 @@ class ProgramBook:
         program's pin is consumed (the hit holds those blocks now)."""
         returning = request_id in self._returning
         self._returning.discard(request_id)
-        if program is None:
+        if program is None or request_id in self._orphans:
             return []
         release = self.pins.release(program, "consumed")
         if release is not None:
@@ -153,6 +176,16 @@ class ProgramBook:
                        prompt=prompt_tokens)
         return []
 
+    def leave_request(self, request_id: str, xargs: Mapping | None, context_tokens: int, *, aborted: bool,
+                      computed_tokens: int = 0) -> tuple[list[Release], float]:
+        """`leave`, with the program fields read from the request's xargs."""
+        x = xargs or {}
+        next_use = x.get(XARG_NEXT_USE)
+        return self.leave(request_id, x.get(XARG_PROGRAM), context_tokens, aborted=aborted,
+                          is_last=bool(x.get(XARG_IS_LAST)), ttl_s=float(x.get(XARG_TTL, 0.0) or 0.0),
+                          next_use_s=float(next_use) if next_use is not None else None,
+                          computed_tokens=computed_tokens)
+
     def leave(self, request_id: str, program: str | None, context_tokens: int, *, aborted: bool,
               is_last: bool, ttl_s: float, next_use_s: float | None = None,
               computed_tokens: int = 0) -> tuple[list[Release], float]:
@@ -162,15 +195,20 @@ class ProgramBook:
         for ids in (self._returning, self._aged, self._held):
             ids.discard(request_id)
         self._newcomers.pop(request_id, None)
+        if request_id in self._orphans:  # its program ended: nothing of it is kept
+            self._orphans.discard(request_id)
+            self.counters["requests_outliving_program_end"] += 1
+            return [], 0.0
         if program is None:
             return [], 0.0
-        if (key := self._key.get(program)) is not None:  # (a request that outlived its program's end adds nothing)
+        if (key := self._key.get(program)) is not None:
             self._service[key] += max(0, computed_tokens)
         if self.admission is not None:
             self.admission.finished(program, context_tokens, self.clock())
-        self._live[program] -= 1
-        if self._live[program] <= 0:
-            del self._live[program]
+        requests = self._live.get(program, set())
+        requests.discard(request_id)
+        if not requests:
+            self._live.pop(program, None)
         self.next_use.finished(program, next_use_s, is_last)
         if aborted:
             return self._released([self.pins.release(program, "abort")]), 0.0
@@ -242,7 +280,19 @@ class ProgramBook:
         return self._released(self.pins.expire(now, set(busy_programs()) | parents))
 
     # ---- the control plane's commands ------------------------------------------------------------
-    def end(self, program: str) -> list[Release]:
+    def end(self, program: str, life: int | None = None) -> list[Release]:
+        """The program's `life` (None: whichever runs here) ended: its requests still in the engine are
+        served as one-offs from now on, and its rank, pin and next use go. An older life's end that
+        arrives after a newer life's requests leaves the newer life alone."""
+        if life is not None:
+            self._ended[program] = max(life, self._ended.pop(program, life))
+            if len(self._ended) > MAX_PROGRAM_RANKS:
+                del self._ended[next(iter(self._ended))]
+            if life < self._life.get(program, life):
+                return []
+        self._life.pop(program, None)
+        for request_id in self._live.pop(program, ()):
+            self._orphan(request_id, program)
         key = self._key.pop(program, None)  # None: never seen here, or ended already
         if key is not None:
             self._members[key] -= 1
@@ -262,7 +312,10 @@ class ProgramBook:
         self._sub_agents.pop(program, None)  # a parent ended before its sub-agents: nothing to hold for
         return self._released([self.pins.release(program, "program_end")])
 
-    def release(self, program: str, reason: str) -> list[Release]:
+    def release(self, program: str, reason: str, life: int | None = None) -> list[Release]:
+        """The program's pin goes (an older `life`'s release leaves a newer life's pin)."""
+        if life is not None and life < self._life.get(program, life):
+            return []
         return self._released([self.pins.release(program, reason)])
 
     def release_all(self, reason: str) -> list[Release]:
@@ -271,11 +324,11 @@ class ProgramBook:
     def command(self, command: str, payload: dict) -> list[Release]:
         """A control command from the front end (end / release / release_all / set_ttl / tick): the
         pins it releases. ValueError for an unknown command."""
-        program, reason = payload.get("program_id"), payload.get("reason", "program_end")
+        program, reason, life = payload.get("program_id"), payload.get("reason", "program_end"), payload.get("life")
         if command == "end":
-            return self.end(program)
+            return self.end(program, life)
         if command == "release":
-            return self.release(program, reason)
+            return self.release(program, reason, life)
         if command == "release_all":
             return self.release_all(reason)
         if command == "set_ttl":
@@ -305,12 +358,18 @@ class ProgramBook:
     @property
     def idle(self) -> bool:
         """No program has a request in the engine and no per-request state is left."""
-        return not (self._live or self._aged or self._returning or self._newcomers or self._held)
+        return not (self._live or self._aged or self._returning or self._newcomers or self._held or self._orphans)
 
     @property
     def expected_workflow_size(self) -> float:
         """Programs a new workflow is expected to bring: the mean size of the last workflows that ended."""
         return sum(self._sizes) / len(self._sizes) if self._sizes else 1.0
+
+    def holds(self, program: str) -> list[str]:
+        """What the book keeps of a program: its rank, requests in the engine, a pin, a next use."""
+        kept = {"rank": program in self._key, "requests": program in self._live, "pin": program in self.pins,
+                "next_use": self.next_use.seconds_until(program) != NEVER}
+        return [name for name, held in kept.items() if held]
 
     def rank(self, program: str) -> int | None:
         return self._ranks.get(self._key.get(program, program))
@@ -320,6 +379,14 @@ class ProgramBook:
             self.events.append({"kind": kind, "program": program, "t": self.clock(), **fields})
 
     # ---- internals --------------------------------------------------------------------------------
+    def _orphan(self, request_id: str, program: str) -> None:
+        """The request's program ended: from now on it is a one-off (admission holds it no longer)."""
+        self._orphans.add(request_id)
+        self._returning.discard(request_id)
+        self._held.discard(request_id)
+        self._newcomers.pop(request_id, None)
+        self.event("request_outlives_program", program, request=request_id)
+
     def _released(self, releases: Iterable[Release | None]) -> list[Release]:
         out = [r for r in releases if r is not None]
         for r in out:

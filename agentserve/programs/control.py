@@ -19,8 +19,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from agentserve.programs.fields import (JOIN_TOOL, XARG_DEPTH, XARG_NEXT_USE, XARG_REMAINING, XARG_TTL, XARG_TURN,
-                                       XARG_WORKFLOW, ProgramFields, to_xargs)
+from agentserve.programs.fields import (JOIN_TOOL, XARG_DEPTH, XARG_LIFE, XARG_NEXT_USE, XARG_REMAINING, XARG_TTL,
+                                       XARG_TURN, XARG_WORKFLOW, ProgramFields, to_xargs)
 from agentserve.programs.remaining import RemainingWork
 from agentserve.programs.tracker import Program, ProgramTracker
 from agentserve.ttl.policy import OnlineBenefit, TTLPolicy, decide
@@ -70,6 +70,7 @@ class ControlPlane:
         xargs = to_xargs(fields)
         xargs[XARG_TURN] = turn  # the server's count when the client did not say
         xargs[XARG_WORKFLOW], xargs[XARG_DEPTH] = program.workflow, program.depth
+        xargs[XARG_LIFE] = program.life
         xargs[XARG_REMAINING] = float(self.remaining_s(program))
         self.on_event("call_start", {"program": fields.program_id, "turn": turn, "prompt_tokens": prompt_tokens,
                                      "parent": fields.parent_program_id, "last": fields.is_last_turn,
@@ -136,10 +137,11 @@ class ControlPlane:
                 "reload_s_per_1k_tokens": reload.seconds(1000) if reload is not None else None,
                 "host_load_s_per_1k_tokens": host.seconds(1000) if host is not None else None}
 
-    def end_call(self, program_id: str, context_tokens: int) -> None:
-        self.tracker.llm_end(program_id, context_tokens=context_tokens)
+    def end_call(self, program_id: str, context_tokens: int, life: int | None = None) -> None:
+        """A call ended; `life`: of the program's life it began in (begin_call's XARG_LIFE)."""
+        self.tracker.llm_end(program_id, context_tokens=context_tokens, life=life)
         p = self.tracker.programs.get(program_id)
-        if p is not None:
+        if p is not None and (life is None or p.life == life):
             node = p.graph.nodes[p.last_node]
             if node.get("kind") == "llm" and "end" in node:  # (a tool event may have come first)
                 self.remaining.observe_call(node["end"] - node["start"])
@@ -158,11 +160,13 @@ class ControlPlane:
         return duration
 
     async def end_program(self, program_id: str, reason: str = "program_end") -> None:
-        program = self.tracker.end(program_id)
+        await self._ended(self.tracker.end(program_id), reason)
+
+    async def _ended(self, program: Program, reason: str) -> None:
         self.benefit.observe_finished_program(program.llm_calls)
         self.remaining.observe_program(program.depth, program.llm_calls)
-        await self._send("end", {"program_id": program_id})
-        self.on_event("program_end", {"program": program_id, "reason": reason, "turns": program.llm_calls})
+        await self._send("end", {"program_id": program.program_id, "life": program.life})
+        self.on_event("program_end", {"program": program.program_id, "reason": reason, "turns": program.llm_calls})
 
     def live_programs(self, owner: Callable[[str], bool] = lambda program_id: True) -> int:
         return sum(1 for p in self.tracker.programs if owner(p))
@@ -191,17 +195,13 @@ class ControlPlane:
                 "ttl_inputs": self.ttl_inputs(), "tools": self.predictor.summary(),
                 "engine": {k: v for k, v in live.items() if k != "events"}}
 
-    async def abort_call(self, program_id: str) -> None:
-        await self._send("release", {"program_id": program_id, "reason": "abort"})
+    async def abort_call(self, program_id: str, life: int | None = None) -> None:
+        await self._send("release", {"program_id": program_id, "reason": "abort", "life": life})
 
     async def tick(self) -> dict:
         """Periodic: end abandoned programs, expire pins in an idle engine, fetch engine stats."""
         for program in self.tracker.reap():
-            self.benefit.observe_finished_program(program.llm_calls)
-            self.remaining.observe_program(program.depth, program.llm_calls)
-            await self._send("end", {"program_id": program.program_id})
-            self.on_event("program_end", {"program": program.program_id, "reason": "abandoned",
-                                          "turns": program.llm_calls})
+            await self._ended(program, "abandoned")
         return await self._send("tick", {})
 
     async def shutdown(self) -> dict:
@@ -225,9 +225,9 @@ class Control(Protocol):
     def first_token(self, program_id: str, turn: int, ttft_s: float, prompt_tokens: int,
                     cached_tokens: int | None) -> Awaitable[None]: ...
 
-    def end_call(self, program_id: str, context_tokens: int) -> Awaitable[None]: ...
+    def end_call(self, program_id: str, context_tokens: int, life: int | None = None) -> Awaitable[None]: ...
 
-    def abort_call(self, program_id: str) -> Awaitable[None]: ...
+    def abort_call(self, program_id: str, life: int | None = None) -> Awaitable[None]: ...
 
     def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None
                    ) -> Awaitable[float | None]: ...
@@ -261,11 +261,11 @@ class LocalControl:
                     cached_tokens: int | None) -> Awaitable[None]:
         return _done(self.control.first_token(program_id, turn, ttft_s, prompt_tokens, cached_tokens))
 
-    def end_call(self, program_id: str, context_tokens: int) -> Awaitable[None]:
-        return _done(self.control.end_call(program_id, context_tokens))
+    def end_call(self, program_id: str, context_tokens: int, life: int | None = None) -> Awaitable[None]:
+        return _done(self.control.end_call(program_id, context_tokens, life))
 
-    def abort_call(self, program_id: str) -> Awaitable[None]:
-        return self.control.abort_call(program_id)
+    def abort_call(self, program_id: str, life: int | None = None) -> Awaitable[None]:
+        return self.control.abort_call(program_id, life)
 
     def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None
                    ) -> Awaitable[float | None]:

@@ -26,6 +26,9 @@ XARG_NEXT_USE = "agentserve_next_use_s"  # predicted seconds from this turn's en
 XARG_WORKFLOW = "agentserve_workflow"  # the root program's id (the server's, from the program forest)
 XARG_DEPTH = "agentserve_depth"  # the program's depth in its workflow (the root's is 0)
 XARG_REMAINING = "agentserve_remaining_s"  # predicted seconds of work the program has left (critical path)
+# The life of the program a call belongs to (the control plane's serial, a new one each time the id
+# begins again after an end): an engine tells a late request of an ended life from the next life's.
+XARG_LIFE = "agentserve_life"
 # The tool of a turn whose answer spawns sub-agents and waits for them: the wait is the join.
 JOIN_TOOL = "join"
 

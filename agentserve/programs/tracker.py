@@ -6,12 +6,14 @@ program forest (`children`); a root and all its descendants form one workflow, n
 and each program has its depth in it (the root's is 0). A sub-agent's parent must be a live program
 (`lineage_error`): an unknown or ended parent is a 404, a program named as its own parent or given a
 second parent a 409, so the forest never has a cycle. Lifecycle: a program begins at its first request and ends on an explicit
-end, or when idle longer than `idle_timeout_s` (abandoned). Memory is bounded: an ended program leaves
+end, or when idle longer than `idle_timeout_s` (abandoned); a call naming it after that begins a new
+life of the id (`Program.life`), which engines tell from the ended one's late requests. Memory is bounded: an ended program leaves
 nothing behind (`programs` holds live programs only).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ class Program:
     program_id: str
     started_at: float
     parent: str | None = None
+    life: int = 0  # this life's serial: the same id begun again after its end is a new life
     workflow: str = ""  # the root's id (its own for a root)
     depth: int = 0
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
@@ -54,6 +57,7 @@ class ProgramTracker:
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
         self.programs: dict[str, Program] = {}
+        self._lives = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self.programs)
@@ -88,7 +92,8 @@ class ProgramTracker:
         if p is None:
             up = self.programs.get(parent) if parent is not None else None
             p = self.programs[program_id] = Program(
-                program_id, started_at=now, parent=parent, workflow=up.workflow if up else program_id,
+                program_id, started_at=now, parent=parent, life=next(self._lives),
+                workflow=up.workflow if up else program_id,
                 depth=up.depth + 1 if up else 0)
             if up is not None:
                 up.children.add(program_id)
@@ -117,10 +122,10 @@ class ProgramTracker:
             p.last_tool = tool
         return k, gap, gap_tool
 
-    def llm_end(self, program_id: str, *, context_tokens: int) -> None:
+    def llm_end(self, program_id: str, *, context_tokens: int, life: int | None = None) -> None:
         p = self.programs.get(program_id)
-        if p is None:
-            return  # ended while the call ran
+        if p is None or (life is not None and p.life != life):
+            return  # ended while the call ran (and maybe begun again: the call was of the ended life)
         now = self.clock()
         p.active_calls = max(0, p.active_calls - 1)
         p.last_activity = p.last_llm_end = now

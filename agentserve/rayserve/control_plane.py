@@ -156,11 +156,11 @@ class ClusterControlPlane:
                     cached_tokens: int | None) -> None:
         self.control.first_token(program_id, turn, ttft_s, prompt_tokens, cached_tokens)
 
-    def end_call(self, program_id: str, context_tokens: int) -> None:
-        self.control.end_call(program_id, context_tokens)
+    def end_call(self, program_id: str, context_tokens: int, life: int | None = None) -> None:
+        self.control.end_call(program_id, context_tokens, life)
 
-    async def abort_call(self, program_id: str) -> None:
-        await self.control.abort_call(program_id)
+    async def abort_call(self, program_id: str, life: int | None = None) -> None:
+        await self.control.abort_call(program_id, life)
 
     # ---- program routes (from the ingress) -----------------------------------------------------
     async def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None) -> dict:

@@ -39,11 +39,11 @@ class RemoteControl:
                     cached_tokens: int | None) -> Awaitable[None]:
         return self._cp().first_token.remote(program_id, turn, ttft_s, prompt_tokens, cached_tokens)
 
-    def end_call(self, program_id: str, context_tokens: int) -> Awaitable[None]:
-        return self._cp().end_call.remote(program_id, context_tokens)
+    def end_call(self, program_id: str, context_tokens: int, life: int | None = None) -> Awaitable[None]:
+        return self._cp().end_call.remote(program_id, context_tokens, life)
 
-    def abort_call(self, program_id: str) -> Awaitable[None]:
-        return self._cp().abort_call.remote(program_id)
+    def abort_call(self, program_id: str, life: int | None = None) -> Awaitable[None]:
+        return self._cp().abort_call.remote(program_id, life)
 
     def tool_event(self, program_id: str, name: str, event: str, duration_s: float | None
                    ) -> Awaitable[float | None]:

@@ -15,7 +15,7 @@ import msgspec
 
 from agentserve.programs.control import TRACEPARENT, Control
 from agentserve.programs.tracker import ProgramError
-from agentserve.programs.fields import XARG_TURN, ProgramFields, from_xargs
+from agentserve.programs.fields import XARG_LIFE, XARG_TURN, ProgramFields, from_xargs
 from agentserve.server.streams import track
 
 log = logging.getLogger("agentserve.server")
@@ -66,7 +66,7 @@ class ProgramEngineClient:
         return track(self._stream(prompt, sampling_params, request_id, *args, **kwargs))
 
     async def _stream(self, prompt, sampling_params, request_id, *args, **kwargs):
-        program = await self._begin_call(prompt, sampling_params, kwargs)  # None: not a program's call
+        program, life = await self._begin_call(prompt, sampling_params, kwargs)  # None: not a program's call
         out, finished, engine_ids, t0 = None, False, [], time.perf_counter()
         try:
             async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
@@ -91,35 +91,38 @@ class ProgramEngineClient:
             if program is not None:
                 context = ((len(out.prompt_token_ids or ()) + sum(len(o.token_ids) for o in out.outputs))
                            if out else 0)
-                self._background(self._finish(program, context, aborted=not finished))
+                self._background(self._finish(program, life, context, aborted=not finished))
 
-    async def _finish(self, call: ProgramFields, context: int, aborted: bool) -> None:
+    async def _finish(self, call: ProgramFields, life: int | None, context: int, aborted: bool) -> None:
         """A program's call ended: the control plane hears it, then the abort (a client disconnect: the
-        engine drops the pin too) and the program's end when the call said it was the last."""
-        await self.control.end_call(call.program_id, context)
+        engine drops the pin too) and the program's end when the call said it was the last. `life`:
+        the program's life the call began in, so that a call outliving its program's end does not
+        touch the next life of the same id."""
+        await self.control.end_call(call.program_id, context, life)
         if aborted:
-            await self.control.abort_call(call.program_id)
+            await self.control.abort_call(call.program_id, life)
         if call.ends_program:
             try:
                 await self.control.end_program(call.program_id)
             except ProgramError:  # the client ended it too (POST /end), or it was reaped
                 pass
 
-    async def _begin_call(self, prompt, sampling_params, kwargs: dict) -> ProgramFields | None:
+    async def _begin_call(self, prompt, sampling_params, kwargs: dict) -> tuple[ProgramFields | None, int | None]:
         """A program's call (the middleware put its fields into extra_args): tell the control plane,
-        attach the xargs it answers (TTL, turn) and the program's trace context. Returns the call's
-        fields with the turn the server counted, or None for a request with no program fields."""
+        attach the xargs it answers (TTL, turn, life) and the program's trace context. Returns the
+        call's fields with the turn the server counted and the program's life, or (None, None) for a
+        request with no program fields."""
         extra = sampling_params.extra_args or {}
         fields = from_xargs(extra)
         if fields is None:
-            return None
+            return None, None
         tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
         xargs = await self.control.begin_call(fields, len(tokens or ()), sampling_params.max_tokens or 0)
         traceparent = xargs.pop(TRACEPARENT, None)
         if traceparent is not None:  # vLLM's spans of this request nest under the program's chat span
             kwargs["trace_headers"] = {**(kwargs.get("trace_headers") or {}), "traceparent": traceparent}
         sampling_params.extra_args = {**extra, **xargs}
-        return msgspec.structs.replace(fields, turn=xargs[XARG_TURN])
+        return msgspec.structs.replace(fields, turn=xargs[XARG_TURN]), xargs.get(XARG_LIFE)
 
     def _engine_request_ids(self, request_id: str) -> list[str]:
         """The engine core's ids of a request (vLLM gives each request an internal id of its own)."""
