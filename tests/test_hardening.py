@@ -94,6 +94,64 @@ def test_two_hundred_concurrent_programs_complete(server):
     assert stats["programs"] == 0 and stats["engine"]["pins"] == 0
 
 
+def test_concurrent_programs_that_disconnect_or_end_mid_call_leave_nothing_live():
+    """96 programs at once, three turns each, every turn pinned for 60 s: a quarter disconnect
+    mid-stream and then end, a quarter end while their last call still streams (the end reaches the
+    engine before the call leaves it), the rest run to completion and end. Once all are done: no live
+    program, no pin, no host chunk held."""
+    from agentserve.server.process import ServerProcess
+
+    args = ["--model", "tiny", "--kv-tokens", "16384", "--max-model-len", "2048", "--policy", "fixed",
+            "--fixed-ttl", "60"]
+    with ServerProcess(args, env={"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}) as srv:
+        concurrent_programs_leave_nothing_live(srv.base_url)
+
+
+def concurrent_programs_leave_nothing_live(base: str) -> None:
+
+    async def program(client: httpx.AsyncClient, i: int) -> None:
+        pid = f"churn-{i}"
+        kind = ("disconnect", "end-mid-call", "complete", "complete")[i % 4]
+        history = " ".join(f"p{i}w{j}" for j in range(120))
+        for turn in range(3):
+            last = turn == 2
+            body = {"model": "tiny", "max_tokens": 64, "ignore_eos": True, "stream": True, "temperature": 0,
+                    "messages": [{"role": "user", "content": history}],
+                    "agentserve": {"program_id": pid, "turn": turn}}
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200, await r.aread()
+                lines = r.aiter_lines()
+                for _ in range(4):
+                    await anext(lines)
+                if last and kind == "disconnect":
+                    break  # the connection closes mid-generation
+                if last and kind == "end-mid-call":
+                    assert (await client.post(f"/v1/programs/{pid}/end")).status_code == 200
+                async for _ in lines:
+                    pass
+            history += f" turn {turn} " + " ".join(f"t{turn}x{j}" for j in range(30))
+        if kind != "end-mid-call":
+            assert (await client.post(f"/v1/programs/{pid}/end")).status_code == 200
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+            await asyncio.gather(*(program(client, i) for i in range(96)))
+
+    asyncio.run(run())
+
+    def settled() -> dict:
+        return httpx.get(base + "/v1/agentserve/stats").json()
+
+    assert wait_for(lambda: settled()["engine"]["queued"] == 0, 30)
+    time.sleep(1.0)  # the calls' ends are reported in tasks of their own
+    stats = settled()
+    assert stats["programs"] == 0, stats
+    engine = stats["engine"]
+    assert engine["pins"] == 0 and engine["pinned_blocks"] == 0 and engine["programs"] == 0, engine
+    assert engine["host_tier"] is None or engine["host_tier"]["in_use"] == 0, engine["host_tier"]
+
+
 def metric(base_url: str, name: str, labels: str = "", headers: dict | None = None) -> float:
     r = httpx.get(base_url + "/metrics", headers=headers)
     assert r.status_code == 200, r.text
