@@ -23,6 +23,9 @@ SUB_AGENTS_BY_WORKFLOW = Counter("agentserve_sub_agents_ranked_by_workflow", "Su
                                  "their workflow's rank (--order other than program)")
 PINS_HELD_FOR_SUB_AGENTS = Counter("agentserve_pins_held_for_sub_agents", "Pins kept past their TTL because "
                                    "their program's sub-agents were live (the prefix they fork from)")
+REQUESTS_OUTLIVING_PROGRAM_END = Counter(
+    "agentserve_requests_outliving_program_end", "Requests that left the engine after their program ended "
+    "(still running at the end, or arrived after it): served as one-offs, no pin, rank or next use kept")
 ADMISSION = Counter("agentserve_admission_decisions", "Program admission (--admission-share), by reason: held "
                     "(a new program's first request waited), admitted, admitted_idle (nothing else admitted), "
                     "admitted_overdue (past --admission-max-hold), ended, expired_idle", ["reason"])
@@ -60,7 +63,8 @@ _last_engine_counters: dict[str, float] = {}
 _ENGINE_COUNTERS = {"pins_created": PINS_CREATED, "pins_refused": PINS_REFUSED,
                     "pinned_tokens_served": PINNED_TOKENS_SERVED, "requests_aged": REQUESTS_AGED,
                     "sub_agents_ranked_by_workflow": SUB_AGENTS_BY_WORKFLOW,
-                    "pins_held_for_sub_agents": PINS_HELD_FOR_SUB_AGENTS}
+                    "pins_held_for_sub_agents": PINS_HELD_FOR_SUB_AGENTS,
+                    "requests_outliving_program_end": REQUESTS_OUTLIVING_PROGRAM_END}
 _last_kvshare_counters: dict[str, float] = {}
 
 
