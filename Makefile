@@ -10,10 +10,15 @@ EXTRAS ?= cpu,dev,minisweagent,langchain,openai-agents
 STAMP  := $(VENV)/.agentserve-installed
 BFCL   := bfcl-eval==2026.3.23
 # The standard benchmark's load (docs/benchmarks.md): the bench model, an 8k-token KV budget.
+BENCH_LOAD ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --token-scale 0.25 --max-turns 10 \
+	--seed 0 --no-progress
 # A host tier of 8x the device KV for the policies that use one (vllm+offload: stock vLLM with it).
-BENCH_ARGS ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --token-scale 0.25 --max-turns 10 \
-	--seed 0 --no-progress --host-kv-tokens 65536 \
-	--policies vllm,vllm+offload,agentserve,oracle
+BENCH_ARGS ?= $(BENCH_LOAD) --host-kv-tokens 65536 --policies vllm,vllm+offload,agentserve,oracle
+# The guard (`make bench`): agentserve against stock vLLM with its own offloading, interleaved round by
+# round, at host tiers of 8x and 2x the device KV; rounds per load sized to about 45 minutes a comparison.
+GUARD_ROUNDS_SWE  ?= 6
+GUARD_ROUNDS_BFCL ?= 10
+GUARD_TIERS       ?= 8x=65536 2x=16384
 
 # The router benchmark (docs/benchmarks.md): the SWE-bench load on Ray Serve, 2 replicas of the tiny
 # model (2 replicas of the bench model saturate this 2-core machine) with an 8k-token KV budget each, agentserve's program-affinity router vs Ray Serve LLM's prefix-aware router vs Serve's
@@ -53,10 +58,17 @@ SWE_TRACE ?= ../shared/traces/swe/minisweagent_gemini3pro/per_turn_400.jsonl
 SWE_SRC := $(if $(wildcard $(SWE_TRACE)),$(SWE_TRACE),workloads/data/swe_minisweagent_16.jsonl)
 swe-trace:
 	@test -f "$(SWE_TRACE)" || echo "NOTE: $(SWE_TRACE) not found: replaying the embedded sample $(SWE_SRC); numbers differ from docs/benchmarks.md" >&2
+# For each standard load (SWE-bench and BFCL, tiers 8x and 2x), agentserve / vllm+offload with its 95 %
+# interval over rounds (bench/guard.py; about 3 hours in all on this machine), results in bench-out/.
 bench: install swe-trace
-	$(VENV)/bin/agentserve replay --trace $(SWE_SRC) \
-		$(BENCH_ARGS) --out bench-out/swe
-	$(VENV)/bin/agentserve replay --trace bfcl:base $(BENCH_ARGS) --out bench-out/bfcl
+	for tier in $(GUARD_TIERS); do \
+		name=$${tier%%=*}; tokens=$${tier#*=}; \
+		$(VENV)/bin/agentserve replay --trace $(SWE_SRC) $(BENCH_LOAD) --host-kv-tokens $$tokens \
+			--policies vllm+offload,agentserve --rounds $(GUARD_ROUNDS_SWE) --out bench-out/swe-$$name || exit 1; \
+		$(VENV)/bin/agentserve replay --trace bfcl:base $(BENCH_LOAD) --host-kv-tokens $$tokens \
+			--policies vllm+offload,agentserve --rounds $(GUARD_ROUNDS_BFCL) --out bench-out/bfcl-$$name || exit 1; \
+	done
+	$(PY) bench/guard.py $(foreach t,$(GUARD_TIERS),bench-out/swe-$(firstword $(subst =, ,$(t))) bench-out/bfcl-$(firstword $(subst =, ,$(t))))
 
 # The same SWE-bench load at larger KV budgets (docs/benchmarks.md: where pins can and cannot close the gap).
 KV_SWEEP ?= 12288

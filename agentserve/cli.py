@@ -116,9 +116,13 @@ def add_replay_parser(sub) -> None:
                     help="also replay against a running OpenAI-compatible server (e.g. a stock vllm serve "
                     "of the same model), with plain OpenAI requests; repeatable")
     rp.add_argument("--rounds", type=_positive_int, default=1,
-                    help="replay every policy this many times, round by round; the table pools the rounds "
-                    "and adds each round's ratios to stock vLLM, so noise shows; an --endpoint server keeps its cache "
+                    help="replay every policy this many times, round by round (odd rounds in reverse order); the "
+                    "table pools the rounds, adds each round's ratios to stock vLLM and gives agentserve's ratios 95 %% "
+                    "intervals over rounds (rounds and paired programs resampled); an --endpoint server keeps its cache "
                     "from one round to the next (default: 1)")
+    rp.add_argument("--no-speed-probe", action="store_true",
+                    help="skip the engine speed probe (a fixed batch timed on each server before its run, "
+                    "reported beside it; with several rounds the ratios are also given normalized by it)")
     rp.add_argument("--out", default="replay-out", help="output directory (default: replay-out)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_flags(rp.add_argument_group("engine (the same for every policy)"), EngineSettings,
@@ -141,7 +145,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     setup = EngineSetup(engine=from_flags(EngineSettings, args), program=from_flags(ProgramOptions, args))
     results = replay(args.trace, fmt=args.format, policies=args.policies, cfg=cfg, setup=setup,
                      out_dir=Path(args.out), endpoints=parse_endpoints(args.endpoint),
-                     progress=not args.no_progress, rounds=args.rounds)
+                     progress=not args.no_progress, rounds=args.rounds, probe=not args.no_speed_probe)
     print(table(results))
     print(f"\nwritten: {args.out}/results.json, records.json, jct_cdf.png, timeline.png")
     return 0

@@ -38,5 +38,8 @@ def test_per_round_ratios_against_stock_vllm_show_the_spread():
 def test_counters_add_up_over_rounds_and_unknown_stays_unknown():
     merged = sum_counters([{"preemptions": 2, "pins_created": 1, "counters": {"pins_created": 1}},
                            {"preemptions": None, "pins_created": 4, "counters": {"pins_created": 4, "x": 1}}])
-    assert merged == {"preemptions": None, "pins_created": 5, "counters": {"pins_created": 5, "x": 1}}
-    assert sum_counters([{"preemptions": 1}, {"preemptions": 2}]) == {"preemptions": 3}
+    assert merged == {"preemptions": None, "pins_created": 5, "counters": {"pins_created": 5, "x": 1},
+                      "speed_probe_s": None}
+    assert sum_counters([{"preemptions": 1}, {"preemptions": 2}]) == {"preemptions": 3, "speed_probe_s": None}
+    # the rounds' speed probes pool to their median
+    assert sum_counters([{"speed_probe_s": x} for x in (1.0, 3.0, 2.0)])["speed_probe_s"] == 2.0

@@ -14,6 +14,7 @@ import asyncio
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ from workloads.driver import Driver, ProgramRecord
 from workloads.filler import Filler, single_token_words
 from workloads.formats import load_trace
 from workloads.plan import PlannedProgram, ReplayConfig, plan
-from workloads.report import Results, plots, summarize, table
+from workloads.intervals import compare
+from workloads.probe import speed_probe
+from workloads.report import Results, comparisons, plots, summarize, table
 from workloads.tool_times import ToolTimeModel
 
 POLICIES = ("vllm", "continuum", "fixed", "agentserve", "oracle")
@@ -163,10 +166,14 @@ def served_model(base_url: str) -> str:
 
 
 def drive(name: str, base_url: str, client: str, programs: list[PlannedProgram], cfg: ReplayConfig,
-          filler: Filler, progress: bool) -> tuple[list[ProgramRecord], dict]:
+          filler: Filler, progress: bool, probe: bool = False) -> tuple[list[ProgramRecord], dict]:
+    """Run the plan against one server: its records, and its counters over the run (with the engine
+    speed probe, measured first, under "speed_probe_s" when `probe`)."""
     from tqdm import tqdm
 
-    driver = Driver(base_url, served_model(base_url), filler, client=client, seed=cfg.seed)
+    model = served_model(base_url)
+    driver = Driver(base_url, model, filler, client=client, seed=cfg.seed)
+    speed = speed_probe(base_url, model, filler) if probe else None
     before = server_counters(base_url)
     with tqdm(total=len(programs), desc=f"{name:>10}", unit="prog", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
@@ -182,14 +189,18 @@ def drive(name: str, base_url: str, client: str, programs: list[PlannedProgram],
             after[counter] -= before[counter]
     if "counters" in after:
         after["counters"] = {k: v - before.get("counters", {}).get(k, 0) for k, v in after["counters"].items()}
+    after["speed_probe_s"] = speed
     return records, after
 
 
 def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: ReplayConfig, setup: EngineSetup,
            out_dir: Path, endpoints: dict[str, str] | None = None, progress: bool = True,
-           rounds: int = 1, log=print) -> Results:
-    """Replay against every policy and endpoint in turn, `rounds` times over (round k runs them all
-    before round k+1 starts, so a slow spell of the machine hits every policy alike)."""
+           rounds: int = 1, probe: bool = True, log=print) -> Results:
+    """Replay against every policy and endpoint in turn, `rounds` times over: round k runs them all
+    before round k+1 starts, in the given order in even rounds and reversed in odd ones, so neither a
+    slow spell of the machine nor a position in the round favours a policy. With `probe`, each run
+    starts with the engine speed probe (workloads/probe.py), reported beside it. With several rounds,
+    every agentserve policy's ratios to the others get intervals over rounds (workloads/intervals.py)."""
     from agentserve.engine.settings import resolve_model
 
     for spec in policies:
@@ -209,10 +220,11 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
         f"{config['plan']['cut_for_context']} cut to the context) from {trace_src} against "
         f"{', '.join(policies + list(endpoints or {}))}")
     runs = [(p, None) for p in policies] + list((endpoints or {}).items())
+    started = time.monotonic()
     records: dict[str, list[ProgramRecord]] = {name: [] for name, _ in runs}
     counters: dict[str, list[dict]] = {name: [] for name, _ in runs}
     for k in range(rounds):
-        for name, url in runs:
+        for name, url in round_order(runs, k):
             t0 = time.monotonic()
             if url is None:
                 suffix = f"-round{k + 1}" if rounds > 1 else ""
@@ -220,30 +232,42 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
                 with ServerProcess(setup.serve_args(name, len(programs)), log_path=str(log_path)) as srv:
                     # stock vLLM gets what a stock client sends; the plugin policies get the SDK
                     client = "openai" if policy_spec(name)[0] in ("vllm", "oracle") else "agentserve"
-                    recs, counts = drive(name, srv.base_url, client, programs, cfg, filler, progress)
+                    recs, counts = drive(name, srv.base_url, client, programs, cfg, filler, progress, probe)
             else:
-                recs, counts = drive(name, url, "openai", programs, cfg, filler, progress)
+                recs, counts = drive(name, url, "openai", programs, cfg, filler, progress, probe)
             for r in recs:
                 r.round = k
             records[name] += recs
             counters[name].append(counts)
+            speed = counts["speed_probe_s"]
             log(f"{name}{f' (round {k + 1}/{rounds})' if rounds > 1 else ''}: done in "
-                f"{time.monotonic() - t0:.0f} s")
+                f"{time.monotonic() - t0:.0f} s{f', speed probe {speed:.3f} s' if speed is not None else ''}")
     summaries = {name: summarize(records[name], sum_counters(counters[name])) for name in records}
     per_round = {name: [summarize([r for r in records[name] if r.round == k], counters[name][k])
                         for k in range(rounds)] for name in records} if rounds > 1 else {}
-    results = Results(config=config, policies=summaries, rounds=per_round)
+    config["elapsed_s"] = round(time.monotonic() - started, 1)
+    probes = {name: [c["speed_probe_s"] for c in counters[name]] for name in records}
+    results = Results(config=config, policies=summaries, rounds=per_round,
+                      intervals=compare(records, probes, comparisons(list(records))) if rounds > 1 else [])
     (out_dir / "results.json").write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
     (out_dir / "records.json").write_bytes(msgspec.json.encode(records))
     plots(records, out_dir)
     return results
 
 
+def round_order(runs: list, k: int) -> list:
+    """Round k's order: as given in even rounds, reversed in odd ones."""
+    return runs if k % 2 == 0 else runs[::-1]
+
+
 def sum_counters(rounds: list[dict]) -> dict:
     """One server-counter dict for several rounds: counts add up; unknown (None) stays unknown."""
     out: dict = {}
+    speeds = [counts.get("speed_probe_s") for counts in rounds]
     for counts in rounds:
         for key, value in counts.items():
+            if key == "speed_probe_s":
+                continue
             if key == "counters":
                 merged = out.setdefault("counters", {})
                 for k, v in value.items():
@@ -252,6 +276,8 @@ def sum_counters(rounds: list[dict]) -> dict:
                 out[key] = None
             else:
                 out[key] = out.get(key, 0) + value
+    # the rounds' probes pool to their median
+    out["speed_probe_s"] = statistics.median(speeds) if speeds and None not in speeds else None
     return out
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 import msgspec
 
 from workloads.driver import ProgramRecord
+from workloads.intervals import Interval
 
 Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
@@ -42,12 +43,14 @@ class PolicyResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     workflow_jct_p50: Seconds | None = None
     workflow_jct_p95: Seconds | None = None
     workflows_completed: Count = 0
+    speed_probe_s: Seconds | None = None  # the engine speed probe before the run (rounds: their median)
 
 
 class Results(msgspec.Struct, forbid_unknown_fields=True):
     config: dict
     policies: dict[str, PolicyResult]  # every round's programs and turns pooled
     rounds: dict[str, list[PolicyResult]] = {}  # per round, when the replay ran more than one
+    intervals: list[Interval] = []  # agentserve's ratios with intervals over rounds (workloads/intervals.py)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -86,7 +89,7 @@ def summarize(records: list[ProgramRecord], server: dict) -> PolicyResult:
         makespan=makespan, programs_completed=len(ok), programs_failed=len(records) - len(ok),
         throughput=len(ok) / makespan if makespan > 0 else 0.0, llm_calls=len(turns),
         turn_retries=sum(r.retries for r in records),
-        engine_counters=server.get("counters", {}),
+        engine_counters=server.get("counters", {}), speed_probe_s=server.get("speed_probe_s"),
         errors=[f"{r.id}: {r.error}" for r in records if r.error][:5])
 
 
@@ -122,21 +125,25 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a is not None and b else "-"
 
 
+def comparisons(names: list[str]) -> list[tuple[str, str]]:
+    """(ours, baseline): every agentserve policy against the baselines; the default also against its
+    variants."""
+    return [(name, base) for name in names if name.startswith("agentserve")
+            for base in names if base != name and (not base.startswith("agentserve") or name == "agentserve")]
+
+
 def ratios(results: Results) -> list[str]:
     """agentserve against each baseline, and the share of the achievable mean-JCT gain captured."""
     p = results.policies
     lines = []
-    for name in (n for n in p if n.startswith("agentserve")):
-        ours = p[name]
-        # every agentserve policy against the baselines; the default also against its variants
-        for base in (b for b in p if b != name and (not b.startswith("agentserve") or name == "agentserve")):
-            b = p[base]
-            wf = (f"mean workflow JCT {_ratio(ours.workflow_jct_mean, b.workflow_jct_mean)}, "
-                  if ours.workflow_jct_mean is not None else "")
-            lines.append(f"{name}/{base}: {wf}mean JCT {_ratio(ours.jct_mean, b.jct_mean)}, p95 JCT "
-                         f"{_ratio(ours.jct_p95, b.jct_p95)}, p99 TTFT {_ratio(ours.ttft_p99, b.ttft_p99)}, "
-                         f"throughput {_ratio(ours.throughput, b.throughput)}")
-    lines += round_ratios(results)
+    for name, base in comparisons(list(p)):
+        ours, b = p[name], p[base]
+        wf = (f"mean workflow JCT {_ratio(ours.workflow_jct_mean, b.workflow_jct_mean)}, "
+              if ours.workflow_jct_mean is not None else "")
+        lines.append(f"{name}/{base}: {wf}mean JCT {_ratio(ours.jct_mean, b.jct_mean)}, p95 JCT "
+                     f"{_ratio(ours.jct_p95, b.jct_p95)}, p99 TTFT {_ratio(ours.ttft_p99, b.ttft_p99)}, "
+                     f"throughput {_ratio(ours.throughput, b.throughput)}")
+    lines += round_ratios(results) + interval_lines(results.intervals)
     for name in (n for n in p if n not in ("vllm", "oracle")):
         gain = gap_captured(results, name)
         if gain is not None:
@@ -159,6 +166,24 @@ def round_ratios(results: Results) -> list[str]:
         cells = [f"{label} " + ", ".join(_ratio(getattr(a, field), getattr(b, field)) for a, b in pairs)
                  for label, field in fields]
         lines.append(f"{name}/vllm per round: " + "; ".join(cells))
+    return lines
+
+
+_LABELS = {"jct_mean": "mean JCT", "jct_p95": "p95 JCT", "ttft_p99": "p99 TTFT", "throughput": "throughput"}
+
+
+def interval_lines(intervals: list[Interval]) -> list[str]:
+    """One line per (pair, normalized or not): each ratio with its 95 % interval over rounds."""
+    groups: dict[tuple[str, str, bool], list[Interval]] = {}
+    for iv in intervals:
+        groups.setdefault((iv.a, iv.b, iv.normalized), []).append(iv)
+    lines = []
+    for (a, b, normalized), ivs in groups.items():
+        cells = [f"{_LABELS.get(iv.metric, iv.metric)} {iv.ratio:.3f}"
+                 + (f" [{iv.lo:.3f}, {iv.hi:.3f}]" if iv.lo is not None else "") for iv in ivs]
+        how = "speed-normalized (LLM time x reference / run's probe; throughput as measured)" if normalized else "raw"
+        lines.append(f"{a}/{b}, 95 % interval over {ivs[0].rounds} rounds (rounds and paired programs "
+                     f"resampled), {how}: " + ", ".join(cells))
     return lines
 
 

@@ -1,0 +1,60 @@
+"""The guard of `make bench`: agentserve / vllm+offload with its 95 % interval over rounds, one line per
+standard load, from the replays' results.json. Exit status 1 if a load is missing or has no interval;
+0 otherwise, whatever the ratios: the guard reports, the reader judges (docs/benchmarks.md).
+
+    python bench/guard.py bench-out/swe-8x bench-out/swe-2x bench-out/bfcl-8x bench-out/bfcl-2x
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workloads.report import Results  # noqa: E402
+
+OURS, BASELINE = "agentserve", "vllm+offload"
+LABELS = {"jct_mean": "mean JCT", "jct_p95": "p95 JCT", "ttft_p99": "p99 TTFT", "throughput": "throughput"}
+
+
+def guard_line(name: str, results: Results) -> str | None:
+    found = [i for i in results.intervals if (i.a, i.b) == (OURS, BASELINE) and i.lo is not None]
+    if not found:
+        return None
+    minutes = results.config.get("elapsed_s", 0) / 60
+    out = []
+    for normalized in (False, True):
+        ivs = [i for i in found if i.normalized == normalized]
+        if ivs:
+            cells = ", ".join(f"{LABELS[i.metric]} {i.ratio:.3f} [{i.lo:.3f}, {i.hi:.3f}]" for i in ivs)
+            out.append(f"  {'speed-normalized' if normalized else 'raw'}: {cells}")
+    mean = next(i for i in found if i.metric == "jct_mean" and not i.normalized)
+    verdict = ("no difference resolved" if mean.lo <= 1 <= mean.hi else
+               "agentserve faster" if mean.hi < 1 else "agentserve SLOWER")
+    return (f"{name}: {OURS}/{BASELINE} mean JCT {mean.ratio:.3f} +-{mean.half_width:.1%} ({verdict}), "
+            f"{mean.rounds} rounds in {minutes:.0f} min\n" + "\n".join(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("outs", nargs="+", type=Path, help="replay output directories")
+    args = ap.parse_args()
+    missing = 0
+    for out in args.outs:
+        path = out / "results.json"
+        line = (guard_line(out.name, msgspec.json.decode(path.read_bytes(), type=Results))
+                if path.exists() else None)
+        if line is None:
+            print(f"{out.name}: no {OURS}/{BASELINE} interval ({path}: missing, or a replay of one round)")
+            missing += 1
+        else:
+            print(line)
+    sys.exit(1 if missing else 0)
+
+
+if __name__ == "__main__":
+    main()
