@@ -16,8 +16,8 @@ BENCH_LOAD ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --token-sc
 BENCH_ARGS ?= $(BENCH_LOAD) --host-kv-tokens 65536 --policies vllm,vllm+offload,agentserve,oracle
 # The guard (`make bench`): agentserve against stock vLLM with its own offloading, interleaved round by
 # round, at host tiers of 8x and 2x the device KV; rounds per load sized to about 45 minutes a comparison.
-GUARD_ROUNDS_SWE  ?= 6
-GUARD_ROUNDS_BFCL ?= 10
+GUARD_ROUNDS_SWE  ?= 10
+GUARD_ROUNDS_BFCL ?= 18
 GUARD_TIERS       ?= 8x=65536 2x=16384
 
 # The router benchmark (docs/benchmarks.md): the SWE-bench load on Ray Serve, 2 replicas of the tiny
