@@ -116,7 +116,7 @@ def add_replay_parser(sub) -> None:
                     help="also replay against a running OpenAI-compatible server (e.g. a stock vllm serve "
                     "of the same model), with plain OpenAI requests; repeatable")
     rp.add_argument("--rounds", type=_positive_int, default=1,
-                    help="replay every policy this many times, round by round (odd rounds in reverse order); the "
+                    help="replay every policy this many times, round by round (every second round in reverse order); the "
                     "table pools the rounds, adds each round's ratios to stock vLLM and gives agentserve's ratios 95 %% "
                     "intervals over rounds (rounds and paired programs resampled); an --endpoint server keeps its cache "
                     "from one round to the next (default: 1)")

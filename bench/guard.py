@@ -15,10 +15,9 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workloads.report import Results  # noqa: E402
+from workloads.report import METRIC_LABELS, Results  # noqa: E402
 
 OURS, BASELINE = "agentserve", "vllm+offload"
-LABELS = {"jct_mean": "mean JCT", "jct_p95": "p95 JCT", "ttft_p99": "p99 TTFT", "throughput": "throughput"}
 
 
 def guard_line(name: str, results: Results) -> str | None:
@@ -30,7 +29,7 @@ def guard_line(name: str, results: Results) -> str | None:
     for normalized in (False, True):
         ivs = [i for i in found if i.normalized == normalized]
         if ivs:
-            cells = ", ".join(f"{LABELS[i.metric]} {i.ratio:.3f} [{i.lo:.3f}, {i.hi:.3f}]" for i in ivs)
+            cells = ", ".join(f"{METRIC_LABELS[i.metric]} {i.ratio:.3f} [{i.lo:.3f}, {i.hi:.3f}]" for i in ivs)
             out.append(f"  {'speed-normalized' if normalized else 'raw'}: {cells}")
     mean = next(i for i in found if i.metric == "jct_mean" and not i.normalized)
     verdict = ("no difference resolved" if mean.lo <= 1 <= mean.hi else

@@ -169,7 +169,7 @@ def round_ratios(results: Results) -> list[str]:
     return lines
 
 
-_LABELS = {"jct_mean": "mean JCT", "jct_p95": "p95 JCT", "ttft_p99": "p99 TTFT", "throughput": "throughput"}
+METRIC_LABELS = {"jct_mean": "mean JCT", "jct_p95": "p95 JCT", "ttft_p99": "p99 TTFT", "throughput": "throughput"}
 
 
 def interval_lines(intervals: list[Interval]) -> list[str]:
@@ -179,7 +179,7 @@ def interval_lines(intervals: list[Interval]) -> list[str]:
         groups.setdefault((iv.a, iv.b, iv.normalized), []).append(iv)
     lines = []
     for (a, b, normalized), ivs in groups.items():
-        cells = [f"{_LABELS.get(iv.metric, iv.metric)} {iv.ratio:.3f}"
+        cells = [f"{METRIC_LABELS.get(iv.metric, iv.metric)} {iv.ratio:.3f}"
                  + (f" [{iv.lo:.3f}, {iv.hi:.3f}]" if iv.lo is not None else "") for iv in ivs]
         how = "speed-normalized (LLM time x reference / run's probe; throughput as measured)" if normalized else "raw"
         lines.append(f"{a}/{b}, 95 % interval over {ivs[0].rounds} rounds (rounds and paired programs "
