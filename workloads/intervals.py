@@ -26,7 +26,6 @@ import numpy as np
 from workloads.driver import ProgramRecord
 
 METRICS = ("jct_mean", "jct_p95", "ttft_p99", "throughput")
-LEVEL = 0.95
 BOOTSTRAP_SAMPLES = 2000
 # Student's t, two-sided 95 %, by degrees of freedom 1..30; beyond, its Cornish-Fisher expansion.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
