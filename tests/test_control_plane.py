@@ -45,6 +45,22 @@ def test_program_commands_go_to_the_replica_that_served_it():
     assert cp.sync("r2", stats()) == [] and not cp.affinity.home and len(cp.control.tracker) == 0
 
 
+def test_stats_say_how_many_commands_a_replica_has_not_carried_out():
+    """An end reaches its replica at the replica's next sync, and shows in its stats one sync later:
+    until then the stats count it as pending, so a reader knows they may still hold the program's pin."""
+    cp = ClusterControlPlane(FIXED)
+    cp.sync("r1", {**stats(pins=1), "commands_done": 0})
+    cp.begin_call("r1", fields("p"), 100, 10)
+    cp.end_call("p", 110)
+    run(cp.end_program("p"))
+    assert cp.live()["r1"]["commands_pending"] == 1 and run(cp.control.tick())["commands_pending"] == 1
+    assert cp.sync("r1", {**stats(pins=1), "commands_done": 0}) == [("end", {"program_id": "p", "life": 1})]
+    assert cp.live()["r1"]["commands_pending"] == 1  # handed over; these stats were taken before it ran
+    cp.sync("r1", {**stats(pins=0), "commands_done": 1})
+    assert cp.live()["r1"]["commands_pending"] == 0 and "commands_done" not in cp.live()["r1"]
+    assert run(cp.control.tick())["commands_pending"] == 0
+
+
 def test_a_program_served_elsewhere_releases_its_old_pin():
     cp = ClusterControlPlane(FIXED)
     for r in ("r1", "r2"):

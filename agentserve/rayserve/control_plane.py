@@ -9,7 +9,8 @@ call replicas: commands wait in a per-replica outbox and every replica pulls its
 (every `SYNC_S`), handing over its pin stats and load at the same time. The trade-off: an end or a
 release reaches the engine up to `SYNC_S` late (pins still expire on time, inside the engine), in
 exchange for no calls from here into replicas that may be dead or restarting, and no replica
-handles to keep. The router asks `place` for every program request (one small call per LLM call),
+handles to keep. So a replica's stats say how many commands it has yet to carry out
+(`commands_pending`): 0 means they reflect every end and release sent to it. The router asks `place` for every program request (one small call per LLM call),
 which keeps routers in several ingress processes consistent by construction.
 
 Methods answering the HTTP routes return `{"ok": value}` or `{"error": [status, message]}` rather
@@ -52,7 +53,8 @@ MAX_EVENTS = 4096
 # Replicas send their Prometheus page every this many syncs (the ingress's /metrics merges them).
 METRICS_EVERY = 10
 # Stats summed over replicas in the cluster view.
-_SUMMED = ("pins", "pinned_blocks", "pin_cap_blocks", "programs", "free_blocks", "total_blocks", "queued")
+_SUMMED = ("pins", "pinned_blocks", "pin_cap_blocks", "programs", "free_blocks", "total_blocks", "queued",
+           "commands_pending")
 
 
 class ClusterControlPlane:
@@ -62,6 +64,7 @@ class ClusterControlPlane:
         self.started: set[str] = set()  # replicas that finished starting, ever
         self.affinity = ProgramAffinity()
         self.outbox: dict[str, list[tuple[str, dict]]] = {}
+        self.sent: dict[str, int] = {}  # replica -> commands queued for it, ever (its stats count those done)
         self.replicas: dict[str, dict] = {}  # replica -> its last stats (without events)
         self.last_sync: dict[str, float] = {}  # replica -> monotonic time of its last sync
         self.events: list[dict] = []
@@ -130,14 +133,18 @@ class ClusterControlPlane:
         """A replica died or was removed: its pins died with it; its programs move on their next call."""
         self.replicas.pop(replica_id, None)
         self.outbox.pop(replica_id, None)
+        self.sent.pop(replica_id, None)
         self.last_sync.pop(replica_id, None)
         log.info("replica %s gone; its programs move on their next call", replica_id)
         return self.affinity.replica_gone(replica_id)
 
     def live(self) -> dict[str, dict]:
-        """Replicas' last stats, without those silent for longer than REPLICA_SILENT_S."""
+        """Replicas' last stats, without those silent for longer than REPLICA_SILENT_S, each with the
+        commands it has not carried out yet when it reported (queued since, or handed over then)."""
         now = time.monotonic()
-        return {r: s for r, s in self.replicas.items() if now - self.last_sync.get(r, now) <= REPLICA_SILENT_S}
+        return {r: {**{k: v for k, v in s.items() if k != "commands_done"},
+                    "commands_pending": self.sent.get(r, 0) - s.get("commands_done", 0)}
+                for r, s in self.replicas.items() if now - self.last_sync.get(r, now) <= REPLICA_SILENT_S}
 
     # ---- router -------------------------------------------------------------------------------
     def place(self, program_id: str | None, candidates: list[str]) -> list[str]:
@@ -218,6 +225,7 @@ class ClusterControlPlane:
 
     def _queue(self, replica_id: str, command: str, payload: dict) -> None:
         self.outbox.setdefault(replica_id, []).append((command, payload))
+        self.sent[replica_id] = self.sent.get(replica_id, 0) + 1
 
     def _merged(self) -> dict:
         """The cluster's pin stats: replica stats summed, the events reported since the last read."""

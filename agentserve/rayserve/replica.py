@@ -78,22 +78,31 @@ class ProgramLLMServer(LLMServer):
         from agentserve.observability.exposition import this_process
 
         events: list[dict] = []
-        syncs = 0
+        syncs = done = 0  # done: commands carried out (or failed), so the control plane knows what is pending
         while True:
             await asyncio.sleep(SYNC_S)
             try:
                 stats = await self.agentserve_scheduler_command("tick") if self._pins else {}
                 stats["events"] = events + stats.get("events", [])
+                stats["commands_done"] = done
                 if syncs % METRICS_EVERY == 0:  # this replica's vLLM metrics, for the ingress's /metrics
                     stats["metrics"] = this_process()
                 syncs += 1
                 events = []
-                for command, payload in await self._control_plane.sync.remote(self.replica_id, stats):
-                    events += (await self.agentserve_scheduler_command(command, payload)).get("events", [])
+                commands = await self._control_plane.sync.remote(self.replica_id, stats)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - keep syncing; the failure is in the log
                 log.exception("replica %s: control plane sync failed", self.replica_id)
+                continue
+            for command, payload in commands:  # one failing command costs only itself
+                try:
+                    events += (await self.agentserve_scheduler_command(command, payload)).get("events", [])
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the failure is in the log; the pin still expires by TTL
+                    log.exception("replica %s: control command %s failed", self.replica_id, command)
+                done += 1
 
     async def agentserve_scheduler_command(self, command: str, payload: dict | None = None) -> dict:
         """`ProgramScheduler.command` on this replica's engine (end / release / tick ...)."""

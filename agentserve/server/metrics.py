@@ -15,6 +15,8 @@ PINS_CREATED = Counter("agentserve_pins_created", "KV pins created (a program's 
 PINS_REFUSED = Counter("agentserve_pins_refused", "KV pins refused (pin cap held by earlier programs)")
 PINS_RELEASED = Counter("agentserve_pins_released", "KV pins released, by reason", ["reason"])
 PINNED_BLOCKS = Gauge("agentserve_pinned_blocks", "KV blocks held by pins now")
+COMMANDS_PENDING = Gauge("agentserve_control_commands_pending",
+                         "ends and releases queued for Ray Serve replicas that they have not carried out yet")
 PINS_NOW = Gauge("agentserve_pins", "Pins outstanding now")
 PINNED_TOKENS_SERVED = Counter("agentserve_pinned_tokens_served", "Prompt tokens served from pinned KV")
 REQUESTS_AGED = Counter("agentserve_requests_aged", "Requests that waited past --max-wait behind earlier "
@@ -108,6 +110,8 @@ def record_engine_stats(stats: dict) -> None:
         return
     PINNED_BLOCKS.set(stats["pinned_blocks"])
     PINS_NOW.set(stats["pins"])
+    if "commands_pending" in stats:  # a Ray Serve app's control plane
+        COMMANDS_PENDING.set(stats["commands_pending"])
     for name, value in stats["counters"].items():
         delta = value - _last_engine_counters.get(name, 0)
         _last_engine_counters[name] = value
