@@ -27,7 +27,7 @@ RAY_BENCH_ARGS ?= --model tiny --kv-tokens 8192 --programs 16 --rate 1.0 --token
 	--seed 0 --no-progress --policies agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix,agentserve+replicas=2+router=pow2
 
 comma := ,
-.PHONY: install run bench bench-kv bench-ray swe-trace test test-fast models clean
+.PHONY: install run bench ablation bench-kv bench-ray swe-trace test test-fast models clean
 
 install: $(STAMP)
 
@@ -69,6 +69,31 @@ bench: install swe-trace
 			--policies vllm+offload,agentserve --rounds $(GUARD_ROUNDS_BFCL) --out bench-out/bfcl-$$name || exit 1; \
 	done
 	$(PY) bench/guard.py $(foreach t,$(GUARD_TIERS),bench-out/swe-$(firstword $(subst =, ,$(t))) bench-out/bfcl-$(firstword $(subst =, ,$(t))))
+
+# The ablation (`make ablation`, docs/benchmarks.md): vllm+offload, agentserve as it is, then agentserve
+# with each default mechanism switched off in turn (vLLM's priority policy, program order, the wait
+# bound, one-off blocks evicted first, the TTL rule's pins, all of them: the plugin's bare overhead) and
+# each opt-in one switched on (admission, the next-use host policy, fixed pins, a long wait bound), at
+# the standard loads, interleaved round by round; bench/ablation.py prints the tables.
+ABLATION_ROWS ?= vllm+offload agentserve agentserve+vllm-scheduling=fcfs agentserve+order=arrival \
+	agentserve+max-wait=0 agentserve+one-off-blocks=lru agentserve+max-ttl=0 \
+	agentserve+vllm-scheduling=fcfs+order=arrival+max-wait=0+one-off-blocks=lru+max-ttl=0 \
+	agentserve+admission-share=1.0 agentserve+host-policy=next-use fixed agentserve+max-wait=5
+ABLATION_ROUNDS ?= 4
+ABLATION_LOADS  ?= swe bfcl
+empty :=
+space := $(empty) $(empty)
+ablation: install swe-trace
+	for tier in $(GUARD_TIERS); do \
+		name=$${tier%%=*}; tokens=$${tier#*=}; \
+		for load in $(ABLATION_LOADS); do \
+			trace=$$( [ $$load = swe ] && echo $(SWE_SRC) || echo bfcl:base ); \
+			$(VENV)/bin/agentserve replay --trace $$trace $(BENCH_LOAD) --host-kv-tokens $$tokens \
+				--policies $(subst $(space),$(comma),$(strip $(ABLATION_ROWS))) --rounds $(ABLATION_ROUNDS) \
+				--out bench-out/ablation-$$load-$$name || exit 1; \
+		done; \
+	done
+	$(PY) bench/ablation.py $(foreach t,$(GUARD_TIERS),$(foreach l,$(ABLATION_LOADS),bench-out/ablation-$(l)-$(firstword $(subst =, ,$(t)))))
 
 # The same SWE-bench load at larger KV budgets (docs/benchmarks.md: where pins can and cannot close the gap).
 KV_SWEEP ?= 12288

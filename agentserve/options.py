@@ -264,7 +264,7 @@ class TenantsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 # ---- the program layer ----------------------------------------------------------------------------
 
-Order = Literal["program", "workflow", "critical-path", "las"]
+Order = Literal["program", "workflow", "critical-path", "las", "arrival"]
 
 
 class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -295,8 +295,17 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "the waiting queue's order across programs: program = program FCFS, each sub-agent ranked as a new "
         "program; workflow = FCFS by workflow (a sub-agent keeps its root's rank); critical-path = by "
         "workflow, and among a workflow's sub-agents the one with the most predicted remaining work first; "
-        "las = least attained service across workflows (Autellix's ATLAS), critical path within one. "
+        "las = least attained service across workflows (Autellix's ATLAS), critical path within one; "
+        "arrival = request arrival, as stock vLLM (program order off: the ablation's switch). "
         "Every order keeps --max-wait")] = "critical-path"
+    vllm_scheduling: Annotated[Literal["priority", "fcfs"], _help(
+        "vLLM's scheduling policy under the plugin (the queue order is --order's either way): priority = "
+        "a request's priority is its program's rank, so under memory pressure vLLM preempts the latest "
+        "program's request; fcfs = vLLM preempts the request it scheduled last")] = "priority"
+    one_off_blocks: Annotated[Literal["evict-first", "lru"], _help(
+        "blocks computed by a request whose program will not return (a one-off request, a last turn, an "
+        "ended program): evict-first = they go to the front of vLLM's free queue, evicted before the KV of "
+        "programs that return; lru = vLLM's order")] = "evict-first"
     admission: AdmissionOptions = msgspec.field(default_factory=AdmissionOptions)
     host: HostTierOptions = msgspec.field(default_factory=HostTierOptions)
     kvshare: KVShareOptions = msgspec.field(default_factory=KVShareOptions)
@@ -319,7 +328,8 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def scheduler_config(self) -> "SchedulerConfig":
         return SchedulerConfig(pin_cap_share=self.pin_cap_share, max_wait_s=self.max_wait_s,
-                               pin_mode=self.pin_mode, order=self.order, admission=self.admission,
+                               pin_mode=self.pin_mode, order=self.order, one_off_blocks=self.one_off_blocks,
+                               admission=self.admission,
                                host_tokens=self.host.kv_tokens or 0,
                                tenant_pin_shares=self.tenants.pin_shares() if self.tenants else {})
 
@@ -335,6 +345,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_wait_s: Seconds = _PROGRAM_DEFAULTS.max_wait_s
     pin_mode: Literal["soft", "ordered"] = _PROGRAM_DEFAULTS.pin_mode
     order: Order = _PROGRAM_DEFAULTS.order
+    one_off_blocks: Literal["evict-first", "lru"] = _PROGRAM_DEFAULTS.one_off_blocks
     admission: AdmissionOptions = msgspec.field(default_factory=AdmissionOptions)
     host_tokens: Annotated[int, Meta(ge=0)] = 0  # the host KV tier's size (admission counts what it holds)
     tenant_pin_shares: dict[str, Share] = {}

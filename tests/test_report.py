@@ -43,3 +43,32 @@ def test_counters_add_up_over_rounds_and_unknown_stays_unknown():
     assert sum_counters([{"preemptions": 1}, {"preemptions": 2}]) == {"preemptions": 3, "speed_probe_s": None}
     # the rounds' speed probes pool to their median
     assert sum_counters([{"speed_probe_s": x} for x in (1.0, 3.0, 2.0)])["speed_probe_s"] == 2.0
+
+
+def test_an_ablation_compares_every_plugin_row_with_the_baseline_and_the_default():
+    """Every plugin policy (fixed and agentserve variants alike) gets intervals against vllm+offload,
+    and the default against each row; bench/ablation.py reads a row's ratio to the default from
+    whichever order the replay compared them in."""
+    import importlib.util
+    from pathlib import Path
+
+    from workloads.intervals import compare
+    from workloads.report import comparisons
+
+    names = ["vllm+offload", "agentserve", "agentserve+order=arrival", "fixed"]
+    pairs = comparisons(names)
+    assert {p for p in pairs if p[1] == "vllm+offload"} == {(n, "vllm+offload") for n in names[1:]}
+    assert ("agentserve", "fixed") in pairs and ("fixed", "agentserve") not in pairs
+    jct = {"vllm+offload": 10.0, "agentserve": 10.0, "agentserve+order=arrival": 12.0, "fixed": 8.0}
+    records = {n: [program(f"p{i}", 0, jct[n] * (1 + 0.1 * k) + i, 1.0, k) for k in range(4) for i in range(3)]
+               for n in names}
+    spec = importlib.util.spec_from_file_location("ablation", Path(__file__).parents[1] / "bench" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    results = Results(config={"elapsed_s": 60}, policies={n: summarize(records[n], {}) for n in names},
+                      intervals=compare(records, {}, pairs))
+    r, lo, hi = ablation.ratio(results.intervals, "fixed", "agentserve", "jct_mean")
+    assert lo <= r <= hi and abs(r - 1 / ablation.ratio(results.intervals, "agentserve", "fixed", "jct_mean")[0]) < 1e-9
+    text = ablation.table("ablation-test", results)
+    assert "| agentserve as it is |" in text and "| order=arrival |" in text and "| fixed (defaults) |" in text
+    assert len([line for line in text.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 3

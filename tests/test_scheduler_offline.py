@@ -18,10 +18,12 @@ PLUGIN = "agentserve.engine.scheduler.ProgramScheduler"
 _tokens = itertools.count(100)
 
 
-def make(max_wait_s: float = 2.0, max_num_seqs: int = 8):
+def make(max_wait_s: float = 2.0, max_num_seqs: int = 8, **options):
+    """The plugin on vLLM's scheduler; `options`: more of the plugin's config (SchedulerConfig's fields)."""
     settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048, max_num_seqs=max_num_seqs,
                               scheduling_policy="priority", scheduler_cls=PLUGIN,
-                              additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": max_wait_s}})
+                              additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": max_wait_s,
+                                                                **options}})
     return offline.build_scheduler(settings)
 
 
@@ -47,12 +49,14 @@ def prompt(n: int, base: int) -> list[int]:
     return [(base + i) % 3900 + 10 for i in range(n)]
 
 
-def test_waiting_queue_is_program_fcfs():
-    s, h = make()
+@pytest.mark.parametrize("order, expected", [("program", ["a0", "a1", "b0"]),  # A arrived first: all of A first
+                                             ("arrival", ["a0", "b0", "a1"])])  # the switch: stock vLLM's FCFS
+def test_waiting_queue_is_program_fcfs(order, expected):
+    s, h = make(order=order)
     for r in (request(h, "a0", "A", prompt(64, 0)), request(h, "b0", "B", prompt(64, 1000)),
               request(h, "a1", "A", prompt(64, 2000))):
         s.add_request(r)
-    assert [r.request_id for r in s.waiting] == ["a0", "a1", "b0"]  # A arrived first: all of A first
+    assert [r.request_id for r in s.waiting] == expected
 
 
 def test_overdue_request_is_served_before_program_order():
@@ -201,10 +205,12 @@ def test_pin_release_during_admission_keeps_the_admitted_request_at_the_head(mon
     assert s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_manager.block_pool.num_gpu_blocks - 1
 
 
-def test_a_last_turns_blocks_are_evicted_before_a_returning_programs():
+@pytest.mark.parametrize("one_off_blocks", ["evict-first", "lru"])
+def test_a_last_turns_blocks_are_evicted_before_a_returning_programs(one_off_blocks):
     """vLLM frees blocks to the back of its LRU queue in finishing order; the plugin moves the blocks
-    nobody asks for again (a last turn's) to the front, ahead of a program that will come back."""
-    s, h = make()
+    nobody asks for again (a last turn's) to the front, ahead of a program that will come back. The
+    switch `lru` leaves vLLM's order."""
+    s, h = make(one_off_blocks=one_off_blocks)
     s.add_request(request(h, "done0", "DONE", prompt(96, 0), last=True, out=8))  # finishes last
     s.add_request(request(h, "back0", "BACK", prompt(96, 1000), ttl=0.0, out=2))  # no pin, but returns
     step(s, lambda: 7)
@@ -213,6 +219,10 @@ def test_a_last_turns_blocks_are_evicted_before_a_returning_programs():
     assert len(done_blocks) == len(back_blocks) == 3  # the prompts' full blocks, prefix-cached
     run_until_done(s)
     order = [b.block_id for b in s.kv_cache_manager.block_pool.free_block_queue.get_all_free_blocks()]
+    if one_off_blocks == "lru":  # finishing order: back0 (2 tokens out) before done0 (8)
+        assert max(order.index(b) for b in back_blocks) < min(order.index(b) for b in done_blocks)
+        assert s.book.counters["blocks_evicted_first"] == 0
+        return
     assert max(order.index(b) for b in done_blocks) < min(order.index(b) for b in back_blocks)
     assert s.book.counters["blocks_evicted_first"] == len(done_blocks)
 
@@ -250,6 +260,42 @@ def test_a_workflows_sub_agents_overtake_a_later_workflows_turns(order, expected
         out, _ = step(s, lambda: 7)
         started += [r.req_id for r in out.scheduled_new_reqs]
     assert started == expected
+
+
+@pytest.mark.parametrize("policy, preempted", [("priority", "l0"), ("fcfs", "c0")])
+def test_vllm_scheduling_decides_whom_memory_pressure_preempts(policy, preempted):
+    """Workflow R's sub-agent C keeps R's rank, ahead of the later workflow L, but is scheduled after L.
+    When their decodes run out of blocks, vLLM's priority policy (the plugin's default) preempts the
+    later program, L; the switch `fcfs` gives vLLM's own choice: the request it scheduled last, C."""
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+    from vllm.v1.request import Request
+
+    from agentserve.programs.fields import XARG_WORKFLOW
+
+    settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=4096, max_num_seqs=8,
+                              scheduling_policy=policy, scheduler_cls=PLUGIN,
+                              additional_config={"agentserve": {"max_wait_s": 0.0}})
+    s, h = offline.build_scheduler(settings)
+    assert s.policy == SchedulingPolicy(policy)
+
+    def add(rid, program, workflow, base, n, out):
+        params = SamplingParams(max_tokens=out, ignore_eos=True, extra_args={
+            XARG_PROGRAM: program, XARG_IS_LAST: False, XARG_TTL: 0.0, XARG_WORKFLOW: workflow})
+        s.add_request(Request(rid, prompt(n, base), params, None, arrival_time=time.time(), block_hasher=h))
+
+    add("r0", "R", "R", 0, 64, 2)
+    run_until_done(s)  # R's first turn: R's rank is the earliest
+    add("l0", "L", "L", 1000, 1800, 400)
+    step(s, lambda: 7)  # L runs first ...
+    add("c0", "R.c", "R", 3000, 1800, 400)  # ... then R's sub-agent joins it: 2 x 57 of 128 blocks
+    for _ in range(400):
+        step(s, lambda: 7)
+        hit = [r for r in ("l0", "c0") if s.requests.get(r) is not None and s.requests[r].num_preemptions]
+        if hit:
+            break
+    assert hit == [preempted]
+    run_until_done(s, limit=2000)
 
 
 def test_requests_waiting_for_their_kv_keep_their_programs_pin_and_age():

@@ -113,3 +113,24 @@ def test_vllm_parser_accepts_the_arguments():
     assert ns.scheduler_cls == "x.Y"
     assert ns.served_model_name == ["tiny"]
     assert ns.port == 9999
+
+
+def test_the_ablation_switches_reach_the_engine_and_the_plugin():
+    """`--vllm-scheduling` becomes vLLM's scheduling policy and `--order` / `--one-off-blocks` the
+    plugin's config; the defaults are the mechanisms on (priority, program order, evict-first)."""
+    import argparse
+
+    from agentserve.engine.settings import engine_settings_for
+    from agentserve.options import ProgramOptions, add_flags, from_flags
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, ProgramOptions)
+    for argv, policy, order, blocks in [([], "priority", "critical-path", "evict-first"),
+                                        (["--vllm-scheduling", "fcfs", "--order", "arrival",
+                                          "--one-off-blocks", "lru"], "fcfs", "arrival", "lru")]:
+        options = from_flags(ProgramOptions, parser.parse_args(argv))
+        s = engine_settings_for(EngineSettings(model="tiny"), options, device="cpu")
+        plugin = s.additional_config["agentserve"]
+        assert (s.scheduling_policy, plugin["order"], plugin["one_off_blocks"]) == (policy, order, blocks)
+    with pytest.raises(SystemExit):  # argparse refuses a value the switch does not have
+        parser.parse_args(["--one-off-blocks", "mru"])

@@ -284,3 +284,21 @@ def test_validation_reports_errors_and_only_the_orders_the_real_run_resolves():
     assert not v.same_ranking and ("a", "c") in v.discordant and "discordant: a/c" in report(v)
     with pytest.raises(ValueError, match="no policy in common"):
         compare(Results(config={}, policies={"z": result(1, 0)}), real)
+
+
+@pytest.mark.parametrize("one_off_blocks, moved", [("evict-first", True), ("lru", False)])
+def test_the_ablation_switches_drive_the_simulator_as_the_plugin(monkeypatch, one_off_blocks, moved):
+    """`--one-off-blocks lru` leaves the pool's LRU order (no block is moved to the front), and
+    `--vllm-scheduling fcfs` preempts by arrival as vLLM's FCFS does, not by program rank."""
+    from agentserve.sim.engine import SimEngine
+
+    calls = []
+    monkeypatch.setattr(BlockPool, "evict_first", lambda self, keys: calls.append(len(keys)))
+    options = ProgramOptions(policy="fixed", fixed_ttl_s=30.0, one_off_blocks=one_off_blocks,
+                             vllm_scheduling="fcfs" if moved else "priority")
+    f = fleet("fixed", options=options)
+    f.run([program("p", 0.0, [(200, 8, 0.5), (100, 8, 0.0)])])
+    assert bool(calls) is moved
+    assert f.engines[0].priority_preemption is not moved
+    engine = SimEngine("r", num_blocks=3, block_size=4, max_num_seqs=8, max_batched_tokens=64, cost=UNIT)
+    assert engine.priority_preemption is False  # without the plugin: stock vLLM's FCFS

@@ -125,11 +125,19 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a is not None and b else "-"
 
 
+PLUGIN_POLICIES = ("continuum", "fixed", "agentserve")  # the policies that run agentserve's plugin
+
+
+def _plugin(name: str) -> bool:
+    return name.split("+")[0] in PLUGIN_POLICIES
+
+
 def comparisons(names: list[str]) -> list[tuple[str, str]]:
-    """(ours, baseline): every agentserve policy against the baselines; the default also against its
-    variants."""
-    return [(name, base) for name in names if name.startswith("agentserve")
-            for base in names if base != name and (not base.startswith("agentserve") or name == "agentserve")]
+    """(ours, baseline): every plugin policy (agentserve, fixed, continuum, their variants) against the
+    baselines (stock vLLM, vllm+offload, the oracle, endpoints); the default also against every other
+    plugin policy (an ablation's rows)."""
+    return [(name, base) for name in names if _plugin(name)
+            for base in names if base != name and (not _plugin(base) or name == "agentserve")]
 
 
 def ratios(results: Results) -> list[str]:

@@ -118,7 +118,7 @@ class ProgramScheduler(Scheduler):
             if pinned:
                 self.block_pool.touch(blocks)
         out = super()._free_request(request, delay_free_blocks)
-        if self.book.next_use.seconds_until(program) == NEVER:
+        if self.book.config.one_off_blocks == "evict-first" and self.book.next_use.seconds_until(program) == NEVER:
             # Only the blocks this request computed: its prefix hit may be a prefix others share.
             self._evict_first(blocks[hit // self.cache_config.block_size:])
         return out

@@ -145,5 +145,5 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions, devic
         return settings
     extra = dict(settings.additional_config or {})
     extra["agentserve"] = msgspec.to_builtins(options.scheduler_config())
-    return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy="priority",
+    return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy=options.vllm_scheduling,
                                    additional_config=extra)

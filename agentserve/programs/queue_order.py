@@ -8,7 +8,8 @@ program's turns go before a later program's), then by request arrival. Starvatio
 program waits only for earlier ones, and with a wait bound only until it is overdue. The trade-off:
 program order moves TTFT onto the latest programs; the wait bound caps how much.
 
-The program's rank is the book's (a workflow's, for the workflow orders; attained service for "las").
+Order "arrival" switches all of this off (the ablation's row): requests by arrival, preempted first,
+as stock vLLM's FCFS queue. The program's rank is the book's (a workflow's, for the workflow orders; attained service for "las").
 With the critical-path orders, requests of one rank (a workflow's sub-agents) go by predicted
 remaining work, most first (`remaining_of`): the join waits for the last child, so the longest goes
 first. A key may depend on state that changes outside the queue (pins, time): the queue's owner
@@ -44,6 +45,8 @@ class ProgramFCFS:
         self.remaining_of = remaining_of if book.config.order in ("critical-path", "las") else _no_remaining
 
     def __call__(self, request) -> QueueKey:
+        if self.book.config.order == "arrival":  # program order off: stock vLLM's FCFS, preempted first
+            return (0 if request.num_preemptions > 0 else 3, 0, 0.0, request.arrival_time)
         if request.num_preemptions > 0:
             return (0, request.priority, 0.0, request.arrival_time)
         if self.book.overdue(request.arrival_time):

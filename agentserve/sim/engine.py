@@ -100,6 +100,7 @@ class SimEngine:
         self.loaded_tokens = 0  # loaded back from the host tier in the step under way
         self.host_hit_tokens = 0
         self.order = order or _fcfs
+        self.priority_preemption = book is not None  # vLLM's priority policy (the plugin's default)
         self.waiting: list[tuple[tuple, int, SimRequest]] = []
         self.running: list[SimRequest] = []
         self.batch: list[SimRequest] = []
@@ -176,7 +177,7 @@ class SimEngine:
 
     def _preemption_order(self, request: SimRequest) -> tuple:
         # vLLM: the lowest priority (the highest number, then the latest arrival); FCFS: the latest
-        return (request.priority, request.arrival_time) if self.book is not None else (request.arrival_time,)
+        return (request.priority, request.arrival_time) if self.priority_preemption else (request.arrival_time,)
 
     def _preempt(self, request: SimRequest) -> None:
         self.running.remove(request)
@@ -295,7 +296,8 @@ class SimEngine:
                 if pinned:
                     self.pool.touch(request.held)
         self.pool.release(request.held, request.anonymous)
-        if self.book is not None and self.book.next_use.seconds_until(request.program) == NEVER:
+        if (self.book is not None and self.book.config.one_off_blocks == "evict-first"
+                and self.book.next_use.seconds_until(request.program) == NEVER):
             # only what this request computed: its prefix hit may be a prefix others share
             self.pool.evict_first(request.held[request.hit_tokens // self.block_size:])
         request.held, request.anonymous = [], 0

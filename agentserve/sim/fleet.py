@@ -122,6 +122,7 @@ class Fleet:
                            max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book, host=host)
         if book is not None:
             engine.order = ProgramFCFS(book, lambda r: r.program, lambda r: r.remaining_s)
+            engine.priority_preemption = s.options.vllm_scheduling == "priority"
         return engine
 
     # ---- the event loop --------------------------------------------------------------------------
