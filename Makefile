@@ -74,7 +74,8 @@ bench: install swe-trace
 # with each default mechanism switched off in turn (vLLM's priority policy, program order, the wait
 # bound, one-off blocks evicted first, the TTL rule's pins, all of them: the plugin's bare overhead) and
 # each opt-in one switched on (admission, the next-use host policy, fixed pins, a long wait bound), at
-# the standard loads, interleaved round by round; bench/ablation.py prints the tables.
+# the standard loads, interleaved round by round; bench/ablation.py prints the tables, bench/turn_split.py
+# where each row's program time goes.
 ABLATION_ROWS ?= vllm+offload agentserve agentserve+vllm-scheduling=fcfs agentserve+order=arrival \
 	agentserve+max-wait=0 agentserve+one-off-blocks=lru agentserve+max-ttl=0 \
 	agentserve+vllm-scheduling=fcfs+order=arrival+max-wait=0+one-off-blocks=lru+max-ttl=0 \
@@ -94,6 +95,7 @@ ablation: install swe-trace
 		done; \
 	done
 	$(PY) bench/ablation.py $(foreach t,$(GUARD_TIERS),$(foreach l,$(ABLATION_LOADS),bench-out/ablation-$(l)-$(firstword $(subst =, ,$(t)))))
+	for out in bench-out/ablation-*; do echo $$out; $(PY) bench/turn_split.py $$out; done
 
 # The same SWE-bench load at larger KV budgets (docs/benchmarks.md: where pins can and cannot close the gap).
 KV_SWEEP ?= 12288

@@ -7,16 +7,13 @@ over rounds, one Markdown table per replay output (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-
-import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads.intervals import Interval  # noqa: E402
-from workloads.report import Results  # noqa: E402
+from workloads.report import Results, report_replays  # noqa: E402
 
 BASELINE, DEFAULT = "vllm+offload", "agentserve"
 
@@ -67,23 +64,9 @@ def table(name: str, results: Results) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("outs", nargs="+", type=Path, help="replay output directories")
-    args = ap.parse_args()
-    missing = 0
-    for out in args.outs:
-        path = out / "results.json"
-        if not path.exists():
-            print(f"{out.name}: no results.json")
-            missing += 1
-            continue
-        results = msgspec.json.decode(path.read_bytes(), type=Results)
-        if BASELINE not in results.policies:
-            print(f"{out.name}: no {BASELINE} row to compare with")
-            missing += 1
-            continue
-        print(table(out.name, results) + "\n")
-    sys.exit(1 if missing else 0)
+    report_replays(__doc__.split("\n\n")[0],
+                   lambda name, results: table(name, results) + "\n" if BASELINE in results.policies else None,
+                   f"{BASELINE} row to compare with")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,12 @@ standard load, from the replays' results.json. Exit status 1 if a load is missin
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import msgspec
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workloads.report import METRIC_LABELS, Results  # noqa: E402
+from workloads.report import METRIC_LABELS, Results, report_replays  # noqa: E402
 
 OURS, BASELINE = "agentserve", "vllm+offload"
 
@@ -39,20 +36,7 @@ def guard_line(name: str, results: Results) -> str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("outs", nargs="+", type=Path, help="replay output directories")
-    args = ap.parse_args()
-    missing = 0
-    for out in args.outs:
-        path = out / "results.json"
-        line = (guard_line(out.name, msgspec.json.decode(path.read_bytes(), type=Results))
-                if path.exists() else None)
-        if line is None:
-            print(f"{out.name}: no {OURS}/{BASELINE} interval ({path}: missing, or a replay of one round)")
-            missing += 1
-        else:
-            print(line)
-    sys.exit(1 if missing else 0)
+    report_replays(__doc__.split("\n\n")[0], guard_line, f"{OURS}/{BASELINE} interval")
 
 
 if __name__ == "__main__":

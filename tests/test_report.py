@@ -72,3 +72,22 @@ def test_an_ablation_compares_every_plugin_row_with_the_baseline_and_the_default
     text = ablation.table("ablation-test", results)
     assert "| agentserve as it is |" in text and "| order=arrival |" in text and "| fixed (defaults) |" in text
     assert len([line for line in text.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 3
+
+
+def test_a_programs_time_splits_into_llm_tool_and_the_clients_own_calls():
+    """bench/turn_split.py: the time between turns beyond the tool's is the client's own (the SDK's
+    tool events); the parts add up to the JCT."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("turn_split", Path(__file__).parents[1] / "bench" / "turn_split.py")
+    turn_split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(turn_split)
+    turns = [TurnRecord(sent=0.0, first_token=0.5, done=1.0, prompt_tokens=10, cached_tokens=0, output_tokens=5),
+             TurnRecord(sent=3.25, first_token=3.5, done=4.0, prompt_tokens=20, cached_tokens=10, output_tokens=5)]
+    p = ProgramRecord("a", 0.0, 0.0, 4.5, turns, 2.0)  # a 2 s tool between the turns, sent 0.25 s late
+    s = turn_split.split(p)
+    assert (s["llm"], s["ttft"], s["after_first_token"], s["between_turns"], s["after_last_turn"]) == (1.75, 0.75, 1.0,
+                                                                                                    0.25, 0.5)
+    assert s["llm"] + s["tool"] + s["between_turns"] + s["after_last_turn"] == s["jct"]
+    assert turn_split.mean_split([p, ProgramRecord("b", 0.0, 0.0, 1.0, [], 0.0)])["jct"] == 4.5  # no turns: left out

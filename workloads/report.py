@@ -4,6 +4,8 @@ side-by-side table, and the plots (JCT CDF, per-program timeline)."""
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -247,3 +249,23 @@ def plots(records: dict[str, list[ProgramRecord]], out: Path) -> list[Path]:
     fig.savefig(timeline, dpi=100)
     plt.close(fig)
     return [cdf, timeline]
+
+
+def report_replays(description: str, render: Callable[[str, Results], str | None], wants: str) -> None:
+    """A bench script's command line over replay output directories (bench/guard.py, bench/ablation.py):
+    print `render(name, results)` for each; exit status 1 if one is missing or renders nothing (its line
+    says it lacks `wants`), 0 otherwise, whatever the numbers: the scripts report, the reader judges."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("outs", nargs="+", type=Path, help="replay output directories")
+    missing = 0
+    for out in ap.parse_args().outs:
+        path = out / "results.json"
+        text = render(out.name, msgspec.json.decode(path.read_bytes(), type=Results)) if path.exists() else None
+        if text is None:
+            print(f"{out.name}: no {wants} ({path}: missing, or a replay without it)")
+            missing += 1
+        else:
+            print(text)
+    sys.exit(1 if missing else 0)
