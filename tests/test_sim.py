@@ -302,3 +302,17 @@ def test_the_ablation_switches_drive_the_simulator_as_the_plugin(monkeypatch, on
     assert f.engines[0].priority_preemption is not moved
     engine = SimEngine("r", num_blocks=3, block_size=4, max_num_seqs=8, max_batched_tokens=64, cost=UNIT)
     assert engine.priority_preemption is False  # without the plugin: stock vLLM's FCFS
+
+
+def test_the_sdks_own_calls_add_to_a_plugin_programs_time_and_not_to_stock_vllms():
+    """`control_call_s`: the SDK awaits a tool-start and a tool-end call around every tool and an end
+    call after the last turn; stock vLLM's client makes none."""
+    import msgspec
+
+    calls = msgspec.structs.replace(UNIT, control_call_s=0.01)
+    turns = [(200, 8, 0.5), (100, 8, 0.5), (100, 8, 0.0)]
+    for policy, extra in (("fixed", 2 * 2 * 0.01 + 0.01), ("vllm", 0.0)):
+        (base,) = fleet(policy).run([program("p", 0.0, turns)])
+        (slow,) = fleet(policy, cost=calls).run([program("p", 0.0, turns)])
+        assert slow.end - slow.start == pytest.approx(base.end - base.start + extra)
+        assert slow.tool_wait_s == base.tool_wait_s == 1.0

@@ -143,6 +143,8 @@ class Fleet:
                 self._start(*payload)
             elif kind == "tool_end":
                 self._tool_end(payload)
+            elif kind == "send":
+                self._send(payload)
             elif kind == "step":
                 self._step_done(payload)
             elif kind == "kick":
@@ -238,16 +240,25 @@ class Fleet:
                 self._start(sub, run)
             return
         run.record.tool_wait_s += turn.tool_s
-        self._at(self.now + turn.tool_s, "tool_end", run)
+        # the SDK awaits its tool-start call before the tool runs
+        self._at(self.now + self._control_call_s + turn.tool_s, "tool_end", run)
+
+    @property
+    def _control_call_s(self) -> float:
+        """What one of the SDK's calls costs the program: the plugin policies are driven through it."""
+        return self.setup.cost.control_call_s if self.control is not None else 0.0
 
     def _tool_end(self, run: _Run) -> None:
         """The program's tool call (or its join) ended: the SDK reports it, then sends the next turn."""
         if self.control is not None:
             self.control.tool_event(run.plan.id, run.tool, "end", self.now - run.tool_started)
-        self._send(run)
+        if self._control_call_s:
+            self._at(self.now + self._control_call_s, "send", run)
+        else:
+            self._send(run)
 
     def _end(self, run: _Run) -> None:
-        run.record.end = self.now
+        run.record.end = self.now + self._control_call_s  # the SDK's end call
         if self.control is not None:
             completed(self.control.end_program(run.plan.id))  # its link ends it on the replicas
         self.router.end(run.plan.id)
