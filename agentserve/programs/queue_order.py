@@ -9,7 +9,8 @@ program waits only for earlier ones, and with a wait bound only until it is over
 program order moves TTFT onto the latest programs; the wait bound caps how much.
 
 Order "arrival" switches all of this off (the ablation's row): requests by arrival, preempted first,
-as stock vLLM's FCFS queue. The program's rank is the book's (a workflow's, for the workflow orders; attained service for "las").
+as stock vLLM's FCFS queue. The program's rank is the book's (a workflow's, for the workflow orders;
+attained service for "las").
 With the critical-path orders, requests of one rank (a workflow's sub-agents) go by predicted
 remaining work, most first (`remaining_of`): the join waits for the last child, so the longest goes
 first. A key may depend on state that changes outside the queue (pins, time): the queue's owner

@@ -10,8 +10,9 @@ call replicas: commands wait in a per-replica outbox and every replica pulls its
 release reaches the engine up to `SYNC_S` late (pins still expire on time, inside the engine), in
 exchange for no calls from here into replicas that may be dead or restarting, and no replica
 handles to keep. So a replica's stats say how many commands it has yet to carry out
-(`commands_pending`): 0 means they reflect every end and release sent to it. The router asks `place` for every program request (one small call per LLM call),
-which keeps routers in several ingress processes consistent by construction.
+(`commands_pending`): 0 means they reflect every end and release sent to it. The router asks `place`
+for every program request (one small call per LLM call), which keeps routers in several ingress
+processes consistent by construction.
 
 Methods answering the HTTP routes return `{"ok": value}` or `{"error": [status, message]}` rather
 than raising: an exception crossing Ray loses its type, and a client error must stay a 4xx.
