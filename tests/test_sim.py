@@ -316,3 +316,17 @@ def test_the_sdks_own_calls_add_to_a_plugin_programs_time_and_not_to_stock_vllms
         (slow,) = fleet(policy, cost=calls).run([program("p", 0.0, turns)])
         assert slow.end - slow.start == pytest.approx(base.end - base.start + extra)
         assert slow.tool_wait_s == base.tool_wait_s == 1.0
+
+
+def test_a_sub_agents_end_call_delays_its_parents_join():
+    """The driver awaits a sub-agent's end call before its parent's join returns: the parent's next turn
+    goes out one call (the join's tool end) after the sub-agent's end, as the client sees it."""
+    import msgspec
+
+    calls = msgspec.structs.replace(UNIT, control_call_s=0.01)
+    child = program("c", 0.0, [(50, 4, 0.0)])
+    parent = program("p", 0.0, [(200, 8, 0.0), (100, 8, 0.0)])
+    spawning = msgspec.structs.replace(parent.turns[0], spawn=(child,))
+    parent = msgspec.structs.replace(parent, turns=[spawning, *parent.turns[1:]])
+    records = {r.id: r for r in fleet("fixed", cost=calls).run([parent])}
+    assert records["p"].turns[1].sent == pytest.approx(records["c"].end + 0.01)

@@ -145,6 +145,8 @@ class Fleet:
                 self._tool_end(payload)
             elif kind == "send":
                 self._send(payload)
+            elif kind == "ended":
+                self._ended(payload)
             elif kind == "step":
                 self._step_done(payload)
             elif kind == "kick":
@@ -258,10 +260,17 @@ class Fleet:
             self._send(run)
 
     def _end(self, run: _Run) -> None:
-        run.record.end = self.now + self._control_call_s  # the SDK's end call
         if self.control is not None:
             completed(self.control.end_program(run.plan.id))  # its link ends it on the replicas
         self.router.end(run.plan.id)
+        if self._control_call_s:  # the client goes on once the SDK's end call returns
+            self._at(self.now + self._control_call_s, "ended", run)
+        else:
+            self._ended(run)
+
+    def _ended(self, run: _Run) -> None:
+        """The client has seen the program end: the next queued program starts, a parent's join counts it."""
+        run.record.end = self.now
         parent = run.parent
         if parent is None and self._queued:
             self._start(self._queued.pop(), None)
