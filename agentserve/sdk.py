@@ -3,17 +3,22 @@
     client = AgentServe("http://127.0.0.1:8000")
     with client.program() as prog:                 # ends the program on exit, also on exception
         r = prog.chat(model="tiny", messages=msgs)   # the OpenAI call, with the program's fields added
-        with prog.tool("bash"):                      # times the tool, reports start and end
+        with prog.tool("bash"):                      # times the tool; the next call reports it
             run(...)
         sub = prog.spawn()                           # a sub-agent: a program with a parent edge
         r = prog.complete(model="m", template="critic", parts=[part("You review."), part(report, shared=True),
                           part("Verdict:")], max_tokens=8)  # KV sharing (`serve --kvshare`)
 
 `chat` takes exactly the arguments of `openai`'s `chat.completions.create` and returns its result;
+`last=True` marks the program's last LLM call (no pin after it), `end=True` also ends the program when
+that call does (no `/end` request after it).
 `complete` those of `completions.create`, with the prompt given as parts, some marked shared (another
 agent's output, the common question): the server reuses their KV under this prompt's prefix.
 Any server that speaks OpenAI works for the chat part; the program fields make agentserve keep the
 program's KV across its tool calls.
+
+No request is sent between two turns: the tool calls timed by `tool` (or `tool_start`/`tool_end`) ride
+on the program's next call (`tools_done`); those after the last call go out when the program ends.
 """
 
 from __future__ import annotations
@@ -45,20 +50,26 @@ def _new_id() -> str:
 
 
 class _ProgramState:
-    """What sync and async programs share: identity, turn counting, request fields."""
+    """What sync and async programs share: identity, turn counting, request fields, tool timing."""
 
     def __init__(self, program_id: str | None, parent: str | None):
         self.program_id = program_id or _new_id()
         self.parent = parent
         self.turn = 0
         self.ended = False
+        self.open_tools: dict[str, float] = {}  # tool -> when it started (perf_counter)
+        self.tools_done: list[dict[str, Any]] = []  # timed tool calls the next request reports
 
-    def chat_kwargs(self, kwargs: dict[str, Any], tool: str | None, last: bool) -> dict[str, Any]:
-        fields: dict[str, Any] = {"program_id": self.program_id, "turn": self.turn, "is_last_turn": last}
+    def chat_kwargs(self, kwargs: dict[str, Any], tool: str | None, last: bool, end: bool = False) -> dict[str, Any]:
+        fields: dict[str, Any] = {"program_id": self.program_id, "turn": self.turn, "is_last_turn": last or end}
+        if end:
+            fields["ends_program"] = True
         if tool is not None:
             fields["tool"] = tool
         if self.parent is not None and self.turn == 0:
             fields["parent_program_id"] = self.parent
+        if self.tools_done:
+            fields["tools_done"] = list(self.tools_done)
         extra_body = dict(kwargs.pop("extra_body", None) or {})
         extra_body["agentserve"] = fields
         self.turn += 1
@@ -66,7 +77,8 @@ class _ProgramState:
 
     def fields(self, tool: str | None = None, last: bool = False) -> dict[str, Any]:
         """The `agentserve` object for a call that another client sends (an agent framework's): the
-        server counts the turns, and the parent edge rides on every call (a retried first call keeps it)."""
+        server counts the turns, and the parent edge rides on every call (a retried first call keeps it).
+        It carries the tool calls timed since the previous one, which it then forgets."""
         fields: dict[str, Any] = {"program_id": self.program_id}
         if last:
             fields["is_last_turn"] = True
@@ -74,8 +86,34 @@ class _ProgramState:
             fields["tool"] = tool
         if self.parent is not None:
             fields["parent_program_id"] = self.parent
+        if self.tools_done:
+            fields["tools_done"], self.tools_done = self.tools_done, []
         self.turn += 1
         return fields
+
+    def sent(self, request: dict[str, Any], end: bool) -> None:
+        """A call built by `chat_kwargs` was answered: its tool reports are delivered."""
+        reported = request["extra_body"]["agentserve"].get("tools_done", ())
+        del self.tools_done[:len(reported)]
+        self.ended = self.ended or end
+
+    def tool_started(self, name: str) -> None:
+        self.open_tools[name] = time.perf_counter()
+
+    def tool_ended(self, name: str, duration_s: float | None) -> None:
+        """Queue the tool call for the next request; `duration_s`: the caller's (else since tool_start)."""
+        started = self.open_tools.pop(name, None)
+        if duration_s is None:
+            if started is None:
+                running = ", ".join(self.open_tools) or "none"
+                raise AgentServeError(409, f"tool {name!r} of program {self.program_id!r} ended but was not "
+                                           f"started (running: {running})")
+            duration_s = time.perf_counter() - started
+        self.tools_done.append({"name": name, "duration_s": max(0.0, float(duration_s))})
+
+    def pending_events(self) -> list[dict[str, Any]]:
+        """The tool events to send before `/end`: the calls timed after the last request."""
+        return [self.tool_event(run["name"], "ran", run["duration_s"]) for run in self.tools_done]
 
     @staticmethod
     def tool_event(name: str, event: str, duration_s: float | None = None) -> dict[str, Any]:
@@ -85,8 +123,8 @@ class _ProgramState:
         return body
 
     def complete_kwargs(self, kwargs: dict[str, Any], template: str, parts: list[dict[str, Any]],
-                        tool: str | None, last: bool) -> dict[str, Any]:
-        out = self.chat_kwargs(kwargs, tool, last)
+                        tool: str | None, last: bool, end: bool = False) -> dict[str, Any]:
+        out = self.chat_kwargs(kwargs, tool, last, end)
         out["extra_body"]["agentserve"]["share"] = {"template": template, "parts": parts}
         return {**out, "prompt": ""}
 
@@ -100,12 +138,11 @@ class _ProgramState:
 _LIMITS = httpx.Limits(keepalive_expiry=KEEPALIVE_S)
 
 
-def _check_end(r: httpx.Response) -> None:
+def _check_end(r: httpx.Response) -> dict | None:
     """An end the server answers 404 (it never saw the program: its first call was refused; or it was
-    abandoned after its idle timeout) leaves nothing to end: not an error, and on the way out of a
-    `with` block it must not hide the exception that ended the block."""
-    if r.status_code != 404:
-        _check(r)
+    abandoned after its idle timeout) leaves nothing to end: not an error (None), and on the way out of
+    a `with` block it must not hide the exception that ended the block."""
+    return None if r.status_code == 404 else _check(r)
 
 
 def _check(r: httpx.Response) -> dict:
@@ -125,40 +162,51 @@ class Program(_ProgramState):
         super().__init__(program_id, parent)
         self.client = client
 
-    def chat(self, *, tool: str | None = None, last: bool = False, **kwargs):
+    def chat(self, *, tool: str | None = None, last: bool = False, end: bool = False, **kwargs):
         """`chat.completions.create(**kwargs)` as a turn of this program. `tool`: the tool this turn's
-        answer will run, if known; `last`: this is the program's last LLM call (no pin after it)."""
-        return self.client.openai.chat.completions.create(**self.chat_kwargs(kwargs, tool, last))
+        answer will run, if known; `last`: this is the program's last LLM call (no pin after it);
+        `end`: the program ends when this call does (nothing of it follows: no `/end` needed)."""
+        request = self.chat_kwargs(kwargs, tool, last, end)
+        out = self.client.openai.chat.completions.create(**request)
+        self.sent(request, end)
+        return out
 
     def complete(self, *, template: str, parts: list[dict[str, Any]], tool: str | None = None, last: bool = False,
-                 **kwargs):
+                 end: bool = False, **kwargs):
         """`completions.create(**kwargs)` as a turn, its prompt given as `parts` (see `part`) under
         `template` (the agent's role; its prompts share a layout)."""
-        return self.client.openai.completions.create(**self.complete_kwargs(kwargs, template, parts, tool, last))
+        request = self.complete_kwargs(kwargs, template, parts, tool, last, end)
+        out = self.client.openai.completions.create(**request)
+        self.sent(request, end)
+        return out
 
     @contextmanager
     def tool(self, name: str):
-        self.tool_start(name)
+        """Times a tool call; the program's next call reports it (no request of its own)."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.tool_end(name, time.perf_counter() - t0)
+            self.tool_ended(name, time.perf_counter() - t0)
 
     def tool_start(self, name: str) -> None:
         """A tool call started (for agent loops where start and end are in different places)."""
-        _check(self.client.http.post(self.tool_url(), json=self.tool_event(name, "start")))
+        self.tool_started(name)
 
     def tool_end(self, name: str, duration_s: float | None = None) -> None:
-        """The tool call ended; `duration_s`: measured by the client (else the server's start/end gap)."""
-        _check(self.client.http.post(self.tool_url(), json=self.tool_event(name, "end", duration_s)))
+        """The tool call ended; `duration_s`: measured by the caller (else since `tool_start`)."""
+        self.tool_ended(name, duration_s)
 
     def spawn(self, program_id: str | None = None) -> "Program":
         return Program(self.client, program_id, parent=self.program_id)
 
     def end(self) -> None:
         if not self.ended and self.turn > 0:  # a program the server never saw has nothing to end
+            for event in self.pending_events():
+                if _check_end(self.client.http.post(self.tool_url(), json=event)) is None:
+                    break
             _check_end(self.client.http.post(self.end_url()))
+        self.tools_done.clear()
         self.ended = True
 
     def __enter__(self) -> "Program":
@@ -173,34 +221,43 @@ class AsyncProgram(_ProgramState):
         super().__init__(program_id, parent)
         self.client = client
 
-    async def chat(self, *, tool: str | None = None, last: bool = False, **kwargs):
-        return await self.client.openai.chat.completions.create(**self.chat_kwargs(kwargs, tool, last))
+    async def chat(self, *, tool: str | None = None, last: bool = False, end: bool = False, **kwargs):
+        request = self.chat_kwargs(kwargs, tool, last, end)
+        out = await self.client.openai.chat.completions.create(**request)
+        self.sent(request, end)
+        return out
 
     async def complete(self, *, template: str, parts: list[dict[str, Any]], tool: str | None = None,
-                       last: bool = False, **kwargs):
-        return await self.client.openai.completions.create(**self.complete_kwargs(kwargs, template, parts, tool, last))
+                       last: bool = False, end: bool = False, **kwargs):
+        request = self.complete_kwargs(kwargs, template, parts, tool, last, end)
+        out = await self.client.openai.completions.create(**request)
+        self.sent(request, end)
+        return out
 
     @asynccontextmanager
     async def tool(self, name: str):
-        await self.tool_start(name)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            await self.tool_end(name, time.perf_counter() - t0)
+            self.tool_ended(name, time.perf_counter() - t0)
 
     async def tool_start(self, name: str) -> None:
-        _check(await self.client.http.post(self.tool_url(), json=self.tool_event(name, "start")))
+        self.tool_started(name)
 
     async def tool_end(self, name: str, duration_s: float | None = None) -> None:
-        _check(await self.client.http.post(self.tool_url(), json=self.tool_event(name, "end", duration_s)))
+        self.tool_ended(name, duration_s)
 
     def spawn(self, program_id: str | None = None) -> "AsyncProgram":
         return AsyncProgram(self.client, program_id, parent=self.program_id)
 
     async def end(self) -> None:
         if not self.ended and self.turn > 0:
+            for event in self.pending_events():
+                if _check_end(await self.client.http.post(self.tool_url(), json=event)) is None:
+                    break
             _check_end(await self.client.http.post(self.end_url()))
+        self.tools_done.clear()
         self.ended = True
 
     async def __aenter__(self) -> "AsyncProgram":

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from agentserve.programs.control import ControlPlane
-from agentserve.programs.fields import XARG_PROGRAM, XARG_TTL, ProgramFields
+from agentserve.programs.fields import XARG_PROGRAM, XARG_TTL, ProgramFields, ToolRun, from_xargs
 from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.server.middleware import rewrite
 from agentserve.ttl.policy import FixedTTL, OnlineBenefit
@@ -178,3 +178,46 @@ def test_evicted_returning_turns_feed_T():
     benefit = OnlineBenefit()
     benefit.observe_evicted_turn(2.0, 1000, ReloadProfile(a=0.0, b=0.001, c=0.0, max_tokens=4096))
     assert benefit.T == pytest.approx(1.0)  # 2 s to first token, 1 s of it the idle re-prefill
+
+
+def test_tools_reported_with_the_next_call_enter_the_dag_and_the_predictor():
+    clock = Clock()
+    events = []
+    control = ControlPlane(ProgramTracker(clock=clock), ToolDurationPredictor(), FixedTTL(1.0), None,
+                           on_event=lambda kind, d: events.append((kind, d)))
+    control.begin_call(ProgramFields(program_id="p", tool="bash"), 10, 1)
+    control.end_call("p", 11)
+    clock.t = 5.0  # the client reports 2 s of tools; the rest of the gap is the agent's own time
+    fields = ProgramFields(program_id="p", tools_done=[ToolRun("bash", 1.5), ToolRun("grep", 0.5)])
+    control.begin_call(fields, 20, 1)
+    g = control.tracker.get("p").graph
+    tools = [(d["name"], d["end"] - d["start"]) for _, d in g.nodes(data=True) if d["kind"] == "tool"]
+    assert tools == [("bash", 1.5), ("grep", 0.5)]
+    import networkx as nx
+    assert nx.is_directed_acyclic_graph(g) and [n for n in nx.topological_sort(g)][-1] == "llm:1"
+    # client-measured, and no server gap (5 s) counted for bash
+    assert control.predictor.summary()["bash"] == {"samples": 1, "measured_by": "client", "mean_s": 1.5,
+                                                    "predicts_from": control.predictor.distribution("bash").source}
+    assert [d["tool"] for k, d in events if k == "tool"] == ["bash", "grep"]
+
+
+def test_a_tool_report_for_a_program_the_server_lost_is_still_evidence():
+    control = ControlPlane(ProgramTracker(), ToolDurationPredictor(), FixedTTL(1.0), None)
+    control.begin_call(ProgramFields(program_id="new", tools_done=[ToolRun("setup", 3.0)]), 10, 1)
+    assert control.predictor.summary()["setup"]["mean_s"] == 3.0
+    assert [d["kind"] for _, d in control.tracker.get("new").graph.nodes(data=True)] == ["llm"]
+    with pytest.raises(ProgramError) as e:  # the "ran" event needs a known program, as start and end do
+        control.tool_event("gone", "bash", "ran", 1.0)
+    assert e.value.status == 404
+    assert control.tool_event("new", "bash", "ran", 1.0) == 1.0
+
+
+def test_tools_done_travel_through_the_engine_xargs():
+    body = json.dumps({"model": "m", "agentserve": {"program_id": "p", "tools_done": [
+        {"name": "bash", "duration_s": 2.5}]}}).encode()
+    out, _, err = rewrite(body)
+    assert err is None
+    assert from_xargs(json.loads(out)["vllm_xargs"]).tools_done == [ToolRun("bash", 2.5)]
+    for bad in ([{"name": "bash"}], [{"name": "", "duration_s": 1}], [{"name": "b", "duration_s": -1}]):
+        _, _, err = rewrite(json.dumps({"model": "m", "agentserve": {"program_id": "p", "tools_done": bad}}).encode())
+        assert err.status_code == 400 and json.loads(err.body)["error"]["param"].startswith("agentserve.tools_done")

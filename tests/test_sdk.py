@@ -1,7 +1,9 @@
 """The SDK against a real server: turns, tool timing, sub-agents, end on exit and on exception."""
 
 import asyncio
+import time
 from urllib.parse import quote
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -48,13 +50,38 @@ def test_program_ends_on_exception_and_subagents_have_parent_edges(server):
     client.close()
 
 
-def test_tool_errors_surface_as_agentserve_errors(server):
+def test_tool_reports_reach_the_server_and_errors_surface(server):
+    """A tool timed after the last call reaches the server before the end; a "ran" event for a program
+    the server does not know is a 404, one without its duration a 400."""
     client = AgentServe(server.base_url)
-    prog = client.program("never-started")
+    tool = "submit-" + uuid4().hex[:6]
+    with client.program() as prog:
+        prog.chat(model="tiny", messages=MSG, max_tokens=2, last=True)
+        with prog.tool(tool):
+            time.sleep(0.05)
+    stats = httpx.get(f"{server.base_url}/v1/agentserve/stats").json()
+    assert stats["tools"][tool]["measured_by"] == "client" and stats["tools"][tool]["mean_s"] >= 0.05
+    lost = client.program("never-started")
     with pytest.raises(AgentServeError) as e:
-        with prog.tool("bash"):
-            pass
-    assert e.value.status == 404
+        lost.tool_end("bash")  # never started, no duration: refused by the SDK
+    assert e.value.status == 409
+    r = client.http.post(lost.tool_url(), json=lost.tool_event("bash", "ran", 1.0))
+    assert r.status_code == 404
+    r = client.http.post(prog.tool_url(), json={"name": "bash", "event": "ran"})
+    assert r.status_code == 400 and "duration_s" in r.text
+    client.close()
+
+
+def test_end_with_the_last_call(server):
+    client = AgentServe(server.base_url)
+    with client.program() as prog:
+        prog.chat(model="tiny", messages=MSG, max_tokens=2)
+        prog.chat(model="tiny", messages=MSG, max_tokens=2, end=True)
+        assert prog.ended
+    deadline = time.monotonic() + 5  # the server ends it once the call's end reaches the control plane
+    while program_info(server, prog.program_id).status_code != 404 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert program_info(server, prog.program_id).status_code == 404
     client.close()
 
 
@@ -81,8 +108,7 @@ def test_program_ids_with_url_characters_reach_their_routes(server, program_id):
     quoted = quote(program_id, safe="")
     with client.program(program_id) as prog:
         prog.chat(model="tiny", messages=MSG, max_tokens=2)
-        with prog.tool("bash"):
-            pass
+        assert client.http.post(prog.tool_url(), json=prog.tool_event("bash", "ran", 0.1)).status_code == 200
         info = httpx.get(f"{server.base_url}/v1/programs/{quoted}").json()
         assert info["program_id"] == program_id and [n["name"] for n in info["nodes"] if n["kind"] == "tool"] == ["bash"]
     info = httpx.get(f"{server.base_url}/v1/programs/{quoted}")

@@ -304,29 +304,21 @@ def test_the_ablation_switches_drive_the_simulator_as_the_plugin(monkeypatch, on
     assert engine.priority_preemption is False  # without the plugin: stock vLLM's FCFS
 
 
-def test_the_sdks_own_calls_add_to_a_plugin_programs_time_and_not_to_stock_vllms():
-    """`control_call_s`: the SDK awaits a tool-start and a tool-end call around every tool and an end
-    call after the last turn; stock vLLM's client makes none."""
+def test_tools_ride_on_the_next_call_and_the_last_call_ends_the_program():
+    """As the SDK does: no call of its own between turns (the tool is reported with the next turn,
+    client-measured) and none after the last (the program ends with it); a parent's next turn goes out
+    the moment its sub-agent's last call ends."""
     import msgspec
 
-    calls = msgspec.structs.replace(UNIT, control_call_s=0.01)
-    turns = [(200, 8, 0.5), (100, 8, 0.5), (100, 8, 0.0)]
-    for policy, extra in (("fixed", 2 * 2 * 0.01 + 0.01), ("vllm", 0.0)):
-        (base,) = fleet(policy).run([program("p", 0.0, turns)])
-        (slow,) = fleet(policy, cost=calls).run([program("p", 0.0, turns)])
-        assert slow.end - slow.start == pytest.approx(base.end - base.start + extra)
-        assert slow.tool_wait_s == base.tool_wait_s == 1.0
-
-
-def test_a_sub_agents_end_call_delays_its_parents_join():
-    """The driver awaits a sub-agent's end call before its parent's join returns: the parent's next turn
-    goes out one call (the join's tool end) after the sub-agent's end, as the client sees it."""
-    import msgspec
-
-    calls = msgspec.structs.replace(UNIT, control_call_s=0.01)
     child = program("c", 0.0, [(50, 4, 0.0)])
-    parent = program("p", 0.0, [(200, 8, 0.0), (100, 8, 0.0)])
-    spawning = msgspec.structs.replace(parent.turns[0], spawn=(child,))
+    parent = program("p", 0.0, [(200, 8, 0.0), (100, 8, 0.75), (100, 8, 0.0)])
+    spawning = msgspec.structs.replace(parent.turns[0], spawn=(child,), tool=None)
     parent = msgspec.structs.replace(parent, turns=[spawning, *parent.turns[1:]])
-    records = {r.id: r for r in fleet("fixed", cost=calls).run([parent])}
-    assert records["p"].turns[1].sent == pytest.approx(records["c"].end + 0.01)
+    f = fleet("fixed")
+    records = {r.id: r for r in f.run([parent])}
+    assert records["p"].turns[1].sent == records["c"].end == records["c"].turns[-1].done
+    assert records["p"].turns[2].sent == pytest.approx(records["p"].turns[1].done + 0.75)
+    tools = f.control.predictor.summary()
+    assert tools["bash"]["measured_by"] == "client" and tools["bash"]["mean_s"] == pytest.approx(0.75)
+    assert tools["join"]["mean_s"] == pytest.approx(records["c"].end - records["p"].turns[0].done)
+    assert len(f.control.tracker) == 0  # every program ended with its last call

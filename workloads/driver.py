@@ -167,7 +167,7 @@ class Driver:
                       stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         sent = self.now()
         if prog is not None:
-            stream = await prog.chat(tool=turn.tool, last=last, **kwargs)
+            stream = await prog.chat(tool=turn.tool, last=last, end=last, **kwargs)
         else:
             stream = await self.sdk.openai.chat.completions.create(**kwargs)
         first, parts, usage = None, [], None

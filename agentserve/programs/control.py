@@ -61,6 +61,8 @@ class ControlPlane:
     def begin_call(self, fields: ProgramFields, prompt_tokens: int, max_tokens: int) -> dict:
         """An LLM call of a program arrives: track it, decide the TTL its pin will get.
         Returns the extra_args to attach to the engine request."""
+        for run in fields.tools_done or ():
+            self._tool_ran(fields.program_id, run.name, run.duration_s)
         turn, gap, gap_tool = self.tracker.llm_start(fields.program_id, turn=fields.turn, tool=fields.tool,
                                                      parent=fields.parent_program_id)
         if gap is not None:
@@ -152,12 +154,26 @@ class ControlPlane:
             self.tracker.tool_start(program_id, name)
             self.on_event("tool_start", {"program": program_id, "tool": name})
             return None
+        if event == "ran":
+            self.tracker.get(program_id)  # 404 for an unknown program, as the other events
+            self._tool_ran(program_id, name, duration_s)
+            return duration_s
         duration = self.tracker.tool_end(program_id, name, duration_s)
-        predicted = self.predictor.predict_mean(name)
-        self.predictor.observe(name, duration, client_measured=True)
-        self.on_event("tool", {"program": program_id, "tool": name, "actual_s": duration,
-                               "predicted_s": predicted})
+        self._observe_tool(program_id, name, duration)
         return duration
+
+    def _tool_ran(self, program_id: str, name: str, duration_s: float) -> None:
+        """A tool call the client reports once it ran (with the program's next call, or on its own).
+        Its duration is evidence even when the server no longer knows the program (ended, reaped)."""
+        if self.knows(program_id):
+            self.tracker.tool_ran(program_id, name, duration_s)
+        self._observe_tool(program_id, name, duration_s)
+
+    def _observe_tool(self, program_id: str, name: str, duration_s: float) -> None:
+        predicted = self.predictor.predict_mean(name)
+        self.predictor.observe(name, duration_s, client_measured=True)
+        self.on_event("tool", {"program": program_id, "tool": name, "actual_s": duration_s,
+                               "predicted_s": predicted})
 
     async def end_program(self, program_id: str, reason: str = "program_end") -> None:
         await self._ended(self.tracker.end(program_id), reason)

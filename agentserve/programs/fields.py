@@ -29,11 +29,17 @@ XARG_REMAINING = "agentserve_remaining_s"  # predicted seconds of work the progr
 # The life of the program a call belongs to (the control plane's serial, a new one each time the id
 # begins again after an end): an engine tells a late request of an ended life from the next life's.
 XARG_LIFE = "agentserve_life"
+# The tool calls that ran since the program's previous call (ProgramFields.tools_done), as JSON text:
+# vLLM's xargs hold scalars only.
+XARG_TOOLS_DONE = "agentserve_tools_done"
 # The tool of a turn whose answer spawns sub-agents and waits for them: the wait is the join.
 JOIN_TOOL = "join"
 
 
-MAX_PARTS = 64  # parts of a shared prompt (agentserve/kvshare/planner.py bounds its segments alike)
+MAX_PARTS = 64
+MAX_TOOLS_DONE = 64  # tool calls one LLM call reports (an agent's parallel tool calls between two turns)
+ToolName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Duration = Annotated[float, msgspec.Meta(ge=0, le=86400)]  # parts of a shared prompt (agentserve/kvshare/planner.py bounds its segments alike)
 
 
 class PromptPart(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -54,6 +60,13 @@ class SharedPrompt(msgspec.Struct, forbid_unknown_fields=True):
     parts: Annotated[list[PromptPart], msgspec.Meta(min_length=2, max_length=MAX_PARTS)]
 
 
+class ToolRun(msgspec.Struct, forbid_unknown_fields=True):
+    """A tool call that ran, timed by the client (`duration_s`)."""
+
+    name: ToolName
+    duration_s: Duration
+
+
 class ProgramFields(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     program_id: ID
     turn: Annotated[int, msgspec.Meta(ge=0)] | None = None  # default: LLM calls of the program so far
@@ -62,15 +75,23 @@ class ProgramFields(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     tool: Annotated[str, msgspec.Meta(max_length=256)] | None = None  # the tool this call's answer runs
     parent_program_id: ID | None = None  # set on a sub-agent's first call: a DAG edge from the parent
     share: SharedPrompt | None = None  # the prompt as parts, some shared (completions only, --kvshare)
+    # The tool calls that ran since the program's previous call, reported with this call rather than in
+    # tool events of their own: no round trip between an agent's turns (the SDK's default).
+    tools_done: Annotated[list[ToolRun], msgspec.Meta(max_length=MAX_TOOLS_DONE)] | None = None
 
 
 class ToolEvent(msgspec.Struct, forbid_unknown_fields=True):
-    """`POST /v1/programs/{id}/tool`: a tool call started or ended (client clock, or server's)."""
+    """`POST /v1/programs/{id}/tool`: a tool call started or ended (client clock, or server's), or
+    "ran": one that started and ended, with its `duration_s` (no start event sent)."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    event: Literal["start", "end"]
+    name: ToolName
+    event: Literal["start", "end", "ran"]
     # Client-measured duration, sent with "end": preferred over the server's start/end gap.
-    duration_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] | None = None
+    duration_s: Duration | None = None
+
+    def __post_init__(self) -> None:
+        if self.event == "ran" and self.duration_s is None:
+            raise ValueError('a "ran" tool event needs duration_s')
 
 
 def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
@@ -83,6 +104,8 @@ def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
         out[XARG_TOOL] = f.tool
     if f.parent_program_id is not None:
         out[XARG_PARENT] = f.parent_program_id
+    if f.tools_done:
+        out[XARG_TOOLS_DONE] = msgspec.json.encode(f.tools_done).decode()
     return out
 
 
@@ -91,6 +114,8 @@ def from_xargs(xargs: dict) -> ProgramFields | None:
     program = xargs.get(XARG_PROGRAM)
     if program is None:
         return None
+    done = xargs.get(XARG_TOOLS_DONE)
     return ProgramFields(program_id=program, turn=xargs.get(XARG_TURN), is_last_turn=bool(xargs.get(XARG_IS_LAST)),
                          ends_program=bool(xargs.get(XARG_ENDS)), tool=xargs.get(XARG_TOOL),
-                         parent_program_id=xargs.get(XARG_PARENT))
+                         parent_program_id=xargs.get(XARG_PARENT),
+                         tools_done=msgspec.json.decode(done, type=list[ToolRun]) if done else None)

@@ -159,6 +159,19 @@ class ProgramTracker:
             p.graph.nodes[p.last_node]["end"] = now
         return duration_s if duration_s is not None else now - started
 
+    def tool_ran(self, program_id: str, name: str, duration_s: float) -> None:
+        """A tool call reported once it had run (no start event): its node spans the `duration_s`
+        before now, and it stands for the gap since the previous call."""
+        p = self.get(program_id)
+        p.last_activity = now = self.clock()
+        node = f"tool:{p.llm_calls - 1}:{name}:{p.graph.number_of_nodes()}"
+        p.graph.add_node(node, kind="tool", name=name, start=now - duration_s, end=now)
+        if p.last_node is not None:
+            p.graph.add_edge(p.last_node, node)
+        p.last_node = node
+        p.last_tool = name
+        p.tool_reported_since_llm = True
+
     def end(self, program_id: str) -> Program:
         p = self.programs.pop(program_id, None)
         if p is None:

@@ -35,9 +35,6 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True):
     kv_read_token_s: float  # per cached token a decoding sequence attends to
     prefill_pair_s: float = 0.0  # per (new token, token it attends to) pair of a prefill
     host_load_token_s: float = 0.0  # a token's KV copied back from the host tier
-    # The client's wait for one of the SDK's own calls (a tool event, a program's end), which the SDK
-    # awaits between turns; stock vLLM's client makes none (docs/benchmarks.md, the ablation).
-    control_call_s: float = 0.0
     source: str = ""  # where the numbers come from
 
     def step(self, prefill_tokens: int, decode_seqs: int, decode_kv_tokens: int, loaded_tokens: int = 0,

@@ -26,7 +26,7 @@ from agentserve.programs.book import ProgramBook
 from agentserve.programs.control import ControlPlane
 from agentserve.programs.queue_order import ProgramFCFS
 from agentserve.programs.fields import (XARG_NEXT_USE, XARG_REMAINING, XARG_TTL, XARG_WORKFLOW,
-                                       ProgramFields)
+                                       ProgramFields, ToolRun)
 from agentserve.programs.tracker import ProgramTracker
 from agentserve.sim.costs import CostModel
 from agentserve.sim.engine import SimEngine, SimRequest, Stream
@@ -77,6 +77,7 @@ class _Run:
     waiting_for: int = 0  # sub-programs not ended (the join)
     tool: str = ""  # the tool call (or join) under way
     tool_started: float = 0.0
+    tools_done: list[ToolRun] = field(default_factory=list)  # what the next call reports (as the SDK does)
 
 
 class Fleet:
@@ -143,10 +144,6 @@ class Fleet:
                 self._start(*payload)
             elif kind == "tool_end":
                 self._tool_end(payload)
-            elif kind == "send":
-                self._send(payload)
-            elif kind == "ended":
-                self._ended(payload)
             elif kind == "step":
                 self._step_done(payload)
             elif kind == "kick":
@@ -178,8 +175,10 @@ class Fleet:
                              turn.output_tokens, self.now, is_last=last)
         if self.control is not None:
             xargs = self.control.begin_call(ProgramFields(
-                program_id=run.plan.id, turn=run.turn, is_last_turn=last, tool=turn.tool,
-                parent_program_id=parent if run.turn == 0 else None), prompt, turn.output_tokens)
+                program_id=run.plan.id, turn=run.turn, is_last_turn=last, ends_program=last, tool=turn.tool,
+                parent_program_id=parent if run.turn == 0 else None, tools_done=run.tools_done or None),
+                prompt, turn.output_tokens)
+            run.tools_done = []
             request.ttl_s = float(xargs.get(XARG_TTL, 0.0))
             request.next_use_s = xargs.get(XARG_NEXT_USE)
             request.remaining_s = float(xargs.get(XARG_REMAINING, 0.0))
@@ -234,42 +233,26 @@ class Fleet:
             self._end(run)
             return
         run.tool, run.tool_started = turn.tool or ("join" if turn.spawn else "tool"), self.now
-        if self.control is not None:
-            self.control.tool_event(run.plan.id, run.tool, "start", None)
         if turn.spawn:
             run.waiting_for = len(turn.spawn)
             for sub in turn.spawn:
                 self._start(sub, run)
             return
         run.record.tool_wait_s += turn.tool_s
-        # the SDK awaits its tool-start call before the tool runs
-        self._at(self.now + self._control_call_s + turn.tool_s, "tool_end", run)
-
-    @property
-    def _control_call_s(self) -> float:
-        """What one of the SDK's calls costs the program: the plugin policies are driven through it."""
-        return self.setup.cost.control_call_s if self.control is not None else 0.0
+        self._at(self.now + turn.tool_s, "tool_end", run)
 
     def _tool_end(self, run: _Run) -> None:
-        """The program's tool call (or its join) ended: the SDK reports it, then sends the next turn."""
-        if self.control is not None:
-            self.control.tool_event(run.plan.id, run.tool, "end", self.now - run.tool_started)
-        if self._control_call_s:
-            self._at(self.now + self._control_call_s, "send", run)
-        else:
-            self._send(run)
+        """The program's tool call (or its join) ended: its next turn goes out and reports it (the
+        SDK's `tools_done`: no call of its own between turns)."""
+        run.tools_done.append(ToolRun(run.tool, self.now - run.tool_started))
+        self._send(run)
 
     def _end(self, run: _Run) -> None:
+        """The last call ended, and the program with it (the SDK's `end=True`); the client goes on:
+        the next queued program starts, a parent's join counts it."""
         if self.control is not None:
             completed(self.control.end_program(run.plan.id))  # its link ends it on the replicas
         self.router.end(run.plan.id)
-        if self._control_call_s:  # the client goes on once the SDK's end call returns
-            self._at(self.now + self._control_call_s, "ended", run)
-        else:
-            self._ended(run)
-
-    def _ended(self, run: _Run) -> None:
-        """The client has seen the program end: the next queued program starts, a parent's join counts it."""
         run.record.end = self.now
         parent = run.parent
         if parent is None and self._queued:
