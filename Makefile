@@ -90,7 +90,7 @@ ablation: install swe-trace
 		for load in $(ABLATION_LOADS); do \
 			trace=$$( [ $$load = swe ] && echo $(SWE_SRC) || echo bfcl:base ); \
 			$(VENV)/bin/agentserve replay --trace $$trace $(BENCH_LOAD) --host-kv-tokens $$tokens \
-				--policies $(subst $(space),$(comma),$(strip $(ABLATION_ROWS))) --rounds $(ABLATION_ROUNDS) \
+				--policies $(subst $(space),$(comma),$(strip $(ABLATION_ROWS))) --rounds $(ABLATION_ROUNDS) --turn-times \
 				--out bench-out/ablation-$$load-$$name || exit 1; \
 		done; \
 	done

@@ -147,7 +147,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                      out_dir=Path(args.out), endpoints=parse_endpoints(args.endpoint),
                      progress=not args.no_progress, rounds=args.rounds, probe=not args.no_speed_probe)
     print(table(results))
-    print(f"\nwritten: {args.out}/results.json, records.json, jct_cdf.png, timeline.png")
+    print(f"\nwritten: {args.out}/results.json, records.json, jct_cdf.png, timeline.png"
+          + (", turns.json" if setup.engine.turn_times else ""))
     return 0
 
 
@@ -173,6 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         try:
             check_cluster_options(options)
+            if settings.turn_times:
+                raise ValueError("--turn-times is read from one engine's front end (serve without --replicas)")
         except ValueError as e:
             raise SystemExit(f"--replicas: {e}") from None
 

@@ -95,6 +95,10 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tool_call_parser: Annotated[str | None, _help(
         "vLLM's tool-call parser (e.g. hermes, the model's format): vLLM answers requests with tools "
         "only with one (it also turns on tool_choice=auto); agent frameworks send tools")] = None
+    turn_times: Annotated[bool, _help(
+        "time each request in the engine by part (queue, load-back, prefill, recompute after a preemption, "
+        "decode, between steps), from the scheduler's own states; read and reset at GET "
+        "/v1/agentserve/turn_times. Every policy gets the same instrument, stock vLLM's scheduler too")] = False
     # Set by the program layer, not by users (cli=False): how the engine runs agentserve's plugins.
     prefix_caching: Annotated[bool, _help("vLLM prefix caching", cli=False)] = True
     scheduling_policy: Annotated[Literal["fcfs", "priority"], _help("vLLM's queue policy", cli=False)] = "fcfs"

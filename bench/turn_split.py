@@ -1,7 +1,15 @@
-"""Where a program's time goes, from a replay's records (client clock): its LLM calls (sent to done,
-split into time to first token and the rest), the tool time it waited, and the time between turns
-beyond the tool's own: what the client's own calls between turns cost (the SDK's tool events), with
-the program's end call after its last turn. Mean seconds per program, one line per policy.
+"""Where a program's time goes, from a replay's records.
+
+Client side (records.json, the client's clock): its LLM calls (sent to done, split into time to first
+token and the rest), the tool time it waited, and the time between turns beyond the tool's own (what
+the client's own calls between turns cost), with the time after its last turn. Mean seconds per
+program, one line per policy.
+
+Engine side (turns.json, written by `agentserve replay --turn-times`): each LLM call's time inside the
+engine, by part (engine/turn_ledger.py: queue, load-back, prefill, recompute after a preemption,
+decode, between steps), each measured from the scheduler's own states; mean seconds per call, one line
+per policy. `front_end` is the one remainder, and is labelled so: a call's mean time at the client
+minus its mean time in the engine (HTTP, tokenizing, the program layer, IPC, streaming back).
 
     python bench/turn_split.py bench-out/ablation-bfcl-8x
 """
@@ -17,9 +25,14 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agentserve.engine.turn_ledger import PARTS as ENGINE_PARTS, TurnTimes  # noqa: E402
 from workloads.driver import ProgramRecord  # noqa: E402
 
 PARTS = ("jct", "llm", "ttft", "after_first_token", "tool", "between_turns", "after_last_turn")
+
+
+class EngineTurn(TurnTimes, kw_only=True):
+    round: int
 
 
 def split(program: ProgramRecord) -> dict[str, float]:
@@ -41,15 +54,39 @@ def mean_split(records: list[ProgramRecord]) -> dict[str, float]:
     return {part: statistics.mean(s[part] for s in splits) for part in PARTS} if splits else {}
 
 
+def engine_split(turns: list[EngineTurn], records: list[ProgramRecord]) -> dict[str, float]:
+    """Mean seconds per call in each engine part, the front end's remainder, and the calls counted."""
+    done = [t for t in turns if not t.aborted]
+    if not done:
+        return {}
+    out = {part: statistics.mean(getattr(t, part) for t in done) for part in ENGINE_PARTS}
+    calls = [t.done - t.sent for r in records if r.error is None for t in r.turns]
+    out["front_end"] = statistics.mean(calls) - statistics.mean(t.total for t in done) if calls else float("nan")
+    out["preemptions"] = statistics.mean(t.preemptions for t in done)
+    out["calls"] = len(done)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path, help="a replay output directory (its records.json)")
-    records = msgspec.json.decode((ap.parse_args().out / "records.json").read_bytes(),
-                                  type=dict[str, list[ProgramRecord]])
+    ap.add_argument("out", type=Path, help="a replay output directory (its records.json, and turns.json if any)")
+    out = ap.parse_args().out
+    records = msgspec.json.decode((out / "records.json").read_bytes(), type=dict[str, list[ProgramRecord]])
     print("| policy | " + " | ".join(PARTS) + " |\n|---|" + "---|" * len(PARTS))
     for name, recs in records.items():
         means = mean_split(recs)
         print(f"| {name} | " + " | ".join(f"{means[p]:.3f}" for p in PARTS) + " |")
+    if not (out / "turns.json").exists():
+        return
+    turns = msgspec.json.decode((out / "turns.json").read_bytes(), type=dict[str, list[EngineTurn]])
+    columns = (*ENGINE_PARTS, "front_end", "preemptions", "calls")
+    print("\nin the engine, mean per call (seconds; front_end: client time minus engine time)\n"
+          "| policy | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    for name, recs in records.items():
+        means = engine_split(turns.get(name, []), recs)
+        if means:
+            print(f"| {name} | " + " | ".join(f"{means[c]:.0f}" if c == "calls" else f"{means[c]:.3f}"
+                                             for c in columns) + " |")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,35 @@ def test_a_fork_join_workflow_replays_through_the_sdk(server):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{server.base_url}/v1/programs/replay-{r.id}")
         assert e.value.code == 404  # ended
+
+
+def test_replay_keeps_the_engine_turn_split_of_every_call(tmp_path):
+    """`--turn-times`: each policy's engine (stock vLLM's scheduler and the plugin) times every call of
+    the plan, and only those (the speed probe's are dropped); bench/turn_split.py reads them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from turn_split import EngineTurn, engine_split
+
+    setup = msgspec.structs.replace(SETUP, engine=msgspec.structs.replace(SETUP.engine, turn_times=True))
+    results = replay(str(DEFAULT_TRACE), policies=["vllm+offload", "agentserve"], cfg=CFG, setup=setup,
+                     out_dir=tmp_path, progress=False, log=lambda *_: None)
+    turns = msgspec.json.decode((tmp_path / "turns.json").read_bytes(), type=dict[str, list[EngineTurn]])
+    records = replay_records(tmp_path)
+    for name in ("vllm+offload", "agentserve"):
+        assert len(turns[name]) == results.config["plan"]["llm_calls"], name
+        assert sorted(t.prompt_tokens for t in turns[name]) == sorted(
+            t.prompt_tokens for r in records[name] for t in r.turns)
+        assert all(t.prefill > 0 and not t.aborted for t in turns[name])
+        assert all(t.decode_steps == t.output_tokens - 1 for t in turns[name] if not t.preemptions)
+        split = engine_split(turns[name], records[name])
+        assert split["calls"] == len(turns[name]) and split["front_end"] > 0  # the client sees more than the engine
+    assert {t.program for t in turns["vllm+offload"]} == {None}  # plain OpenAI calls name no program
+    assert all(t.program for t in turns["agentserve"])
+
+
+def replay_records(out):
+    from workloads.driver import ProgramRecord
+
+    return msgspec.json.decode((out / "records.json").read_bytes(), type=dict[str, list[ProgramRecord]])

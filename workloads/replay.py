@@ -155,6 +155,12 @@ def server_counters(base_url: str) -> dict:
     return out
 
 
+def take_turn_times(base_url: str) -> list[dict] | None:
+    """The engine's turn times since the last read (`serve --turn-times`), None if it keeps none."""
+    text = http_get(base_url + "/v1/agentserve/turn_times")
+    return msgspec.json.decode(text) if text is not None else None
+
+
 def served_model(base_url: str) -> str:
     text = http_get(base_url + "/v1/models")
     if text is None:
@@ -166,15 +172,19 @@ def served_model(base_url: str) -> str:
 
 
 def drive(name: str, base_url: str, client: str, programs: list[PlannedProgram], cfg: ReplayConfig,
-          filler: Filler, progress: bool, probe: bool = False) -> tuple[list[ProgramRecord], dict]:
-    """Run the plan against one server: its records, and its counters over the run (with the engine
-    speed probe, measured first, under "speed_probe_s" when `probe`)."""
+          filler: Filler, progress: bool, probe: bool = False,
+          turn_times: bool = False) -> tuple[list[ProgramRecord], dict, list[dict] | None]:
+    """Run the plan against one server: its records, its counters over the run (with the engine
+    speed probe, measured first, under "speed_probe_s" when `probe`) and, with `turn_times`, the
+    engine's time split of every request the run sent."""
     from tqdm import tqdm
 
     model = served_model(base_url)
     driver = Driver(base_url, model, filler, client=client, seed=cfg.seed)
     speed = speed_probe(base_url, model, filler) if probe else None
     before = server_counters(base_url)
+    if turn_times:
+        take_turn_times(base_url)  # the probe's requests are not the plan's
     with tqdm(total=len(programs), desc=f"{name:>10}", unit="prog", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
         def done(rec: ProgramRecord) -> None:
@@ -190,7 +200,7 @@ def drive(name: str, base_url: str, client: str, programs: list[PlannedProgram],
     if "counters" in after:
         after["counters"] = {k: v - before.get("counters", {}).get(k, 0) for k, v in after["counters"].items()}
     after["speed_probe_s"] = speed
-    return records, after
+    return records, after, take_turn_times(base_url) if turn_times else None
 
 
 def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: ReplayConfig, setup: EngineSetup,
@@ -223,6 +233,7 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
     started = time.monotonic()
     records: dict[str, list[ProgramRecord]] = {name: [] for name, _ in runs}
     counters: dict[str, list[dict]] = {name: [] for name, _ in runs}
+    engine_turns: dict[str, list[dict]] = {name: [] for name, _ in runs}  # with --turn-times
     for k in range(rounds):
         for name, url in round_order(runs, k):
             t0 = time.monotonic()
@@ -232,11 +243,13 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
                 with ServerProcess(setup.serve_args(name, len(programs)), log_path=str(log_path)) as srv:
                     # stock vLLM gets what a stock client sends; the plugin policies get the SDK
                     client = "openai" if policy_spec(name)[0] in ("vllm", "oracle") else "agentserve"
-                    recs, counts = drive(name, srv.base_url, client, programs, cfg, filler, progress, probe)
+                    recs, counts, turns = drive(name, srv.base_url, client, programs, cfg, filler, progress,
+                                                probe, setup.engine.turn_times)
             else:
-                recs, counts = drive(name, url, "openai", programs, cfg, filler, progress, probe)
+                recs, counts, turns = drive(name, url, "openai", programs, cfg, filler, progress, probe)
             for r in recs:
                 r.round = k
+            engine_turns[name] += [{**t, "round": k} for t in turns or ()]
             records[name] += recs
             counters[name].append(counts)
             speed = counts["speed_probe_s"]
@@ -251,6 +264,8 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
                       intervals=compare(records, probes, comparisons(list(records))) if rounds > 1 else [])
     (out_dir / "results.json").write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
     (out_dir / "records.json").write_bytes(msgspec.json.encode(records))
+    if setup.engine.turn_times:
+        (out_dir / "turns.json").write_bytes(msgspec.json.encode(engine_turns))
     plots(records, out_dir)
     return results
 

@@ -65,12 +65,22 @@ def remaining_of_request(request: Request) -> float:
     return float(_xarg(request, XARG_REMAINING, 0.0) or 0.0)
 
 
-class ProgramScheduler(Scheduler):
+class AsyncVariant:
+    """A scheduler class that is built as its `async_variant` (set on the class itself; a subclass
+    names its own or has none) when the final config turns async scheduling on: vLLM builds
+    `scheduler_cls` whatever it decided."""
+
+    async_variant: type | None = None
+
     def __new__(cls, *args, **kwargs):
         config = kwargs.get("vllm_config", args[0] if args else None)
-        if cls is ProgramScheduler and config is not None and config.scheduler_config.async_scheduling:
-            cls = AsyncProgramScheduler
+        variant = cls.__dict__.get("async_variant")
+        if variant is not None and config is not None and config.scheduler_config.async_scheduling:
+            cls = variant
         return super().__new__(cls)
+
+
+class ProgramScheduler(AsyncVariant, Scheduler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -195,6 +205,9 @@ class ProgramScheduler(Scheduler):
 
 class AsyncProgramScheduler(ProgramScheduler, AsyncScheduler):
     """The plugin under async scheduling: its rules, then `AsyncScheduler`'s, then `Scheduler`'s (MRO)."""
+
+
+ProgramScheduler.async_variant = AsyncProgramScheduler
 
 
 utilities.install()

@@ -141,9 +141,23 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions, devic
         from agentserve.hosttier.config import combined
 
         settings = msgspec.structs.replace(settings, kv_transfer_config=combined(share, host))
-    if options.policy == "vllm":
+    if options.policy != "vllm":
+        extra = dict(settings.additional_config or {})
+        extra["agentserve"] = msgspec.to_builtins(options.scheduler_config())
+        settings = msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS,
+                                           scheduling_policy=options.vllm_scheduling, additional_config=extra)
+    return with_turn_timer(settings)
+
+
+# The turn-timed variant of each scheduler the engine may run (None: vLLM's own).
+TURN_TIMED = {None: "agentserve.engine.turn_timer.TurnTimedScheduler",
+              SCHEDULER_CLS: "agentserve.engine.turn_timer.TurnTimedProgramScheduler"}
+
+
+def with_turn_timer(settings: EngineSettings) -> EngineSettings:
+    """`settings` with its scheduler's turn-timed variant when `turn_times` asks for one."""
+    if not settings.turn_times or settings.scheduler_cls in TURN_TIMED.values():
         return settings
-    extra = dict(settings.additional_config or {})
-    extra["agentserve"] = msgspec.to_builtins(options.scheduler_config())
-    return msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS, scheduling_policy=options.vllm_scheduling,
-                                   additional_config=extra)
+    if settings.scheduler_cls not in TURN_TIMED:
+        raise ValueError(f"--turn-times has no variant of the scheduler {settings.scheduler_cls}")
+    return msgspec.structs.replace(settings, scheduler_cls=TURN_TIMED[settings.scheduler_cls])

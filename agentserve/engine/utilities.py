@@ -9,6 +9,7 @@ runs the plugin it needs, else raises (the caller gets vLLM's utility error).
 
 - `agentserve_scheduler_command(command, payload)`: pin and program commands (engine/scheduler.py)
 - `agentserve_step_times()`: the scheduler's step timings (engine/step_timer.py)
+- `agentserve_turn_times()`: each finished request's time in the engine, by part (engine/turn_timer.py)
 - `agentserve_kvshare_stats()`: the KV-sharing planner's stats (kvshare/connector.py)
 """
 
@@ -31,6 +32,14 @@ def agentserve_step_times(core) -> dict:
     return core.scheduler.take_step_times()
 
 
+def agentserve_turn_times(core) -> list[dict]:
+    from agentserve.engine.turn_timer import TurnTimed
+
+    if not isinstance(core.scheduler, TurnTimed):
+        raise RuntimeError("the engine's scheduler does not time turns (serve with --turn-times)")
+    return core.scheduler.take_turn_times()
+
+
 def agentserve_kvshare_stats(core) -> dict:
     from agentserve.kvshare.connector import KVShareConnector
 
@@ -42,7 +51,7 @@ def agentserve_kvshare_stats(core) -> dict:
     raise RuntimeError("the engine does not run agentserve's KVShareConnector")
 
 
-UTILITIES = (agentserve_scheduler_command, agentserve_step_times, agentserve_kvshare_stats)
+UTILITIES = (agentserve_scheduler_command, agentserve_step_times, agentserve_turn_times, agentserve_kvshare_stats)
 
 
 def install() -> None:

@@ -91,6 +91,15 @@ def add_kvshare_routes(app, engine, cross=None) -> None:
         return {**stats, "cross_model": cross.stats()} if cross is not None else stats
 
 
+def add_turn_time_route(app, engine) -> None:
+    @app.get("/v1/agentserve/turn_times")
+    async def turn_times():
+        """Each request finished since the last read: its time in the engine by part (seconds), its
+        tokens and preemptions (engine/turn_ledger.py); reading resets. Not a tenant's route: it names
+        every tenant's programs."""
+        return await engine.engine_core.call_utility_async("agentserve_turn_times")
+
+
 async def kvshare_tick_loop(engine, period_s: float = 1.0) -> None:
     """Keep the KV-sharing metrics on /metrics current."""
     from agentserve.server import metrics
@@ -137,6 +146,8 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
         add_program_routes(app, LocalControl(control))
         if shares is not None:
             add_kvshare_routes(app, engine, cross)
+        if settings.turn_times:
+            add_turn_time_route(app, engine)
         await init_app_state(client, app.state, ns, tasks)
         ticker = asyncio.create_task(tick_loop(control))
         kvshare_ticker = asyncio.create_task(kvshare_tick_loop(engine)) if shares is not None else None
