@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentserve.engine.turn_ledger import PARTS
 from agentserve.options import ProgramOptions
 from agentserve.sim.costs import CostModel
 from agentserve.sim.fleet import Fleet, FleetSetup
@@ -46,6 +47,11 @@ def test_one_program_by_hand():
     assert second.cached_tokens == 96
     assert second.first_token == pytest.approx(2.115 + 0.001 + 0.001 * (147 - 96))
     assert rec.end == second.done and rec.tool_wait_s == 2.0
+    # the turn split, as a real engine's --turn-times gives it: each turn's parts by hand
+    one, two = sorted(f.turn_times(), key=lambda t: t["prompt_tokens"])
+    assert (one["queue"], one["prefill"], one["decode"], one["decode_steps"]) == pytest.approx((0, 0.113, 0.002, 2))
+    assert (two["cached_tokens"], two["prefill"], two["decode"]) == pytest.approx((96, 0.052, 0.001))
+    assert one["recompute"] == one["load_back"] == two["between_steps"] == 0
 
 
 def run_mix(policy: str, seed: int = 0, **kw):
@@ -118,6 +124,9 @@ def test_invariants_hold_on_random_traffic(kv_blocks, programs, policy, replicas
     assert all(r.end >= r.start for r in records) and len(records) == len(planned)
     assert all(len(r.turns) == len(p.turns) for r, p in zip(records, planned))
     assert f.server_stats()["pins_outstanding"] == 0
+    # every call's time, sent to done, is split into parts and nothing is missing
+    split = sorted(sum(t[part] for part in PARTS) for t in f.turn_times())
+    assert split == pytest.approx(sorted(t.done - t.sent for r in records for t in r.turns), abs=1e-9)
 
 
 def test_block_pool_evicts_the_oldest_free_block_and_tails_first():
@@ -146,13 +155,15 @@ def test_a_context_evicted_on_the_device_is_loaded_back_from_the_host_tier():
         options = ProgramOptions(policy="vllm", host=HostTierOptions(kv_tokens=host_tokens))
         f = fleet("vllm", kv_tokens=192, cost=cost, options=options)
         records = {r.id: r for r in f.run([a, b])}
-        return records["a"].turns[1], f.server_stats()
+        return records["a"].turns[1], f.server_stats() | {"split": max(f.turn_times(), key=lambda t: t["load_back"])}
 
     stock, stats = second_turn(0)
     assert stock.cached_tokens == 0 and "host_hit_tokens" not in stats
     tiered, stats = second_turn(4096)
     assert tiered.cached_tokens == 96 and stats["host_hit_tokens"] == 96
     assert tiered.first_token - tiered.sent == pytest.approx(0.001 + 0.001 * (147 - 96) + 0.0001 * 96)
+    # as vLLM's connector does, the turn waits out the step that loads it, then prefills the rest
+    assert (stats["split"]["load_back"], stats["split"]["prefill"]) == pytest.approx((0.0001 * 96, 0.001 + 0.051))
 
 
 def test_concurrency_starts_a_program_when_one_ends():
@@ -322,3 +333,19 @@ def test_tools_ride_on_the_next_call_and_the_last_call_ends_the_program():
     assert tools["bash"]["measured_by"] == "client" and tools["bash"]["mean_s"] == pytest.approx(0.75)
     assert tools["join"]["mean_s"] == pytest.approx(records["c"].end - records["p"].turns[0].done)
     assert len(f.control.tracker) == 0  # every program ended with its last call
+
+
+def test_the_front_end_delays_each_call_and_a_cost_scale_slows_every_term():
+    import msgspec
+
+    f = fleet("vllm", cost=msgspec.structs.replace(UNIT, call_s=0.5))
+    (rec,) = f.run([program("p", 0.0, [(100, 3, 2.0), (20, 2, 0.0)])])
+    first, second = rec.turns
+    assert first.first_token == pytest.approx(0.5 + 0.113) and first.done == pytest.approx(0.5 + 0.115)
+    assert second.sent == pytest.approx(2.615) and second.first_token - second.sent == pytest.approx(0.5 + 0.052)
+    # the engine's split does not hold the front end's time: the client's does
+    assert sum(t["queue"] for t in f.turn_times()) == 0
+    slow = msgspec.structs.replace(UNIT, call_s=0.5, host_load_token_s=0.0001).scaled(2.0)
+    assert (slow.step(100, 2, 50, 10, 7), slow.call_s) == pytest.approx((2 * UNIT.step(100, 2, 50, 0, 7) + 0.002, 1.0))
+    with pytest.raises(ValueError, match="> 0"):
+        UNIT.scaled(0)

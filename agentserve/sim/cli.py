@@ -36,6 +36,9 @@ def add_sim_parser(sub, replay_workload_flags) -> None:
                     help=f"cost model: {', '.join(PROFILES)}; roofline:MODEL@DEVICE[xTP] (MODEL: "
                     f"{', '.join(SHAPES)}; DEVICE: {', '.join(DEVICES)}); or a profile JSON from "
                     "bench/fit_costs.py (default: cpu-bench)")
+    sp.add_argument("--cost-scale", type=float, default=1.0,
+                    help="every time of the cost model x this: the same engine on a slower (>1) or faster machine; "
+                    "e.g. a real run's mean decode step (its turns.json) over the simulator's (default: 1)")
     sp.add_argument("--kv-tokens", type=int, default=8192, help="KV budget per replica in tokens (default: 8192)")
     sp.add_argument("--block-size", type=int, default=32, help="(default: 32)")
     sp.add_argument("--max-num-seqs", type=int, default=64, help="(default: 64)")
@@ -110,7 +113,8 @@ def simulate(programs, policies: list[str], base: ProgramOptions, cost, shape: F
         summaries[spec] = summarize(records, sim.server_stats())
         runs[spec] = {"replicas": setup.replicas, "router": setup.router, "host_kv_tokens": setup.host_kv_tokens,
                       "events": sim.events_run, "wall_s": round(wall, 3),
-                      "events_per_s": round(sim.events_run / wall) if wall > 0 else None, "records": records}
+                      "events_per_s": round(sim.events_run / wall) if wall > 0 else None, "records": records,
+                      "turns": sim.turn_times()}
     return summaries, runs
 
 
@@ -132,7 +136,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                        max_batched_tokens=args.max_batched_tokens)
     policies = [p for p in args.policies.split(",") if p]
     try:
-        cost = load_profile(args.profile)
+        cost = load_profile(args.profile).scaled(args.cost_scale)
         for spec in policies:
             policy_options(spec, base, args.kv_tokens)  # fail before the trace is read
     except ValueError as e:
@@ -144,6 +148,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"agentserve sim: {e}") from None
     records = {spec: run.pop("records") for spec, run in runs.items()}
+    turns = {spec: [{**t, "round": 0} for t in run.pop("turns")] for spec, run in runs.items()}
     config = {"trace": args.trace, "programs": len(programs), "replicas": args.replicas, "router": args.router,
               "profile": msgspec.to_builtins(cost), "kv_tokens": args.kv_tokens, "workload": msgspec.to_builtins(cfg),
               "simulated": runs}
@@ -152,10 +157,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
     (out / "records.json").write_bytes(msgspec.json.encode(records))  # the replay's per-turn records
+    (out / "turns.json").write_bytes(msgspec.json.encode(turns))  # as `replay --turn-times` writes them
     print(table(results))
     for spec, run in runs.items():
         print(f"{spec}: {run['events']} events in {run['wall_s']} s ({run['events_per_s']} events/s)")
-    written = [f"{out}/results.json", f"{out}/records.json"]
+    written = [f"{out}/results.json", f"{out}/records.json", f"{out}/turns.json"]
     if args.compare:
         from agentserve.sim.validate import compare, load, report
 

@@ -35,7 +35,17 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True):
     kv_read_token_s: float  # per cached token a decoding sequence attends to
     prefill_pair_s: float = 0.0  # per (new token, token it attends to) pair of a prefill
     host_load_token_s: float = 0.0  # a token's KV copied back from the host tier
+    # A call's time outside the engine (HTTP, chat template, tokenizing, the program layer, IPC,
+    # streaming back): the `front_end` of a real engine's turn split, spent before the request reaches it.
+    call_s: float = 0.0
     source: str = ""  # where the numbers come from
+
+    def scaled(self, factor: float) -> "CostModel":
+        """Every time term x `factor`: the same engine on a machine `factor` times slower."""
+        if factor <= 0:
+            raise ValueError(f"a cost scale must be > 0, not {factor}")
+        times = {f: getattr(self, f) * factor for f in self.__struct_fields__ if f.endswith("_s")}
+        return msgspec.structs.replace(self, **times, name=f"{self.name}x{factor:g}" if factor != 1 else self.name)
 
     def step(self, prefill_tokens: int, decode_seqs: int, decode_kv_tokens: int, loaded_tokens: int = 0,
              prefill_pairs: int = 0) -> float:

@@ -13,7 +13,8 @@ A step is two calls: `schedule(now)` picks the work and says how long it takes (
   blocks stops the scan;
 - a finished request's full blocks stay cached (LRU), or pinned if the book pins them.
 With a host tier (host.py), a device prefix miss continues on the host: the blocks it holds are
-loaded back in the admitting step, at the cost model's load price, instead of recomputed.
+loaded back in the admitting step, at the cost model's load price, instead of recomputed; as with
+vLLM's connector, the request waits out that step and computes from the next one.
 What is left out: speculative decoding, multi-modal inputs.
 """
 
@@ -24,6 +25,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agentserve.engine.turn_ledger import TurnLedger
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.next_use import NEVER
 from agentserve.sim.costs import CostModel, prefill_pairs
@@ -74,6 +76,7 @@ class SimRequest:
     first_token_at: float | None = None
     done_at: float | None = None
     scheduled: int = 0  # tokens in the step under way
+    loading: bool = False  # its KV is being loaded back from the host tier in the step under way
     owner: object = None  # whoever sent it (the fleet's program)
 
     @property
@@ -91,12 +94,14 @@ def _fcfs(request: SimRequest) -> tuple:
 class SimEngine:
     def __init__(self, name: str, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_batched_tokens: int, cost: CostModel, book: ProgramBook | None = None,
-                 order: Callable[[SimRequest], tuple] | None = None, host: HostTier | None = None):
+                 order: Callable[[SimRequest], tuple] | None = None, host: HostTier | None = None,
+                 turns: TurnLedger | None = None):
         self.name, self.block_size, self.cost = name, block_size, cost
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.pool = BlockPool(num_blocks)
         self.book = book
         self.host = host
+        self.turns = turns  # each request's time by part, as engine/turn_timer.py splits a real engine's
         self.loaded_tokens = 0  # loaded back from the host tier in the step under way
         self.host_hit_tokens = 0
         self.order = order or _fcfs
@@ -114,6 +119,8 @@ class SimEngine:
         if self.book is not None:
             request.priority = self.book.arrive(request.request_id, request.program, request.prompt_tokens,
                                                 request.workflow, request.parent)
+        if self.turns is not None:
+            self.turns.arrive(request.request_id, request.program, request.prompt_tokens)
         self._enqueue(request)
 
     def _enqueue(self, request: SimRequest) -> None:
@@ -154,6 +161,8 @@ class SimEngine:
             self.batch.append(request)
         if not self.preempted_this_step:
             budget = self._admit(budget)
+        if self.turns is not None:
+            self._stamp(now)
         prefill = decodes = kv = pairs = 0
         for r in self.batch:
             if r.scheduled == 1 and r.generated > 0:
@@ -161,6 +170,17 @@ class SimEngine:
             else:
                 prefill, pairs = prefill + r.scheduled, pairs + prefill_pairs(r.computed, r.scheduled)
         return self.cost.step(prefill, decodes, kv, self.loaded_tokens, pairs)
+
+    def _stamp(self, now: float) -> None:
+        """The turn ledger at a step's start: what each live request does in it."""
+        for request in self.running:
+            if request.scheduled:
+                self.turns.scheduled(request.request_id, request.computed, request.computed + request.scheduled,
+                                     request.generated > 0, now)
+            else:
+                self.turns.enter(request.request_id, "load_back" if request.loading else "queue", now)
+        for _, _, request in self.waiting:
+            self.turns.enter(request.request_id, "queue", now)
 
     def _grow(self, request: SimRequest, n: int) -> bool:
         """Blocks for `n` more tokens of a running request: releasing pins, then preempting."""
@@ -243,9 +263,12 @@ class SimEngine:
             request.computed = request.hit_tokens = start
             if request.cached_tokens is None:
                 request.cached_tokens = request.computed
-            request.scheduled, budget = n, budget - n
             self.running.append(request)
-            self.batch.append(request)
+            if loads:  # as vLLM's connector: it waits out the step that copies, and computes from the next
+                request.loading = True
+            else:
+                request.scheduled, budget = n, budget - n
+                self.batch.append(request)
             if self.book is not None:
                 self.free(self.book.started(request.request_id, request.program, request.computed,
                                              request.prompt_tokens, request.arrival_time))
@@ -280,6 +303,10 @@ class SimEngine:
                 if request not in touched:
                     touched.append(request)
         self.batch = []
+        for request in self.running:
+            request.loading = False  # a load-back completes with its step
+            if self.turns is not None:
+                self.turns.enter(request.request_id, "between_steps", now)
         return touched
 
     def _finish(self, request: SimRequest) -> None:
@@ -301,6 +328,8 @@ class SimEngine:
             # only what this request computed: its prefix hit may be a prefix others share
             self.pool.evict_first(request.held[request.hit_tokens // self.block_size:])
         request.held, request.anonymous = [], 0
+        if self.turns is not None:
+            self.turns.finish(request.request_id, request.generated, request.num_preemptions, aborted=False)
 
     def free(self, releases) -> None:
         """Unpin: the released pins' blocks go back to the pool."""

@@ -21,6 +21,9 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
+import msgspec
+
+from agentserve.engine.turn_ledger import TurnLedger
 from agentserve.options import ProgramOptions
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.control import ControlPlane
@@ -120,7 +123,8 @@ class Fleet:
                                max_model_len=s.kv_tokens, clock=lambda: self.now)
         host = HostTier(s.host_kv_tokens // s.block_size) if s.host_kv_tokens else None
         engine = SimEngine(name, num_blocks=blocks, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
-                           max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book, host=host)
+                           max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book, host=host,
+                           turns=TurnLedger(lambda: self.now))
         if book is not None:
             engine.order = ProgramFCFS(book, lambda r: r.program, lambda r: r.remaining_s)
             engine.priority_preemption = s.options.vllm_scheduling == "priority"
@@ -148,6 +152,8 @@ class Fleet:
                 self._step_done(payload)
             elif kind == "kick":
                 self._kick(payload)
+            elif kind == "arrive":
+                self._arrive(*payload)
         return self.records
 
     def _at(self, t: float, kind: str, payload) -> None:
@@ -187,6 +193,12 @@ class Fleet:
         run.record.turns.append(TurnRecord(sent=self.now, first_token=self.now, done=self.now, prompt_tokens=prompt,
                                            cached_tokens=None, output_tokens=turn.output_tokens))
         engine = self.router.pick(request, self.engines)
+        if self.setup.cost.call_s > 0:  # the front end's time: the request reaches the engine later
+            self._at(self.now + self.setup.cost.call_s, "arrive", (engine, request))
+        else:
+            self._arrive(engine, request)
+
+    def _arrive(self, engine: SimEngine, request: SimRequest) -> None:
         engine.add(request)
         self._kick(engine)
 
@@ -194,7 +206,7 @@ class Fleet:
         if engine.name in self._stepping or not engine.busy():
             return
         dt = engine.schedule(self.now)
-        if not engine.batch:  # everything waits (admission, memory): look again shortly
+        if not engine.batch and not engine.loaded_tokens:  # everything waits (admission, memory): look again shortly
             ticks = self._idle_ticks[engine.name] = self._idle_ticks.get(engine.name, 0) + 1
             if ticks > MAX_IDLE_TICKS:
                 raise RuntimeError(f"replica {engine.name} stalled at t={self.now:.1f} s: {len(engine.waiting)} "
@@ -272,6 +284,11 @@ class Fleet:
         return {}
 
     # ---- what the replay reads from a server -----------------------------------------------------
+    def turn_times(self) -> list[dict]:
+        """Every finished request's time in its engine by part (engine/turn_ledger.py), as a real
+        engine's `--turn-times` reports it."""
+        return [msgspec.to_builtins(t) for engine in self.engines for t in engine.turns.take()]
+
     def server_stats(self) -> dict:
         counters: Counter[str] = Counter()
         pins = 0
