@@ -44,3 +44,8 @@ def test_bad_numbers_exit_2(argv):
 def test_bad_settings_exit_2_with_a_message(capsys):
     assert main(["serve", "--model", "no-such-model", "--port", "1"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_turn_times_is_refused_on_ray_serve_before_anything_starts():
+    with pytest.raises(SystemExit, match="--turn-times is read from one engine"):
+        main(["serve", "--replicas", "2", "--turn-times"])
