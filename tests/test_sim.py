@@ -35,7 +35,7 @@ def fleet(policy: str = "vllm", **kw) -> Fleet:
 
 def test_one_program_by_hand():
     """Two turns of one program alone: prefill, decode, the tool call, a prefix hit."""
-    f = fleet("vllm")
+    f = fleet("vllm", turn_times=True)
     (rec,) = f.run([program("p", 0.0, [(100, 3, 2.0), (20, 2, 0.0)])])
     first, second = rec.turns
     p1 = 100 + TEMPLATE_TOKENS_PER_TURN  # 112 tokens: one prefill step of 1 + 112 ms, then 2 decode steps of 1 ms
@@ -117,7 +117,7 @@ def test_invariants_hold_on_random_traffic(kv_blocks, programs, policy, replicas
     longest = max(sum(n + o + TEMPLATE_TOKENS_PER_TURN for n, o, _ in turns) for turns in programs)
     if longest + 32 > kv_tokens:  # the plan cuts programs to the context: no program bigger than the KV
         kv_tokens = longest + 64
-    f = fleet(policy, kv_tokens=kv_tokens, replicas=replicas,
+    f = fleet(policy, kv_tokens=kv_tokens, replicas=replicas, turn_times=True,
               options=ProgramOptions(policy=policy, fixed_ttl_s=1.0, max_wait_s=max_wait,
                                      host=HostTierOptions(kv_tokens=32 * host_blocks)))
     records = f.run(planned)
@@ -153,7 +153,7 @@ def test_a_context_evicted_on_the_device_is_loaded_back_from_the_host_tier():
 
     def second_turn(host_tokens: int):
         options = ProgramOptions(policy="vllm", host=HostTierOptions(kv_tokens=host_tokens))
-        f = fleet("vllm", kv_tokens=192, cost=cost, options=options)
+        f = fleet("vllm", kv_tokens=192, cost=cost, options=options, turn_times=True)
         records = {r.id: r for r in f.run([a, b])}
         return records["a"].turns[1], f.server_stats() | {"split": max(f.turn_times(), key=lambda t: t["load_back"])}
 
@@ -338,7 +338,7 @@ def test_tools_ride_on_the_next_call_and_the_last_call_ends_the_program():
 def test_the_front_end_delays_each_call_and_a_cost_scale_slows_every_term():
     import msgspec
 
-    f = fleet("vllm", cost=msgspec.structs.replace(UNIT, call_s=0.5))
+    f = fleet("vllm", cost=msgspec.structs.replace(UNIT, call_s=0.5), turn_times=True)
     (rec,) = f.run([program("p", 0.0, [(100, 3, 2.0), (20, 2, 0.0)])])
     first, second = rec.turns
     assert first.first_token == pytest.approx(0.5 + 0.113) and first.done == pytest.approx(0.5 + 0.115)

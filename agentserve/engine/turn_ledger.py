@@ -75,7 +75,8 @@ class _Open:
 
 
 class TurnLedger:
-    def __init__(self, clock: Callable[[], float], max_finished: int = MAX_FINISHED):
+    def __init__(self, clock: Callable[[], float], max_finished: int | None = MAX_FINISHED):
+        """`max_finished`: finished turns kept until taken (None: all, for a simulation's own reader)."""
         self.clock = clock
         self.open: dict[str, _Open] = {}
         self.finished: deque[TurnTimes] = deque(maxlen=max_finished)

@@ -43,6 +43,9 @@ def add_sim_parser(sub, replay_workload_flags) -> None:
     sp.add_argument("--block-size", type=int, default=32, help="(default: 32)")
     sp.add_argument("--max-num-seqs", type=int, default=64, help="(default: 64)")
     sp.add_argument("--max-batched-tokens", type=int, default=8192, help="(default: 8192)")
+    sp.add_argument("--turn-times", action="store_true",
+                    help="split each call's time in its engine by part, as `replay --turn-times` does a real engine's "
+                    "(OUT/turns.json; bench/turn_split.py reads it); the simulation runs slower")
     sp.add_argument("--out", default="sim-out", help="output directory (default: sim-out)")
     sp.add_argument("--compare", metavar="RESULTS_JSON", default=None,
                     help="a real replay's results.json of the same plan: print the error per metric and policy and "
@@ -90,7 +93,7 @@ class FleetShape(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def simulate(programs, policies: list[str], base: ProgramOptions, cost, shape: FleetShape, *, seed: int = 0,
-             concurrency: int | None = None) -> tuple[dict, dict]:
+             concurrency: int | None = None, turn_times: bool = False) -> tuple[dict, dict]:
     """Every policy over the same plan: (summaries by spec, each run's fleet, speed and records)."""
     from agentserve.sim.fleet import Fleet, FleetSetup
     from agentserve.sim.routers import ROUTERS
@@ -105,7 +108,7 @@ def simulate(programs, policies: list[str], base: ProgramOptions, cost, shape: F
         setup = FleetSetup(policy=name, replicas=fleet.get("replicas", shape.replicas), kv_tokens=shape.kv_tokens,
                            cost=cost, router=fleet.get("router", shape.router), block_size=shape.block_size,
                            max_num_seqs=shape.max_num_seqs, max_batched_tokens=shape.max_batched_tokens,
-                           options=options, seed=seed)
+                           options=options, seed=seed, turn_times=turn_times)
         t0 = time.monotonic()
         sim = Fleet(setup)
         records = sim.run(programs, concurrency)
@@ -144,7 +147,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     programs = plan(load_trace(args.trace, args.format), cfg, ToolTimeModel.load(), args.kv_tokens)
     try:
         summaries, runs = simulate(programs, policies, base, cost, shape, seed=args.seed,
-                                   concurrency=cfg.concurrency)
+                                   concurrency=cfg.concurrency, turn_times=args.turn_times)
     except ValueError as e:
         raise SystemExit(f"agentserve sim: {e}") from None
     records = {spec: run.pop("records") for spec, run in runs.items()}
@@ -157,11 +160,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
     (out / "records.json").write_bytes(msgspec.json.encode(records))  # the replay's per-turn records
-    (out / "turns.json").write_bytes(msgspec.json.encode(turns))  # as `replay --turn-times` writes them
+    if args.turn_times:
+        (out / "turns.json").write_bytes(msgspec.json.encode(turns))  # as `replay --turn-times` writes them
     print(table(results))
     for spec, run in runs.items():
         print(f"{spec}: {run['events']} events in {run['wall_s']} s ({run['events_per_s']} events/s)")
-    written = [f"{out}/results.json", f"{out}/records.json", f"{out}/turns.json"]
+    written = [f"{out}/results.json", f"{out}/records.json"] + ([f"{out}/turns.json"] if args.turn_times else [])
     if args.compare:
         from agentserve.sim.validate import compare, load, report
 

@@ -112,6 +112,7 @@ class SimEngine:
         self.preemptions = 0
         self.preempted_this_step = False
         self._returned = 0  # budget given back by requests preempted after they were scheduled
+        self._preempted: list[SimRequest] = []  # preempted in the step being scheduled (the turn ledger's)
         self._seq = itertools.count()
 
     # ---- requests --------------------------------------------------------------------------------
@@ -179,8 +180,10 @@ class SimEngine:
                                      request.generated > 0, now)
             else:
                 self.turns.enter(request.request_id, "load_back" if request.loading else "queue", now)
-        for _, _, request in self.waiting:
+        # a waiting request stays in "queue" until scheduled: only those this step preempted change part
+        for request in self._preempted:
             self.turns.enter(request.request_id, "queue", now)
+        self._preempted.clear()
 
     def _grow(self, request: SimRequest, n: int) -> bool:
         """Blocks for `n` more tokens of a running request: releasing pins, then preempting."""
@@ -210,6 +213,8 @@ class SimEngine:
         request.held, request.anonymous, request.computed = [], 0, 0
         request.num_preemptions += 1
         self.preemptions += 1
+        if self.turns is not None:
+            self._preempted.append(request)
         self._enqueue(request)
 
     def _release_pin(self, request: SimRequest, *, running: bool) -> bool:

@@ -59,6 +59,7 @@ class FleetSetup:
     options: ProgramOptions = field(default_factory=ProgramOptions)
     seed: int = 0
     check: bool = False  # assert the engines' invariants after every step (tests)
+    turn_times: bool = False  # split each call's time in its engine by part (as `replay --turn-times`)
 
     @property
     def host_kv_tokens(self) -> int:
@@ -124,7 +125,7 @@ class Fleet:
         host = HostTier(s.host_kv_tokens // s.block_size) if s.host_kv_tokens else None
         engine = SimEngine(name, num_blocks=blocks, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
                            max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book, host=host,
-                           turns=TurnLedger(lambda: self.now))
+                           turns=TurnLedger(lambda: self.now, max_finished=None) if s.turn_times else None)
         if book is not None:
             engine.order = ProgramFCFS(book, lambda r: r.program, lambda r: r.remaining_s)
             engine.priority_preemption = s.options.vllm_scheduling == "priority"
@@ -287,7 +288,7 @@ class Fleet:
     def turn_times(self) -> list[dict]:
         """Every finished request's time in its engine by part (engine/turn_ledger.py), as a real
         engine's `--turn-times` reports it."""
-        return [msgspec.to_builtins(t) for engine in self.engines for t in engine.turns.take()]
+        return [msgspec.to_builtins(t) for engine in self.engines if engine.turns for t in engine.turns.take()]
 
     def server_stats(self) -> dict:
         counters: Counter[str] = Counter()
