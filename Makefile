@@ -75,7 +75,7 @@ bench: install swe-trace
 # bound, one-off blocks evicted first, the TTL rule's pins, all of them: the plugin's bare overhead) and
 # each opt-in one switched on (admission, the next-use host policy, fixed pins, a long wait bound), at
 # the standard loads, interleaved round by round; bench/ablation.py prints the tables, bench/turn_split.py
-# where each row's program time goes.
+# where each row's program time goes, and (--turn-times) each call's time inside the engine by part.
 ABLATION_ROWS ?= vllm+offload agentserve agentserve+vllm-scheduling=fcfs agentserve+order=arrival \
 	agentserve+max-wait=0 agentserve+one-off-blocks=lru agentserve+max-ttl=0 \
 	agentserve+vllm-scheduling=fcfs+order=arrival+max-wait=0+one-off-blocks=lru+max-ttl=0 \
