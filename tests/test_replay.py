@@ -124,13 +124,12 @@ def test_replay_keeps_the_engine_turn_split_of_every_call(tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from turn_split import EngineTurn, engine_split
+    from turn_split import engine_split, load
 
     setup = msgspec.structs.replace(SETUP, engine=msgspec.structs.replace(SETUP.engine, turn_times=True))
     results = replay(str(DEFAULT_TRACE), policies=["vllm+offload", "agentserve"], cfg=CFG, setup=setup,
                      out_dir=tmp_path, progress=False, log=lambda *_: None)
-    turns = msgspec.json.decode((tmp_path / "turns.json").read_bytes(), type=dict[str, list[EngineTurn]])
-    records = replay_records(tmp_path)
+    records, turns = load(tmp_path)
     for name in ("vllm+offload", "agentserve"):
         assert len(turns[name]) == results.config["plan"]["llm_calls"], name
         assert sorted(t.prompt_tokens for t in turns[name]) == sorted(
@@ -141,9 +140,3 @@ def test_replay_keeps_the_engine_turn_split_of_every_call(tmp_path):
         assert split["calls"] == len(turns[name]) and split["front_end"] > 0  # the client sees more than the engine
     assert {t.program for t in turns["vllm+offload"]} == {None}  # plain OpenAI calls name no program
     assert all(t.program for t in turns["agentserve"])
-
-
-def replay_records(out):
-    from workloads.driver import ProgramRecord
-
-    return msgspec.json.decode((out / "records.json").read_bytes(), type=dict[str, list[ProgramRecord]])
