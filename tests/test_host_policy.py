@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from vllm.v1.kv_offload.base import ReqContext
 from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
 
-from agentserve.hosttier import policy as host_policy
 from agentserve.hosttier.policy import NextUseCachePolicy
 from agentserve.programs.next_use import NEVER, NextUse
 from agentserve.ttl.policy import CostBenefitTTL, OnlineBenefit, decide
@@ -62,56 +61,52 @@ def test_the_policy_evicts_the_furthest_next_use_first_and_never_a_protected_chu
     clock = Clock()
     nu = NextUse(clock)
     owners: dict[str, str | None] = {}
-    host_policy.attach(owners.get, nu)
-    try:
-        pol = NextUseCachePolicy(cache_capacity=64)
-        chunk_of: dict[bytes, str | None] = {}
-        n_keys = 0
-        for ev in events:
-            if ev[0] == "turn":
-                _, p, gap, last = ev
-                nu.started(f"P{p}")
-                nu.finished(f"P{p}", gap, last)
-            elif ev[0] == "store":
-                _, p, count = ev
-                program = f"P{p}" if p >= 0 else None
-                rid = f"r{n_keys}"
-                owners[rid] = program
-                keys = [key(n_keys + i) for i in range(count)]
-                n_keys += count
-                pol.on_store_miss(keys, ReqContext(rid))
-                for k in keys:
-                    chunk = ChunkStatus(len(chunk_of))
-                    chunk.ref_cnt = 0
-                    pol.insert(k, chunk)
-                    chunk_of[k] = program
-            elif ev[0] == "end":
-                nu.ended(f"P{ev[1]}")
-            elif ev[0] == "wait":
-                clock.now += ev[1]
-            else:
-                _, n, n_protected = ev
-                present = sorted(pol.chunks)
-                protected = set(present[:n_protected])
-                before = {k: nu.seconds_until(chunk_of[k]) for k in present}
-                out = pol.evict(n, protected)
-                if len(present) - len(protected & set(present)) < n:
-                    assert out is None and sorted(pol.chunks) == present  # atomic refusal
-                    continue
-                evicted = {k for k, _ in out}
-                assert len(evicted) == n and not evicted & protected
-                kept = [k for k in pol.chunks if k not in protected]
-                if evicted and kept:  # nothing kept is needed later than anything evicted
-                    assert min(before[k] for k in evicted) >= max(before[k] for k in kept)
-                for k in evicted:
-                    del chunk_of[k]
-        assert set(pol.chunks) == set(chunk_of)
-    finally:
-        host_policy.attach(lambda rid: None, NextUse())
+    pol = NextUseCachePolicy(cache_capacity=64)
+    pol.attach(owners.get, nu)
+    chunk_of: dict[bytes, str | None] = {}
+    n_keys = 0
+    for ev in events:
+        if ev[0] == "turn":
+            _, p, gap, last = ev
+            nu.started(f"P{p}")
+            nu.finished(f"P{p}", gap, last)
+        elif ev[0] == "store":
+            _, p, count = ev
+            program = f"P{p}" if p >= 0 else None
+            rid = f"r{n_keys}"
+            owners[rid] = program
+            keys = [key(n_keys + i) for i in range(count)]
+            n_keys += count
+            pol.on_store_miss(keys, ReqContext(rid))
+            for k in keys:
+                chunk = ChunkStatus(len(chunk_of))
+                chunk.ref_cnt = 0
+                pol.insert(k, chunk)
+                chunk_of[k] = program
+        elif ev[0] == "end":
+            nu.ended(f"P{ev[1]}")
+        elif ev[0] == "wait":
+            clock.now += ev[1]
+        else:
+            _, n, n_protected = ev
+            present = sorted(pol.chunks)
+            protected = set(present[:n_protected])
+            before = {k: nu.seconds_until(chunk_of[k]) for k in present}
+            out = pol.evict(n, protected)
+            if len(present) - len(protected & set(present)) < n:
+                assert out is None and sorted(pol.chunks) == present  # atomic refusal
+                continue
+            evicted = {k for k, _ in out}
+            assert len(evicted) == n and not evicted & protected
+            kept = [k for k in pol.chunks if k not in protected]
+            if evicted and kept:  # nothing kept is needed later than anything evicted
+                assert min(before[k] for k in evicted) >= max(before[k] for k in kept)
+            for k in evicted:
+                del chunk_of[k]
+    assert set(pol.chunks) == set(chunk_of)
 
 
 def test_without_the_plugin_the_policy_is_lru():
-    host_policy.attach(lambda rid: None, None)
     pol = NextUseCachePolicy(cache_capacity=8)
     for i in range(4):
         chunk = ChunkStatus(i)
@@ -147,20 +142,17 @@ def test_a_chunk_several_programs_use_outlives_any_one_of_them():
     clock = Clock()
     nu = NextUse(clock)
     owners = {"r-a": "A", "r-b": "B", "r-c": "C"}
-    host_policy.attach(owners.get, nu)
-    try:
-        pol = NextUseCachePolicy(cache_capacity=8)
-        for i, rid in enumerate(("r-a", "r-c")):  # A stores the common prefix, C a context of its own
-            pol.on_store_miss([key(i)], ReqContext(rid))
-            chunk = ChunkStatus(i)
-            chunk.ref_cnt = 0
-            pol.insert(key(i), chunk)
-        pol.touch([key(0)], ReqContext("r-b"))  # B reads the prefix too
-        for p, gap in (("A", 1.0), ("B", 5.0), ("C", 30.0)):
-            nu.started(p)
-            nu.finished(p, gap, is_last=False)
-        nu.ended("A")
-        assert pol.seconds_until(key(0), nu) == 5.0  # B's next use, not A's end
-        assert [k for k, _ in pol.evict(1, set())] == [key(1)]  # C's own context (30 s away) goes first
-    finally:
-        host_policy.attach(lambda rid: None, NextUse())
+    pol = NextUseCachePolicy(cache_capacity=8)
+    pol.attach(owners.get, nu)
+    for i, rid in enumerate(("r-a", "r-c")):  # A stores the common prefix, C a context of its own
+        pol.on_store_miss([key(i)], ReqContext(rid))
+        chunk = ChunkStatus(i)
+        chunk.ref_cnt = 0
+        pol.insert(key(i), chunk)
+    pol.touch([key(0)], ReqContext("r-b"))  # B reads the prefix too
+    for p, gap in (("A", 1.0), ("B", 5.0), ("C", 30.0)):
+        nu.started(p)
+        nu.finished(p, gap, is_last=False)
+    nu.ended("A")
+    assert pol.seconds_until(key(0), nu) == 5.0  # B's next use, not A's end
+    assert [k for k, _ in pol.evict(1, set())] == [key(1)]  # C's own context (30 s away) goes first

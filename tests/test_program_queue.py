@@ -47,6 +47,24 @@ def test_remove_and_prepend():
     assert q.peek_request() is a
 
 
+def test_requests_vllm_skips_keep_their_order_among_equals():
+    """vLLM pops each request it skips in a step, keeps them newest first and hands them back at the
+    step's end (`prepend_requests`); requests of equal key (one program's, arrived in one step) keep
+    their order step after step, as they would in vLLM's FCFS queue."""
+    from collections import deque
+
+    q = make_queue(set())
+    reqs = [Req("a", 0, 1.0) for _ in range(3)]
+    for r in reqs:
+        q.add_request(r)
+    for _ in range(3):  # three steps in which every request is skipped
+        skipped: deque = deque()
+        while q:
+            skipped.appendleft(q.pop_request())
+        q.prepend_requests(skipped)
+        assert list(q) == reqs
+
+
 @settings(max_examples=200, deadline=None)
 @given(arrivals=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), max_size=80),
        pin_flips=st.lists(st.integers(0, 5), max_size=20))

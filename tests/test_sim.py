@@ -249,7 +249,7 @@ def test_a_request_preempted_after_it_was_scheduled_leaves_the_step():
 def test_the_fit_recovers_a_known_cost_model_and_keeps_terms_non_negative():
     import random
 
-    from agentserve.sim.costs import prefill_pairs
+    from agentserve.step_shape import prefill_pairs
     from agentserve.sim.fit import TERMS, fit
 
     true = {"step_s": 0.005, "prefill_token_s": 2e-4, "decode_seq_s": 3e-4, "kv_read_token_s": 2e-6,
@@ -304,7 +304,7 @@ def test_the_ablation_switches_drive_the_simulator_as_the_plugin(monkeypatch, on
     from agentserve.sim.engine import SimEngine
 
     calls = []
-    monkeypatch.setattr(BlockPool, "evict_first", lambda self, keys: calls.append(len(keys)))
+    monkeypatch.setattr(BlockPool, "evict_first", lambda self, keys: calls.append(len(keys)) or 0)
     options = ProgramOptions(policy="fixed", fixed_ttl_s=30.0, one_off_blocks=one_off_blocks,
                              vllm_scheduling="fcfs" if moved else "priority")
     f = fleet("fixed", options=options)

@@ -38,7 +38,9 @@ class ProgramQueue(RequestQueue):
         self.add_request(request)  # position comes from the key (a preempted request sorts first)
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
-        for request in requests:
+        # vLLM hands back the requests it skipped this step in reverse order (its FCFS queue prepends
+        # them one by one); re-adding them in that order would swap requests of equal key every step.
+        for request in reversed(list(requests)):
             self.add_request(request)
 
     def remove_request(self, request: Request) -> None:

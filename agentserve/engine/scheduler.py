@@ -43,10 +43,9 @@ from agentserve.engine.program_queue import ProgramQueue
 from agentserve.programs.queue_order import ProgramFCFS
 from agentserve.options import SchedulerConfig
 from agentserve.programs.book import ProgramBook
-from agentserve.programs.next_use import NEVER
+from agentserve.programs.core import ProgramCore
 from agentserve.hosttier import policy as host_policy
 from agentserve.programs.fields import XARG_PROGRAM, XARG_REMAINING
-from agentserve.ttl.pins import Release
 
 
 def _xargs(request: Request) -> dict:
@@ -80,124 +79,114 @@ class AsyncVariant:
         return super().__new__(cls)
 
 
+class VllmBlocks:
+    """The core's block operations (programs/core.py `BlockOps`) on vLLM's KV cache manager."""
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.pool = manager.block_pool
+
+    def touch(self, blocks) -> None:
+        self.pool.touch(blocks)
+
+    def free(self, blocks) -> None:
+        self.pool.free_blocks(reversed(blocks))  # vLLM's free queue takes them in order: the tail first
+
+    def evict_first(self, blocks) -> int:
+        free = [b for b in blocks if b.ref_cnt == 0]
+        queue = self.pool.free_block_queue
+        for b in free:
+            queue.remove(b)
+        if free:
+            queue.prepend_n(free[::-1])  # the context's tail first, as vLLM frees it
+        return len(free)
+
+    def blocks_of(self, request_id: str) -> list:
+        return [b for group in self.manager.get_blocks(request_id).blocks
+                for b in group if b.block_hash is not None and not b.is_null]
+
+    def num_free(self) -> int:
+        return self.pool.get_num_free_blocks()
+
+
 class ProgramScheduler(AsyncVariant, Scheduler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         config = msgspec.convert((self.vllm_config.additional_config or {}).get("agentserve", {}), SchedulerConfig)
         self.block_pool = self.kv_cache_manager.block_pool
-        self.book = ProgramBook(config, total_blocks=self.block_pool.num_gpu_blocks - 1,  # minus the null block
-                                block_size=self.cache_config.block_size,
-                                max_model_len=self.vllm_config.model_config.max_model_len)
-        order = ProgramFCFS(self.book, program_of_request, remaining_of_request)
+        book = ProgramBook(config, total_blocks=self.block_pool.num_gpu_blocks - 1,  # minus the null block
+                           block_size=self.cache_config.block_size,
+                           max_model_len=self.vllm_config.model_config.max_model_len)
+        self.core = ProgramCore(book, VllmBlocks(self.kv_cache_manager))
+        order = ProgramFCFS(book, program_of_request, remaining_of_request)
         # vLLM drains `kv_holding_waiting` (requests whose KV is being loaded, e.g. from the host tier)
         # before `waiting`; both get the program order, the wait bound and pin expiry.
         self.waiting = ProgramQueue(order)
         self.kv_holding_waiting = ProgramQueue(order)
         # the host tier's eviction policy (if the engine runs one) orders by the book's next-use predictions
-        host_policy.attach(self._program_of_id, self.book.next_use)
-        self._prefix_hit: dict[str, int] = {}  # running request -> tokens it found cached at admission
+        if isinstance(policy := host_policy.find(self.connector), host_policy.NextUseCachePolicy):
+            policy.attach(self._program_of_id, book.next_use)
         self._allocate = self.kv_cache_manager.allocate_slots
         self.kv_cache_manager.allocate_slots = self._allocate_or_release_pins
+
+    @property
+    def book(self) -> ProgramBook:
+        return self.core.book
 
     def _program_of_id(self, request_id: str) -> str | None:
         request = self.requests.get(request_id)
         return program_of_request(request) if request is not None else None
 
     def add_request(self, request: Request) -> None:
-        request.priority = self.book.arrive_request(request.request_id, _xargs(request), request.num_prompt_tokens)
+        request.priority = self.core.arrive(request.request_id, _xargs(request), request.num_prompt_tokens)
         super().add_request(request)
 
     def _handle_blocked_waiting_request(self, request: Request) -> bool:
         """vLLM asks this of every waiting request it considers; False skips it for this step."""
         return (super()._handle_blocked_waiting_request(request)
-                and self.book.may_start(request.request_id, request.num_prompt_tokens, request.arrival_time))
+                and self.core.may_start(request.request_id, request.num_prompt_tokens, request.arrival_time))
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
-        program = program_of_request(request)
-        hit = self._prefix_hit.pop(request.request_id, 0)  # tokens it found cached when admitted
-        releases, ttl = self.book.leave_request(request.request_id, _xargs(request), request.num_tokens,
-                                                aborted=request.status == RequestStatus.FINISHED_ABORTED,
-                                                computed_tokens=request.num_tokens - hit)
-        self._free(releases)
-        blocks = [b for group in self.kv_cache_manager.get_blocks(request.request_id).blocks
-                  for b in group if b.block_hash is not None and not b.is_null]
-        if ttl > 0:
-            pinned, releases = self.book.pin(program, blocks, ttl)
-            self._free(releases)
-            if pinned:
-                self.block_pool.touch(blocks)
-        out = super()._free_request(request, delay_free_blocks)
-        if self.book.config.one_off_blocks == "evict-first" and self.book.next_use.seconds_until(program) == NEVER:
-            # Only the blocks this request computed: its prefix hit may be a prefix others share.
-            self._evict_first(blocks[hit // self.cache_config.block_size:])
-        return out
-
-    def _evict_first(self, blocks: list) -> None:
-        """Cached blocks nobody will ask for again (those a one-off request or a last turn computed) go
-        to the front of vLLM's free queue, so they are evicted before the KV of programs that will return."""
-        free = [b for b in blocks if b.ref_cnt == 0]
-        if not free:
-            return
-        queue = self.block_pool.free_block_queue
-        for b in free:
-            queue.remove(b)
-        queue.prepend_n(free[::-1])  # the context's tail first, as vLLM frees it
-        self.book.counters["blocks_evicted_first"] += len(free)
-
-    def _free(self, releases: list[Release]) -> None:
-        for release in releases:
-            # Tail first: if the blocks are evicted later, the end of the context goes before its start.
-            self.block_pool.free_blocks(reversed(release.pin.blocks))
+        return self.core.finish(request.request_id, _xargs(request), request.num_tokens,
+                                aborted=request.status == RequestStatus.FINISHED_ABORTED,
+                                free_request=lambda: super(ProgramScheduler, self)._free_request(
+                                    request, delay_free_blocks))
 
     def _allocate_or_release_pins(self, request: Request, *args, **kwargs):
         blocks = self._allocate(request, *args, **kwargs)
-        if blocks is not None or not self.book.pins:  # the hot path: called per running request per step
-            return blocks
-        while blocks is None:
-            release = self.book.release_for(program_of_request(request), request.priority,
-                                            running=request.status == RequestStatus.RUNNING,
-                                            preempted=request.num_preemptions > 0,
-                                            arrival_time=request.arrival_time)
-            if release is None:  # nothing it may take: it waits (TTL, wait bound)
-                break
-            self._free([release])
+        # the hot path (called per running request per step) ends here
+        while blocks is None and self.core.release_for(program_of_request(request), request.priority,
+                                                       running=request.status == RequestStatus.RUNNING,
+                                                       preempted=request.num_preemptions > 0,
+                                                       arrival_time=request.arrival_time):
             blocks = self._allocate(request, *args, **kwargs)
-        return blocks
+        return blocks  # None: nothing it may take: it waits (TTL, wait bound) or vLLM preempts
 
     def schedule(self, *args, **kwargs):
-        self._free(self.book.expire(self._waiting_programs))
-        if self.waiting or self.kv_holding_waiting:
-            self.book.age((r.request_id, r.arrival_time) for r in self._waiting_requests())
-        if self.book.reorder_due:
+        if self.core.step(self._waiting, bool(self.waiting or self.kv_holding_waiting)):
             # Only here, never inside vLLM's schedule(): its waiting loop peeks the head, allocates
             # (which may release pins, see above) and then pops the head, so re-keying in between
             # would pop another request than the one it allocated for.
-            self.book.reorder_due = False
             self.waiting.reorder()
             self.kv_holding_waiting.reorder()
         output = super().schedule(*args, **kwargs)
         for new in output.scheduled_new_reqs:
-            self._prefix_hit[new.req_id] = new.num_computed_tokens
             if (request := self.requests.get(new.req_id)) is not None:
-                self._free(self.book.started(new.req_id, program_of_request(request), new.num_computed_tokens,
-                                             request.num_prompt_tokens, request.arrival_time))
+                self.core.started(new.req_id, program_of_request(request), new.num_computed_tokens,
+                                  request.num_prompt_tokens, request.arrival_time)
         return output
 
-    def _waiting_requests(self):
-        """Every waiting request: vLLM's `deferred_waiting` is a subset of these two queues."""
-        yield from self.waiting.unordered()
-        yield from self.kv_holding_waiting.unordered()
-
-    def _waiting_programs(self) -> set[str | None]:
-        return {program_of_request(r) for r in self._waiting_requests()}
+    def _waiting(self):
+        """Every waiting request (id, program, arrival): vLLM's `deferred_waiting` is a subset of these two queues."""
+        for queue in (self.waiting, self.kv_holding_waiting):
+            for r in queue.unordered():
+                yield r.request_id, program_of_request(r), r.arrival_time
 
     def command(self, command: str, payload: dict) -> dict[str, Any]:
         """A control command from the front end (end / release / release_all / set_ttl / tick); answers
         the book's stats and this engine's load (free blocks count evictable cached ones)."""
-        self._free(self.book.command(command, payload))
-        self._free(self.book.expire(self._waiting_programs))
-        return {**self.book.stats(), "free_blocks": self.block_pool.get_num_free_blocks(),
+        return {**self.core.command(command, payload, self._waiting),
                 "total_blocks": self.block_pool.num_gpu_blocks - 1, "queued": sum(self.get_request_counts()),
                 "host_tier": host_policy.tier_stats(self.connector),
                 "scheduler": type(self).__name__}  # which of vLLM's schedulers it runs under

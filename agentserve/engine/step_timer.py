@@ -15,7 +15,7 @@ import time
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from agentserve.engine.scheduler import ProgramScheduler
-from agentserve.sim.costs import prefill_pairs
+from agentserve.step_shape import StepShape, step_shape
 
 MAX_SAMPLES = 1_000_000  # per series; a benchmark reads them long before this
 
@@ -29,9 +29,8 @@ class StepTimed:
                                                   "step": []}
         self.step_tokens: list[int] = []  # tokens scheduled by each schedule() call
         self.step_requests: list[int] = []  # requests scheduled by each schedule() call
-        # what each step computes, the cost model's terms (agentserve/sim/costs.py): prefill tokens,
-        # decoding sequences, cached tokens those decodes attend to, prefill attention pairs
-        self.step_shapes: list[tuple[int, int, int, int]] = []
+        # what each step computes, the cost model's terms (agentserve/step_shape.py)
+        self.step_shapes: list[StepShape] = []
         self._step_start = 0.0
 
     def _record(self, name: str, t0: float) -> None:
@@ -54,18 +53,17 @@ class StepTimed:
             self.step_shapes.append(self._shape(output))
         return output
 
-    def _shape(self, output) -> tuple[int, int, int, int]:
+    def _shape(self, output) -> StepShape:
         # after schedule() a request's num_computed_tokens already counts this step's tokens
-        prefill = decodes = kv = pairs = 0
+        return step_shape(self._work(output))
+
+    def _work(self, output):
         for request_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
-            if request is not None and n == 1 and request.num_output_tokens > 0:
-                decodes, kv = decodes + 1, kv + request.num_computed_tokens - 1
+            if request is None:
+                yield 0, n, False
             else:
-                prefill += n
-                if request is not None:
-                    pairs += prefill_pairs(request.num_computed_tokens - n, n)
-        return prefill, decodes, kv, pairs
+                yield request.num_computed_tokens - n, n, request.num_output_tokens > 0
 
     def update_from_output(self, *args, **kwargs):
         t0 = time.perf_counter()

@@ -9,7 +9,10 @@ breaks ties, so within one program the least recently used chunks (its context's
 in reverse) go first.
 
 The chunk -> programs map is learnt from the requests that store or reuse a chunk (`ReqContext.req_id`,
-resolved by the scheduler plugin, which registers itself in `attach`). A chunk several programs use (a
+resolved by the scheduler plugin, which finds the policy in its connector when it is built and
+`attach`es its request -> program lookup and the book's next uses to it). Not vLLM's per-request
+`kv_hints`: a program's next use changes after its request arrived (its tool call's prediction comes
+when the call ends), so the policy asks the book at eviction time instead. A chunk several programs use (a
 common system prompt) is needed as soon as the first of them needs it: its next use is the soonest of
 theirs, so a shared prefix outlives any one program (evicting it would make every later block of every
 context that starts with it unreachable for prefix matching). Past `MAX_OWNERS` programs a chunk counts
@@ -30,15 +33,8 @@ from agentserve.programs.next_use import NextUse
 MAX_OWNERS = 8  # programs remembered per chunk; a chunk shared more widely counts as needed now
 SHARED = "*"  # the owner set of a chunk shared past MAX_OWNERS
 
-# Set by the scheduler plugin in the engine-core process, where vLLM's offloading manager lives.
-_owner_of: Callable[[str], str | None] = lambda req_id: None
-_next_use: NextUse | None = None
-
-
-def attach(owner_of: Callable[[str], str | None], next_use: NextUse) -> None:
-    """The scheduler plugin's request -> program lookup and its next-use predictions."""
-    global _owner_of, _next_use
-    _owner_of, _next_use = owner_of, next_use
+def _no_owner(req_id: str) -> str | None:
+    return None
 
 
 class NextUseCachePolicy(LRUCachePolicy):
@@ -46,9 +42,15 @@ class NextUseCachePolicy(LRUCachePolicy):
         super().__init__(cache_capacity)
         self.owners: dict[OffloadKey, set[str]] = {}  # empty: a one-off request's chunk
         self.evicted_by_reason: dict[str, int] = {"never": 0, "later": 0}
+        self.owner_of: Callable[[str], str | None] = _no_owner
+        self.next_use: NextUse | None = None
+
+    def attach(self, owner_of: Callable[[str], str | None], next_use: NextUse) -> None:
+        """The scheduler plugin's request -> program lookup and its book's next-use predictions."""
+        self.owner_of, self.next_use = owner_of, next_use
 
     def _claim(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
-        program = _owner_of(req_context.req_id)
+        program = self.owner_of(req_context.req_id)
         for key in keys:
             owners = self.owners.setdefault(key, set())
             if program is not None and SHARED not in owners:
@@ -92,7 +94,7 @@ class NextUseCachePolicy(LRUCachePolicy):
         candidates = [k for k in self._evictable if k not in protected]
         if len(candidates) < n:
             return None
-        next_use = _next_use
+        next_use = self.next_use
         until = {k: self.seconds_until(k, next_use) if next_use is not None else 0.0 for k in candidates}
         # furthest next use first; among equals the least recently used (lowest LRU rank)
         victims = heapq.nsmallest(n, candidates, key=lambda k: (-until[k], self._ranks[k]))
@@ -110,19 +112,26 @@ class NextUseCachePolicy(LRUCachePolicy):
         return out
 
 
-def tier_stats(connector) -> dict | None:
-    """The host tier's chunks now (held; held by an in-flight transfer or a running request's load) and
-    the policy's evictions by reason, found in the scheduler's connector (alone or inside vLLM's
+def find(connector):
+    """The host tier's cache policy in the scheduler's connector (alone or inside vLLM's
     MultiConnector); None without a tier."""
     for c in getattr(connector, "_connectors", None) or [connector]:
         manager = getattr(getattr(c, "connector_scheduler", None), "manager", None)
         policy = getattr(manager, "_policy", None)
-        if policy is None:
-            continue
-        chunks = getattr(policy, "chunks", {})
-        stats = {"chunks": len(chunks), "capacity": policy.cache_capacity,
-                 "in_use": sum(1 for chunk in chunks.values() if chunk.ref_cnt != 0)}
-        if isinstance(policy, NextUseCachePolicy):
-            stats["evicted"] = dict(policy.evicted_by_reason)
-        return stats
+        if policy is not None:
+            return policy
     return None
+
+
+def tier_stats(connector) -> dict | None:
+    """The host tier's chunks now (held; held by an in-flight transfer or a running request's load) and
+    the policy's evictions by reason; None without a tier."""
+    policy = find(connector)
+    if policy is None:
+        return None
+    chunks = getattr(policy, "chunks", {})
+    stats = {"chunks": len(chunks), "capacity": policy.cache_capacity,
+             "in_use": sum(1 for chunk in chunks.values() if chunk.ref_cnt != 0)}
+    if isinstance(policy, NextUseCachePolicy):
+        stats["evicted"] = dict(policy.evicted_by_reason)
+    return stats

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import msgspec
 
+from agentserve.step_shape import prefill_pairs
+
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
@@ -62,12 +64,6 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True):
     def load_s(self, tokens: int) -> float:
         """A load-back of `tokens` from the host tier alone (the server profiles this at start-up)."""
         return self.host_load_token_s * tokens
-
-
-def prefill_pairs(context: int, tokens: int) -> int:
-    """Attention pairs of a prefill chunk of `tokens` after `context` cached ones: each new token
-    attends to the context and to the chunk up to itself."""
-    return tokens * context + tokens * (tokens + 1) // 2
 
 
 class ModelShape(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,8 +9,9 @@ A step is two calls: `schedule(now)` picks the work and says how long it takes (
   book names them), then preempts the lowest-priority running request (the latest one without a
   book), which loses its KV and waits again (recompute);
 - waiting requests next, in queue order, unless a preemption happened this step; a request's prefix
-  hit is the cached run of its full blocks, at most all but one token; a request that cannot get
-  blocks stops the scan;
+  hit is the cached run of its full blocks, at most all but one token; it is admitted only if blocks
+  for its whole sequence are free (vLLM's `scheduler_reserve_full_isl`), though it computes a chunk;
+  a request that cannot get them stops the scan;
 - a finished request's full blocks stay cached (LRU), or pinned if the book pins them.
 With a host tier (host.py), a device prefix miss continues on the host: the blocks it holds are
 loaded back in the admitting step, at the cost model's load price, instead of recomputed; as with
@@ -27,8 +28,9 @@ from dataclasses import dataclass, field
 
 from agentserve.engine.turn_ledger import TurnLedger
 from agentserve.programs.book import ProgramBook
-from agentserve.programs.next_use import NEVER
-from agentserve.sim.costs import CostModel, prefill_pairs
+from agentserve.programs.core import ProgramCore
+from agentserve.sim.costs import CostModel
+from agentserve.step_shape import step_shape
 from agentserve.sim.host import HostTier
 from agentserve.sim.pool import BlockKey, BlockPool
 
@@ -59,11 +61,7 @@ class SimRequest:
     prompt_tokens: int
     output_tokens: int
     arrival_time: float
-    ttl_s: float = 0.0  # the front end's TTL for this turn's pin (0: none)
-    is_last: bool = False
-    next_use_s: float | None = None
-    workflow: str | None = None
-    parent: str | None = None
+    xargs: dict = field(default_factory=dict)  # what the front end attached (the book reads its program fields)
     remaining_s: float = 0.0  # predicted work its program has left (the critical-path orders)
     priority: int = 0
     num_preemptions: int = 0
@@ -71,7 +69,6 @@ class SimRequest:
     generated: int = 0
     held: list[BlockKey] = field(default_factory=list)  # full blocks it references, in order
     anonymous: int = 0  # blocks it holds that are not full yet
-    hit_tokens: int = 0  # found cached when last admitted
     cached_tokens: int | None = None  # at its first admission (what the API reports)
     first_token_at: float | None = None
     done_at: float | None = None
@@ -91,6 +88,29 @@ def _fcfs(request: SimRequest) -> tuple:
     return (request.arrival_time,)
 
 
+class SimBlocks:
+    """The core's block operations (programs/core.py `BlockOps`) on the simulator's pool."""
+
+    def __init__(self, engine: SimEngine):
+        self.engine = engine
+        self.pool = engine.pool
+
+    def touch(self, blocks) -> None:
+        self.pool.touch(list(blocks))
+
+    def free(self, blocks) -> None:
+        self.pool.release(list(blocks))
+
+    def evict_first(self, blocks) -> int:
+        return self.pool.evict_first(list(blocks))
+
+    def blocks_of(self, request_id: str) -> list:
+        return list(self.engine.requests[request_id].held)
+
+    def num_free(self) -> int:
+        return self.pool.num_free()
+
+
 class SimEngine:
     def __init__(self, name: str, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_batched_tokens: int, cost: CostModel, book: ProgramBook | None = None,
@@ -100,6 +120,8 @@ class SimEngine:
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.pool = BlockPool(num_blocks)
         self.book = book
+        self.core = ProgramCore(book, SimBlocks(self)) if book is not None else None
+        self.requests: dict[str, SimRequest] = {}  # running requests by id
         self.host = host
         self.turns = turns  # each request's time by part, as engine/turn_timer.py splits a real engine's
         self.loaded_tokens = 0  # loaded back from the host tier in the step under way
@@ -117,9 +139,8 @@ class SimEngine:
 
     # ---- requests --------------------------------------------------------------------------------
     def add(self, request: SimRequest) -> None:
-        if self.book is not None:
-            request.priority = self.book.arrive(request.request_id, request.program, request.prompt_tokens,
-                                                request.workflow, request.parent)
+        if self.core is not None:
+            request.priority = self.core.arrive(request.request_id, request.xargs, request.prompt_tokens)
         if self.turns is not None:
             self.turns.arrive(request.request_id, request.program, request.prompt_tokens)
         self._enqueue(request)
@@ -136,14 +157,9 @@ class SimEngine:
     # ---- a step ----------------------------------------------------------------------------------
     def schedule(self, now: float) -> float:
         """Pick this step's work; returns its duration (0: nothing to run)."""
-        if self.book is not None:
-            self.free(self.book.expire(lambda: {r.program for _, _, r in self.waiting}))
-            if self.waiting:
-                self.book.age((r.request_id, r.arrival_time) for _, _, r in self.waiting)
-            if self.book.reorder_due:
-                self.book.reorder_due = False
-                self.waiting = [(self.order(r), s, r) for _, s, r in self.waiting]
-                heapq.heapify(self.waiting)
+        if self.core is not None and self.core.step(self._waiting, bool(self.waiting)):
+            self.waiting = [(self.order(r), s, r) for _, s, r in self.waiting]
+            heapq.heapify(self.waiting)
         budget, self.preempted_this_step = self.max_batched_tokens, False
         self.batch, self.loaded_tokens, self._returned = [], 0, 0
         bs = self.block_size
@@ -162,15 +178,16 @@ class SimEngine:
             self.batch.append(request)
         if not self.preempted_this_step:
             budget = self._admit(budget)
+        if self.core is not None:  # as the plugin: once vLLM's schedule() is done, for what it scheduled
+            for r in self.batch:
+                self.core.started(r.request_id, r.program, r.computed, r.prompt_tokens, r.arrival_time)
         if self.turns is not None:
             self._stamp(now)
-        prefill = decodes = kv = pairs = 0
-        for r in self.batch:
-            if r.scheduled == 1 and r.generated > 0:
-                decodes, kv = decodes + 1, kv + r.computed
-            else:
-                prefill, pairs = prefill + r.scheduled, pairs + prefill_pairs(r.computed, r.scheduled)
+        prefill, decodes, kv, pairs = step_shape((r.computed, r.scheduled, r.generated > 0) for r in self.batch)
         return self.cost.step(prefill, decodes, kv, self.loaded_tokens, pairs)
+
+    def _waiting(self):
+        return ((r.request_id, r.program, r.arrival_time) for _, _, r in self.waiting)
 
     def _stamp(self, now: float) -> None:
         """The turn ledger at a step's start: what each live request does in it."""
@@ -204,6 +221,7 @@ class SimEngine:
 
     def _preempt(self, request: SimRequest) -> None:
         self.running.remove(request)
+        self.requests.pop(request.request_id, None)
         self.preempted_this_step = True
         if request.scheduled:  # scheduled earlier in this step: its tokens go back to the budget
             self.batch.remove(request)
@@ -218,20 +236,15 @@ class SimEngine:
         self._enqueue(request)
 
     def _release_pin(self, request: SimRequest, *, running: bool) -> bool:
-        if self.book is None or not self.book.pins:
-            return False
-        release = self.book.release_for(request.program, request.priority, running=running,
-                                        preempted=request.num_preemptions > 0, arrival_time=request.arrival_time)
-        if release is None:
-            return False
-        self.free([release])
-        return True
+        return self.core is not None and self.core.release_for(
+            request.program, request.priority, running=running, preempted=request.num_preemptions > 0,
+            arrival_time=request.arrival_time)
 
     def _admit(self, budget: int) -> int:
         skipped = []
         while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0][2]
-            if self.book is not None and not self.book.may_start(request.request_id, request.total,
+            if self.core is not None and not self.core.may_start(request.request_id, request.prompt_tokens,
                                                                  request.arrival_time):
                 skipped.append(heapq.heappop(self.waiting))
                 continue
@@ -242,14 +255,16 @@ class SimEngine:
             start = (hits + loads) * self.block_size
             n = min(request.total - start, budget)
             need = -(-(start + n) // self.block_size) - hits
+            # vLLM admits a waiting request only if its whole sequence fits, though it computes a chunk
+            full = -(-request.total // self.block_size) - hits
             no_pins = self.book is None or not self.book.pins
-            if no_pins and need > self.pool.num_free():
+            if no_pins and full > self.pool.num_free():
                 break  # it cannot get its blocks: vLLM's scan stops here too
             keys = request.stream.keys(hits)
-            if no_pins and need > self.pool.num_free() - sum(1 for k in keys if self.pool.ref[k] == 0):
+            if no_pins and full > self.pool.num_free() - sum(1 for k in keys if self.pool.ref[k] == 0):
                 break  # referencing its hits takes them off the free queue
             self.pool.touch(keys)
-            while not self.pool.take(need):
+            while full > self.pool.num_free() or not self.pool.take(need):
                 if not self._release_pin(request, running=False):
                     self.pool.release(keys)
                     self.waiting.extend(skipped)
@@ -265,18 +280,16 @@ class SimEngine:
                 request.held, request.anonymous = keys + loaded, need - loads
                 self.loaded_tokens += loads * self.block_size
                 self.host_hit_tokens += loads * self.block_size
-            request.computed = request.hit_tokens = start
+            request.computed = start
             if request.cached_tokens is None:
                 request.cached_tokens = request.computed
             self.running.append(request)
+            self.requests[request.request_id] = request
             if loads:  # as vLLM's connector: it waits out the step that copies, and computes from the next
                 request.loading = True
             else:
                 request.scheduled, budget = n, budget - n
                 self.batch.append(request)
-            if self.book is not None:
-                self.free(self.book.started(request.request_id, request.program, request.computed,
-                                             request.prompt_tokens, request.arrival_time))
         for entry in skipped:
             heapq.heappush(self.waiting, entry)
         return budget
@@ -316,30 +329,19 @@ class SimEngine:
 
     def _finish(self, request: SimRequest) -> None:
         self.running.remove(request)
-        if self.book is not None:
-            releases, ttl = self.book.leave(request.request_id, request.program, request.total, aborted=False,
-                                            is_last=request.is_last, ttl_s=request.ttl_s,
-                                            next_use_s=request.next_use_s,
-                                            computed_tokens=request.total - request.hit_tokens)
-            self.free(releases)
-            if ttl > 0 and request.program is not None:
-                pinned, releases = self.book.pin(request.program, list(request.held), ttl)
-                self.free(releases)
-                if pinned:
-                    self.pool.touch(request.held)
-        self.pool.release(request.held, request.anonymous)
-        if (self.book is not None and self.book.config.one_off_blocks == "evict-first"
-                and self.book.next_use.seconds_until(request.program) == NEVER):
-            # only what this request computed: its prefix hit may be a prefix others share
-            self.pool.evict_first(request.held[request.hit_tokens // self.block_size:])
+        if self.core is not None:
+            self.core.finish(request.request_id, request.xargs, request.total, aborted=False,
+                             free_request=lambda: self.pool.release(request.held, request.anonymous))
+        else:
+            self.pool.release(request.held, request.anonymous)
+        self.requests.pop(request.request_id, None)
         request.held, request.anonymous = [], 0
         if self.turns is not None:
             self.turns.finish(request.request_id, request.generated, request.num_preemptions, aborted=False)
 
-    def free(self, releases) -> None:
-        """Unpin: the released pins' blocks go back to the pool."""
-        for release in releases:
-            self.pool.release(list(release.pin.blocks))
+    def command(self, command: str, payload: dict) -> dict:
+        """A control command from the front end, as the plugin's (engine/scheduler.py `command`)."""
+        return self.core.command(command, payload, self._waiting)
 
     def check(self) -> None:
         """Invariants after a step: blocks conserved; every reference accounted for by a running

@@ -28,8 +28,7 @@ from agentserve.options import ProgramOptions
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.control import ControlPlane
 from agentserve.programs.queue_order import ProgramFCFS
-from agentserve.programs.fields import (XARG_NEXT_USE, XARG_REMAINING, XARG_TTL, XARG_WORKFLOW,
-                                       ProgramFields, ToolRun)
+from agentserve.programs.fields import XARG_REMAINING, ProgramFields, ToolRun
 from agentserve.programs.tracker import ProgramTracker
 from agentserve.sim.costs import CostModel
 from agentserve.sim.engine import SimEngine, SimRequest, Stream
@@ -179,17 +178,15 @@ class Fleet:
             raise ValueError(f"program {run.plan.id} turn {run.turn} needs {prompt + turn.output_tokens} tokens of "
                              f"KV, more than a replica's {self.setup.kv_tokens}: plan with max_context = kv_tokens")
         request = SimRequest(f"q{next(self._ids)}", run.plan.id if self.control else None, run.stream, prompt,
-                             turn.output_tokens, self.now, is_last=last)
+                             turn.output_tokens, self.now)
         if self.control is not None:
             xargs = self.control.begin_call(ProgramFields(
                 program_id=run.plan.id, turn=run.turn, is_last_turn=last, ends_program=last, tool=turn.tool,
                 parent_program_id=parent if run.turn == 0 else None, tools_done=run.tools_done or None),
                 prompt, turn.output_tokens)
             run.tools_done = []
-            request.ttl_s = float(xargs.get(XARG_TTL, 0.0))
-            request.next_use_s = xargs.get(XARG_NEXT_USE)
+            request.xargs = xargs  # as the engine request carries them
             request.remaining_s = float(xargs.get(XARG_REMAINING, 0.0))
-            request.workflow, request.parent = xargs.get(XARG_WORKFLOW), parent
         request.owner = run
         run.record.turns.append(TurnRecord(sent=self.now, first_token=self.now, done=self.now, prompt_tokens=prompt,
                                            cached_tokens=None, output_tokens=turn.output_tokens))
@@ -279,8 +276,8 @@ class Fleet:
     async def _link(self, command: str, payload: dict) -> dict:
         """The control plane's engine link: a command reaches every replica's book at once."""
         for engine in self.engines:
-            if engine.book is not None:
-                engine.free(engine.book.command(command, payload))
+            if engine.core is not None:
+                engine.command(command, payload)
             self._kick(engine)
         return {}
 

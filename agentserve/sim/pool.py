@@ -84,11 +84,15 @@ class BlockPool:
         self.anonymous -= anonymous
         self.empty += anonymous
 
-    def evict_first(self, keys: list[BlockKey]) -> None:
-        """Free cached blocks nobody will ask for again go to the front of the free queue."""
+    def evict_first(self, keys: list[BlockKey]) -> int:
+        """Free cached blocks nobody will ask for again go to the front of the free queue; returns how
+        many moved."""
+        moved = 0
         for key in reversed(keys):
             if key in self.lru:
                 self.lru.move_to_end(key, last=False)
+                moved += 1
+        return moved
 
     def check(self) -> None:
         referenced = sum(1 for r in self.ref.values() if r > 0)
