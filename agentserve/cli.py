@@ -8,6 +8,7 @@ import logging
 import sys
 
 from agentserve.options import EngineSettings, ProgramOptions, add_flags, from_flags
+from agentserve.routing.routers import DEFAULT_ROUTER, ROUTERS
 from workloads import DEFAULT_TRACE
 
 
@@ -41,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve on Ray Serve with this many vLLM replicas behind the program-affinity router "
                    "and one shared program control plane (a local Ray cluster, or the one RAY_ADDRESS names); "
                    "without it: one embedded engine in this process")
-    s.add_argument("--router", default="affinity", choices=["affinity", "prefix", "pow2"],
-                   help="with --replicas: affinity = agentserve's program-affinity router; prefix = Ray Serve "
-                   "LLM's PrefixCacheAffinityRouter; pow2 = Serve's default (default: affinity)")
+    s.add_argument("--router", default=DEFAULT_ROUTER, choices=list(ROUTERS),
+                   help="with --replicas: " + "; ".join(f"{r.name} = {r.help}" for r in ROUTERS.values())
+                   + f" (default: {DEFAULT_ROUTER})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="agentserve log level (default: info)")
     add_flags(serve.add_argument_group("programs"), ProgramOptions)
@@ -95,7 +96,7 @@ def add_workload_flags(p) -> None:
 
 
 def add_replay_parser(sub) -> None:
-    from workloads.replay import POLICIES
+    from agentserve.policies import POLICIES
 
     rp = sub.add_parser(
         "replay",

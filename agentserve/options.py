@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from agentserve.policies import POLICIES, SERVE_POLICIES, serve_help
+
 # ---- engine ---------------------------------------------------------------------------------------
 
 DEVICES = ("cpu", "gpu")
@@ -138,7 +140,6 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 # ---- programs -------------------------------------------------------------------------------------
 
-POLICIES = ("vllm", "continuum", "fixed", "agentserve")
 
 
 class AdmissionOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -274,11 +275,8 @@ Order = Literal["program", "workflow", "critical-path", "las", "arrival"]
 class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How the program layer behaves. `policy="vllm"` = stock vLLM scheduling, no pins."""
 
-    policy: Annotated[Literal["vllm", "continuum", "fixed", "agentserve"], _help(
-        "KV pin policy across tool calls: vllm = stock vLLM (plugin off, no pins, FCFS); continuum = "
-        "Continuum's published rule (2 s pin for short tools) with program FCFS; fixed = --fixed-ttl for "
-        "every turn; agentserve = the Continuum paper's TTL rule from the measured reload cost and "
-        "learned tool durations")] = "agentserve"
+    policy: Annotated[Literal[SERVE_POLICIES], _help(
+        "KV pin policy across tool calls: " + serve_help())] = "agentserve"
     fixed_ttl_s: Annotated[float, Meta(ge=0), _help("TTL in seconds of --policy fixed")] = 2.0
     max_ttl_s: Annotated[float, Meta(ge=0), _help(
         "no pin is held longer than this many seconds, whatever the policy")] = 60.0
@@ -326,7 +324,7 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         budget (at most HOST_AUTO_MAX_BYTES) for the plugin policies, none for stock vLLM."""
         if self.host.kv_tokens is not None:
             return self
-        tokens = 0 if self.policy == "vllm" else min(HOST_AUTO_FACTOR * device_kv_tokens,
+        tokens = 0 if not POLICIES[self.policy].host_tier else min(HOST_AUTO_FACTOR * device_kv_tokens,
                                                       HOST_AUTO_MAX_BYTES // kv_bytes_per_token)
         return msgspec.structs.replace(self, host=msgspec.structs.replace(self.host, kv_tokens=tokens))
 

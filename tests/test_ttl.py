@@ -7,7 +7,8 @@ import pytest
 
 from agentserve.ttl.policy import (CONTINUUM_TTL_S, DEFAULT_TOOL_MEAN_S, ETA_MIN_PROGRAMS, ETA_PRIOR,
                                    ContinuumDemoTTL, FixedTTL,
-                                   OnlineBenefit, CostBenefitTTL, make_policy)
+                                   OnlineBenefit, CostBenefitTTL)
+from agentserve.policies import make_ttl
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
 
@@ -110,13 +111,13 @@ def test_online_benefit_learns_T_and_eta():
     assert geometric.eta < 0.2
 
 
-def test_make_policy_validates():
+def test_make_ttl_validates():
     p = ToolDurationPredictor()
-    assert isinstance(make_policy("fixed", predictor=p, reload=None, fixed_ttl_s=3), FixedTTL)
+    assert isinstance(make_ttl("fixed", predictor=p, reload=None, fixed_ttl_s=3), FixedTTL)
     with pytest.raises(ValueError, match="reload profile"):
-        make_policy("agentserve", predictor=p, reload=None)
+        make_ttl("agentserve", predictor=p, reload=None)
     with pytest.raises(ValueError, match="unknown"):
-        make_policy("lru", predictor=p, reload=None)
+        make_ttl("lru", predictor=p, reload=None)
     with pytest.raises(ValueError):
         FixedTTL(-1)
 
@@ -128,7 +129,7 @@ def test_max_ttl_bounds_every_policy(name):
     for _ in range(5):
         p.observe("bash", 0.5, client_measured=True)
     reload = ReloadProfile(a=50.0, b=0, c=0, max_tokens=1)  # a reload so costly the rule pins long
-    bounded = make_policy(name, predictor=p, reload=reload, fixed_ttl_s=30.0, max_ttl_s=0.25)
-    free = make_policy(name, predictor=p, reload=reload, fixed_ttl_s=30.0, max_ttl_s=1000.0)
+    bounded = make_ttl(name, predictor=p, reload=reload, fixed_ttl_s=30.0, max_ttl_s=0.25)
+    free = make_ttl(name, predictor=p, reload=reload, fixed_ttl_s=30.0, max_ttl_s=1000.0)
     assert free.ttl("bash", 1000) > 0.25  # the rule alone would pin longer ...
     assert bounded.ttl("bash", 1000) <= 0.25  # ... than the bound lets it

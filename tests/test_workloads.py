@@ -297,7 +297,7 @@ def test_policy_specs():
     for policy, has_tier in (("vllm", False), ("oracle", False), ("vllm+offload", True), ("agentserve", True)):
         args = tiered.serve_args(policy, programs=4)
         assert (args[args.index("--host-kv-tokens") + 1] != "0") == has_tier, policy
-    assert policy_spec("vllm+offload") == ("vllm", [])
+    assert policy_spec("vllm+offload") == ("vllm+offload", [])  # a row of its own, served as vllm
     for bad in ("magic", "agentserve+x", "agentserve+colour=red", "oracle+max-wait=1", "vllm+pin-cap=1",
                 "oracle+replicas=2", "agentserve+offload", "oracle+offload"):
         with pytest.raises(ValueError):

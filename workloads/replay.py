@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 
 from agentserve.options import EngineSettings, ProgramOptions, flag_names, to_flags
+from agentserve import policies
 from agentserve.server.process import ServerProcess
 from workloads.driver import Driver, ProgramRecord
 from workloads.filler import Filler, single_token_words
@@ -32,22 +33,14 @@ from workloads.probe import speed_probe
 from workloads.report import Results, comparisons, plots, summarize, table
 from workloads.tool_times import ToolTimeModel
 
-POLICIES = ("vllm", "continuum", "fixed", "agentserve", "oracle")
-# A policy may carry serve options of its own, `NAME+KEY=VALUE...` (KEY: an `agentserve serve` program
+# The policies a replay runs are agentserve.policies' (serve policies and the replay rows vllm+offload
+# and oracle). A policy may carry serve options of its own, `NAME+KEY=VALUE...` (KEY: an `agentserve serve` program
 # option's flag without the dashes), so variants run side by side in one run:
 # `--policies vllm,agentserve,agentserve+pin-mode=ordered+max-wait=0,oracle`.
 # `replicas` and `router` serve the policy on Ray Serve (`agentserve serve --replicas N --router R`):
 # `agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix` compares routers; each
 # replica gets the same KV budget.
 _RAY_OPTIONS = ("replicas", "router")
-# `vllm+offload`: stock vLLM with the same host tier (--host-kv-tokens) and vLLM's LRU, the choice a
-# user would make instead of agentserve. `vllm` and `oracle` never get the tier.
-OFFLOAD = "offload"
-
-
-def uses_host_tier(spec: str) -> bool:
-    base, *options = spec.split("+")
-    return base not in ("vllm", "oracle") or OFFLOAD in options
 
 
 def policy_options() -> tuple[str, ...]:
@@ -56,26 +49,19 @@ def policy_options() -> tuple[str, ...]:
 
 
 def policy_spec(spec: str) -> tuple[str, list[str]]:
-    """(base policy, extra `agentserve serve` arguments) of a policy spec; ValueError if malformed."""
-    base, *options = spec.split("+")
-    if base not in POLICIES:
-        raise ValueError(f"unknown policy {base!r} in {spec!r}; choose from {', '.join(POLICIES)}")
+    """(policy, extra `agentserve serve` arguments) of a policy spec; ValueError if malformed."""
+    policy, options = policies.split(spec)
     args: list[str] = []
     allowed = policy_options()
     for option in options:
-        if option == OFFLOAD:
-            if base != "vllm":
-                raise ValueError(f"{spec!r}: +{OFFLOAD} is stock vLLM with the host tier (vllm+{OFFLOAD}); the "
-                                 "plugin policies use the tier whenever --host-kv-tokens sizes one")
-            continue
         key, sep, value = option.partition("=")
         if not sep or key not in allowed or not value:
             raise ValueError(f"bad policy option {option!r} in {spec!r}: want KEY=VALUE, KEY one of "
                              f"{', '.join(allowed)}")
-        if base == "oracle" or (base == "vllm" and key not in _RAY_OPTIONS):
-            raise ValueError(f"{spec!r}: policy {base} runs without the plugin and takes no options")
+        if policy.unbounded_kv or (not policy.plugin and key not in _RAY_OPTIONS):
+            raise ValueError(f"{spec!r}: policy {policy.name} runs without the plugin and takes no options")
         args += [f"--{key}", value]
-    return base, args
+    return policy.name, args
 
 
 # The oracle's KV budget: large enough that nothing is evicted, raised to hold every program at once.
@@ -96,18 +82,19 @@ class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def serve_args(self, policy: str, programs: int) -> list[str]:
         engine = msgspec.structs.replace(self.engine, max_model_len=self.context)
-        if policy == "oracle":
+        name, extra = policy_spec(policy)
+        described = policies.get(name)
+        if described.unbounded_kv:
             engine = msgspec.structs.replace(engine, kv_tokens=max(
                 ORACLE_MIN_KV_TOKENS, programs * self.context + engine.for_device().block_size))
-        base, extra = policy_spec(policy)
-        program = msgspec.structs.replace(self.program, policy="vllm" if policy == "oracle" else base)
-        if not uses_host_tier(policy):
+        program = msgspec.structs.replace(self.program, policy=described.serves or name)
+        if not described.host_tier:
             program = msgspec.structs.replace(program, host=msgspec.structs.replace(program.host, kv_tokens=0))
-        elif program.policy == "vllm":  # vllm+offload: the tier the plugin policies get by default, if unsized
+        elif not described.plugin:  # vllm+offload: the tier the plugin policies get by default, if unsized
             from agentserve.engine.settings import resolve_host_tier
 
             program = resolve_host_tier(engine, msgspec.structs.replace(program, policy="agentserve"))
-            program = msgspec.structs.replace(program, policy="vllm")
+            program = msgspec.structs.replace(program, policy=described.serves)
         # argparse: the policy's own options come last and win
         return [*to_flags(engine), *to_flags(program), "--log-level", "warning", *extra]
 
@@ -242,7 +229,7 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
                 log_path = out_dir / f"server-{name}{suffix}.log"
                 with ServerProcess(setup.serve_args(name, len(programs)), log_path=str(log_path)) as srv:
                     # stock vLLM gets what a stock client sends; the plugin policies get the SDK
-                    client = "openai" if policy_spec(name)[0] in ("vllm", "oracle") else "agentserve"
+                    client = "agentserve" if policies.get(policy_spec(name)[0]).plugin else "openai"
                     recs, counts, turns = drive(name, srv.base_url, client, programs, cfg, filler, progress,
                                                 probe, setup.engine.turn_times)
             else:

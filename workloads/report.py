@@ -11,6 +11,7 @@ from typing import Annotated
 
 import msgspec
 
+from agentserve import policies
 from workloads.driver import ProgramRecord
 from workloads.intervals import Interval
 
@@ -127,11 +128,12 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a is not None and b else "-"
 
 
-PLUGIN_POLICIES = ("continuum", "fixed", "agentserve")  # the policies that run agentserve's plugin
-
-
 def _plugin(name: str) -> bool:
-    return name.split("+")[0] in PLUGIN_POLICIES
+    """Does the policy spec run agentserve's plugin (an endpoint's name is no policy: it does not)?"""
+    try:
+        return policies.split(name)[0].plugin
+    except ValueError:
+        return False
 
 
 def comparisons(names: list[str]) -> list[tuple[str, str]]:

@@ -19,7 +19,8 @@ Why a scheduler subclass rather than a KV connector's delayed free: the connecto
 not admission or allocation failure, so "unpin when the next turn is admitted" and "release before
 preempting" would need the scheduler anyway; the connector slot stays free for KV sharing.
 
-The front end talks to it through the engine core's `agentserve_scheduler_command` utility (engine/utilities.py).
+The front end talks to it through the engine core's `agentserve_scheduler_command` utility (registered
+below, engine/utilities.py).
 
 Both of vLLM's schedulers: vLLM decides async scheduling late (on by default on GPU, forced off on CPU,
 off for some executors and speculative methods) and, with a `scheduler_cls` set, builds that class
@@ -199,4 +200,8 @@ class AsyncProgramScheduler(ProgramScheduler, AsyncScheduler):
 ProgramScheduler.async_variant = AsyncProgramScheduler
 
 
-utilities.install()
+@utilities.register
+def agentserve_scheduler_command(core, command: str, payload: dict) -> dict:
+    if not isinstance(core.scheduler, ProgramScheduler):
+        raise RuntimeError("the engine does not run agentserve's ProgramScheduler")
+    return core.scheduler.command(command, payload)

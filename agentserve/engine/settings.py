@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from agentserve.options import EngineSettings, ProgramOptions
+from agentserve.policies import POLICIES
 
 
 def resolve_model(model: str) -> tuple[Path, str]:
@@ -136,12 +137,12 @@ def engine_settings_for(settings: EngineSettings, options: ProgramOptions, devic
         model_dir, _ = resolve_model(settings.model)
         host = offloading_config(options.host, block_size=settings.block_size,
                                  kv_bytes_per_token=kv_bytes_per_token(model_dir, settings.dtype),
-                                 programs=options.policy != "vllm")
+                                 programs=POLICIES[options.policy].plugin)
     if share or host:
         from agentserve.hosttier.config import combined
 
         settings = msgspec.structs.replace(settings, kv_transfer_config=combined(share, host))
-    if options.policy != "vllm":
+    if POLICIES[options.policy].plugin:
         extra = dict(settings.additional_config or {})
         extra["agentserve"] = msgspec.to_builtins(options.scheduler_config())
         settings = msgspec.structs.replace(settings, scheduler_cls=SCHEDULER_CLS,

@@ -14,6 +14,7 @@ import time
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from agentserve.engine import utilities
 from agentserve.engine.scheduler import ProgramScheduler
 from agentserve.step_shape import StepShape, step_shape
 
@@ -86,3 +87,10 @@ class TimedScheduler(StepTimed, Scheduler):
 
 class TimedProgramScheduler(StepTimed, ProgramScheduler):
     """agentserve's scheduler plugin, timed."""
+
+
+@utilities.register
+def agentserve_step_times(core) -> dict:
+    if not isinstance(core.scheduler, StepTimed):
+        raise RuntimeError("the engine's scheduler is not step-timed (use agentserve.engine.step_timer)")
+    return core.scheduler.take_step_times()

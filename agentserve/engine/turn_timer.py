@@ -20,6 +20,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from agentserve.engine import utilities
 from agentserve.engine.scheduler import AsyncVariant, ProgramScheduler, program_of_request
 from agentserve.engine.turn_ledger import TurnLedger
 
@@ -104,3 +105,10 @@ class AsyncTurnTimedProgramScheduler(TurnTimedProgramScheduler, AsyncScheduler):
 
 TurnTimedScheduler.async_variant = AsyncTurnTimedScheduler
 TurnTimedProgramScheduler.async_variant = AsyncTurnTimedProgramScheduler
+
+
+@utilities.register
+def agentserve_turn_times(core) -> list[dict]:
+    if not isinstance(core.scheduler, TurnTimed):
+        raise RuntimeError("the engine's scheduler does not time turns (serve with --turn-times)")
+    return core.scheduler.take_turn_times()

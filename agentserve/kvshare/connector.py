@@ -344,4 +344,11 @@ class KVShareConnector(KVConnectorBase_V1):
         return report
 
 
-utilities.install()  # agentserve_kvshare_stats
+@utilities.register
+def agentserve_kvshare_stats(core) -> dict:
+    connector = getattr(core.scheduler, "connector", None)
+    # alone, or next to the host tier's connector inside vLLM's MultiConnector
+    for c in getattr(connector, "_connectors", None) or [connector]:
+        if isinstance(c, KVShareConnector):
+            return c.stats()
+    raise RuntimeError("the engine does not run agentserve's KVShareConnector")

@@ -26,11 +26,12 @@ import msgspec
 from agentserve.engine.settings import EngineSettings, vllm_namespace
 from agentserve.engine.settings import engine_settings_for
 from agentserve.options import ProgramOptions
+from agentserve.policies import POLICIES
+from agentserve.routing.routers import DEFAULT_ROUTER, ray_router_class
 from agentserve.server.tenants import TenantGate
 
 # Ray Serve LLM sets these itself (model_loading_config, the Serve HTTP proxy).
 _SET_BY_RAY = ("model", "served_model_name", "host", "port")
-ROUTERS = ("affinity", "prefix", "pow2")
 APP_NAME = "agentserve"
 # Logical CPUs for a local Ray cluster: Serve schedules by logical CPUs, and a replica's placement
 # group asks for 2; on a 2-core machine the ingress would never be placed with the real count.
@@ -62,17 +63,8 @@ def _differing(values, default) -> dict:
 def router_config(router: str):
     from ray.serve.config import RequestRouterConfig
 
-    if router == "affinity":
-        from agentserve.rayserve.router import ProgramAffinityRouter
-
-        return RequestRouterConfig(request_router_class=ProgramAffinityRouter)
-    if router == "prefix":
-        from ray.serve.llm.request_router import PrefixCacheAffinityRouter
-
-        return RequestRouterConfig(request_router_class=PrefixCacheAffinityRouter)
-    if router == "pow2":  # Serve's default: power of two choices on queue length
-        return RequestRouterConfig()
-    raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
+    cls = ray_router_class(router)
+    return RequestRouterConfig() if cls is None else RequestRouterConfig(request_router_class=cls)
 
 
 def check_cluster_options(options: ProgramOptions) -> None:
@@ -84,7 +76,7 @@ def check_cluster_options(options: ProgramOptions) -> None:
 
 
 def llm_config(settings: EngineSettings, *, model_id: str, replicas: int = 1, accelerator: str = "cpu",
-               router: str = "affinity"):
+               router: str = DEFAULT_ROUTER):
     from ray.serve.llm import LLMConfig
 
     from agentserve.rayserve.replica import ProgramLLMServer
@@ -104,7 +96,7 @@ def llm_config(settings: EngineSettings, *, model_id: str, replicas: int = 1, ac
 
 
 def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOptions | None = None,
-              replicas: int = 1, accelerator: str = "cpu", router: str = "affinity"):
+              replicas: int = 1, accelerator: str = "cpu", router: str = DEFAULT_ROUTER):
     """The Serve application; run it with `serve.run(app, name=APP_NAME)`."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
@@ -122,8 +114,8 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
     control_plane = serve.deployment(ControlPlaneDeployment, name="ClusterControlPlane", num_replicas=1,
                                      ray_actor_options={"num_cpus": 0}).bind(msgspec.to_builtins(options), replicas, model_id)
     llm = build_llm_deployment(config, bind_kwargs={
-        "control_plane": control_plane, "measure_reload": options.policy == "agentserve",
-        "pins": options.policy != "vllm"})
+        "control_plane": control_plane, "measure_reload": POLICIES[options.policy].reload_profile,
+        "pins": POLICIES[options.policy].plugin})
     # one gate (so one cache-salt secret) for every ingress replica
     gate = TenantGate(options.tenants) if options.tenants is not None else None
     ingress = serve.deployment(program_ingress_cls(gate), **ProgramIngress.get_deployment_options([config]))
@@ -131,7 +123,7 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
 
 
 
-def run(settings: EngineSettings, *, options: ProgramOptions, replicas: int, router: str = "affinity",
+def run(settings: EngineSettings, *, options: ProgramOptions, replicas: int, router: str = DEFAULT_ROUTER,
         host: str = "127.0.0.1", port: int = 8000, model_id: str | None = None) -> None:
     """`agentserve serve --replicas N`: deploy the app on Ray (RAY_ADDRESS, else a local cluster) and
     serve until SIGINT/SIGTERM; on the way out every pin is released and the app deleted."""
@@ -183,7 +175,7 @@ class AppArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: EngineSettings
     program_options: ProgramOptions = msgspec.field(default_factory=ProgramOptions)
     replicas: int = 1
-    router: str = "affinity"
+    router: str = DEFAULT_ROUTER
     accelerator: str = "gpu"
     model_id: str | None = None  # default: the engine's model name
 

@@ -35,7 +35,8 @@ from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
 from agentserve.observability.events import program_events
 from agentserve.options import ProgramOptions
 from agentserve.server.tenants import TenantGate, ttl_caps, under_limit
-from agentserve.ttl.policy import OnlineBenefit, make_policy
+from agentserve.policies import POLICIES, make_ttl
+from agentserve.ttl.policy import OnlineBenefit
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
 
@@ -72,10 +73,11 @@ class ClusterControlPlane:
         self.metrics: dict[str, str] = {}  # replica -> its last Prometheus page
         predictor, benefit = ToolDurationPredictor(), OnlineBenefit()
         policy = None
-        if self.options.policy not in ("vllm", "agentserve"):
+        described = POLICIES[self.options.policy]
+        if described.plugin and not described.reload_profile:
             policy = self._policy(None, predictor, benefit)
-        # `agentserve` needs the reload profile measured on a replica's engine: set on registration.
-        link = None if self.options.policy == "vllm" else self._link
+        # a rule that needs the reload profile measured on a replica's engine gets it on registration
+        link = self._link if described.plugin else None
         on_event, tracer = program_events(self.options, model)
         # tenants' TTL limits; the gate's secret salts nothing here (the ingress salts the cache)
         cap = ttl_caps(TenantGate(self.options.tenants)) if self.options.tenants is not None else None
@@ -86,8 +88,8 @@ class ClusterControlPlane:
 
     def _policy(self, reload: ReloadProfile | None, predictor, benefit):
         o = self.options
-        return make_policy(o.policy, predictor=predictor, reload=reload, benefit=benefit,
-                           fixed_ttl_s=o.fixed_ttl_s, max_ttl_s=o.max_ttl_s)
+        return make_ttl(o.policy, predictor=predictor, reload=reload, benefit=benefit,
+                        fixed_ttl_s=o.fixed_ttl_s, max_ttl_s=o.max_ttl_s)
 
     async def start(self) -> None:
         """Tick in the background (abandoned programs end, their pins are released, the metrics of
@@ -101,7 +103,7 @@ class ClusterControlPlane:
     def register(self, replica_id: str, reload: dict | None) -> bool:
         """A replica started. Returns whether the policy still needs its measured reload profile."""
         self.replicas.setdefault(replica_id, {})
-        if self.options.policy == "agentserve" and self.control.policy is None:
+        if POLICIES[self.options.policy].reload_profile and self.control.policy is None:
             if reload is None:
                 return True
             c = self.control

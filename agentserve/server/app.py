@@ -28,24 +28,25 @@ async def build_control_plane(engine, options: ProgramOptions, max_model_len: in
     from agentserve.engine.profiling import measure_reload_profile, measure_transfer_profile
     from agentserve.programs.control import ControlPlane
     from agentserve.programs.tracker import ProgramTracker
-    from agentserve.ttl.policy import OnlineBenefit, make_policy
+    from agentserve.policies import POLICIES, make_ttl
+    from agentserve.ttl.policy import OnlineBenefit
     from agentserve.ttl.predictor import ToolDurationPredictor
 
     predictor = ToolDurationPredictor()
     benefit = OnlineBenefit()
     policy, link = None, None
-    if options.policy != "vllm":
+    if POLICIES[options.policy].plugin:
         reload = host = None
-        if options.policy == "agentserve":
+        if POLICIES[options.policy].reload_profile:
             reload = await measure_reload_profile(engine, max_tokens=min(max_model_len - 1, 8192))
             log.info("reload profile: %s", reload)
             if options.host.kv_tokens:
                 host = await measure_transfer_profile(engine, max_tokens=min(max_model_len - 1, 8192,
                                                                              options.host.kv_tokens))
                 log.info("host tier load-back profile: %s", host)
-        policy = make_policy(options.policy, predictor=predictor, reload=reload, benefit=benefit,
-                             fixed_ttl_s=options.fixed_ttl_s, max_ttl_s=options.max_ttl_s, host=host,
-                             host_tokens=options.host.kv_tokens or 0)
+        policy = make_ttl(options.policy, predictor=predictor, reload=reload, benefit=benefit,
+                          fixed_ttl_s=options.fixed_ttl_s, max_ttl_s=options.max_ttl_s, host=host,
+                          host_tokens=options.host.kv_tokens or 0)
 
         async def link(command: str, payload: dict) -> dict:
             return await engine.engine_core.call_utility_async("agentserve_scheduler_command", command, payload)

@@ -14,12 +14,12 @@ from pathlib import Path
 import msgspec
 
 from agentserve.options import ProgramOptions, add_flags, from_flags, to_flags
+from agentserve.routing.routers import DEFAULT_ROUTER, ROUTERS
 
 
 def add_sim_parser(sub, replay_workload_flags) -> None:
     from agentserve.sim.costs import DEVICES, PROFILES, SHAPES
-    from agentserve.sim.routers import ROUTERS
-    from workloads.replay import POLICIES
+    from agentserve.policies import POLICIES
 
     sp = sub.add_parser(
         "sim", help="simulate a trace replay on a fleet of replicas: the same policies, plan and results.json",
@@ -31,7 +31,7 @@ def add_sim_parser(sub, replay_workload_flags) -> None:
                     help=f"comma-separated, from {','.join(POLICIES)}, each with +KEY=VALUE program options, "
                     "+replicas=N, +router=R and vllm+offload, as the replay's (default: vllm,agentserve,oracle)")
     sp.add_argument("--replicas", type=int, default=1, help="replicas in the fleet (default: 1)")
-    sp.add_argument("--router", default="affinity", choices=ROUTERS, help="(default: affinity)")
+    sp.add_argument("--router", default=DEFAULT_ROUTER, choices=list(ROUTERS), help=f"(default: {DEFAULT_ROUTER})")
     sp.add_argument("--profile", default="cpu-bench",
                     help=f"cost model: {', '.join(PROFILES)}; roofline:MODEL@DEVICE[xTP] (MODEL: "
                     f"{', '.join(SHAPES)}; DEVICE: {', '.join(DEVICES)}); or a profile JSON from "
@@ -63,7 +63,8 @@ def policy_options(spec: str, base: ProgramOptions, kv_tokens: int) -> tuple[str
     sizes it (the plugin policies and vllm+offload get --host-kv-tokens, by default HOST_AUTO_FACTOR
     x the device budget; vllm and oracle none), `replicas` and `router` apart."""
     from agentserve.options import HOST_AUTO_FACTOR
-    from workloads.replay import policy_spec, uses_host_tier
+    from agentserve.policies import POLICIES
+    from workloads.replay import policy_spec
 
     name, extra = policy_spec(spec)
     argv, fleet = to_flags(base), {}
@@ -74,8 +75,8 @@ def policy_options(spec: str, base: ProgramOptions, kv_tokens: int) -> tuple[str
             argv += [flag, value]
     parser = argparse.ArgumentParser(prog=spec, add_help=False)
     add_flags(parser, ProgramOptions)
-    options = from_flags(ProgramOptions, parser.parse_args(argv), policy=name if name != "oracle" else "vllm")
-    host = options.host.kv_tokens if uses_host_tier(spec) else 0
+    options = from_flags(ProgramOptions, parser.parse_args(argv), policy=POLICIES[name].serves or name)
+    host = options.host.kv_tokens if POLICIES[name].host_tier else 0
     if host is None:
         host = HOST_AUTO_FACTOR * kv_tokens
     return name, msgspec.structs.replace(options, host=msgspec.structs.replace(options.host, kv_tokens=host)), fleet
@@ -86,7 +87,7 @@ class FleetShape(msgspec.Struct, frozen=True, kw_only=True):
 
     kv_tokens: int
     replicas: int = 1
-    router: str = "affinity"
+    router: str = DEFAULT_ROUTER
     block_size: int = 32
     max_num_seqs: int = 64
     max_batched_tokens: int = 8192
@@ -96,7 +97,6 @@ def simulate(programs, policies: list[str], base: ProgramOptions, cost, shape: F
              concurrency: int | None = None, turn_times: bool = False) -> tuple[dict, dict]:
     """Every policy over the same plan: (summaries by spec, each run's fleet, speed and records)."""
     from agentserve.sim.fleet import Fleet, FleetSetup
-    from agentserve.sim.routers import ROUTERS
     from workloads.report import summarize
 
     specs = [(spec, *policy_options(spec, base, shape.kv_tokens)) for spec in policies]

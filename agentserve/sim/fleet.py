@@ -33,13 +33,13 @@ from agentserve.programs.tracker import ProgramTracker
 from agentserve.sim.costs import CostModel
 from agentserve.sim.engine import SimEngine, SimRequest, Stream
 from agentserve.sim.host import HostTier
-from agentserve.sim.routers import make_router
-from agentserve.ttl.policy import OnlineBenefit, make_policy
+from agentserve.routing.routers import DEFAULT_ROUTER, sim_router
+from agentserve.policies import get as get_policy, make_ttl
+from agentserve.ttl.policy import OnlineBenefit
 from agentserve.ttl.predictor import ToolDurationPredictor
 from agentserve.ttl.reload import ReloadProfile
 from workloads.driver import ProgramRecord, TurnRecord
 from workloads.plan import TEMPLATE_TOKENS_PER_TURN, PlannedProgram
-from workloads.replay import POLICIES
 
 IDLE_TICK_S = 0.01  # an engine with waiting work but nothing it may run looks again this much later
 MAX_IDLE_TICKS = 100_000  # ~1,000 simulated seconds of an engine that can run nothing: a stall, not a wait
@@ -51,7 +51,7 @@ class FleetSetup:
     replicas: int
     kv_tokens: int  # per replica
     cost: CostModel
-    router: str = "affinity"
+    router: str = DEFAULT_ROUTER
     block_size: int = 32
     max_num_seqs: int = 64
     max_batched_tokens: int = 8192
@@ -85,27 +85,26 @@ class _Run:
 
 class Fleet:
     def __init__(self, setup: FleetSetup):
-        if setup.policy not in POLICIES:
-            raise ValueError(f"unknown policy {setup.policy!r}; choose one of {', '.join(POLICIES)}")
+        described = get_policy(setup.policy)
         self.setup = setup
         self.now = 0.0
         self.control: ControlPlane | None = None
-        if setup.policy in ("fixed", "continuum", "agentserve"):
+        if described.plugin:
             o = setup.options
             predictor, benefit = ToolDurationPredictor(), OnlineBenefit()
             # the server measures this curve on its engine at start-up; here the cost model is the engine
             sizes = (256, 1024, 4096, 16384)
             reload = ReloadProfile.fit([(n, setup.cost.prefill_s(n)) for n in sizes])
             host = ReloadProfile.fit([(n, setup.cost.load_s(n)) for n in sizes]) if setup.host_kv_tokens else None
-            policy = make_policy(setup.policy, predictor=predictor, reload=reload, benefit=benefit,
-                                 fixed_ttl_s=o.fixed_ttl_s, max_ttl_s=o.max_ttl_s, host=host,
-                                 host_tokens=setup.host_kv_tokens)
+            policy = make_ttl(setup.policy, predictor=predictor, reload=reload, benefit=benefit,
+                              fixed_ttl_s=o.fixed_ttl_s, max_ttl_s=o.max_ttl_s, host=host,
+                              host_tokens=setup.host_kv_tokens)
             self.control = ControlPlane(ProgramTracker(o.idle_timeout_s, clock=lambda: self.now), predictor, policy,
                                         self._link, benefit)
-        kv_tokens = setup.kv_tokens if setup.policy != "oracle" else 1 << 40
+        kv_tokens = setup.kv_tokens if not described.unbounded_kv else 1 << 40
         blocks = -(-kv_tokens // setup.block_size)
         self.engines = [self._engine(f"r{i}", blocks) for i in range(setup.replicas)]
-        self.router = make_router(setup.router, setup.seed)
+        self.router = sim_router(setup.router, setup.seed)
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = itertools.count()
         self._stepping: set[str] = set()

@@ -1,4 +1,5 @@
-"""Which simulated replica serves a request: the routers a fleet operator chooses between.
+"""Which simulated replica serves a request: the routers a fleet operator chooses between (named in
+agentserve/routing/routers.py, each built with the run's seed).
 
 - `affinity`: agentserve's `ProgramAffinity` itself (routing/affinity.py), fed each replica's load
   before every decision (on Ray Serve it is fed every 0.2 s: fresher here);
@@ -14,11 +15,8 @@ import random
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
 from agentserve.sim.engine import SimEngine, SimRequest
 
-ROUTERS = ("affinity", "prefix", "pow2")
-
-
 class AffinityRouter:
-    def __init__(self):
+    def __init__(self, seed: int = 0):
         self.affinity = ProgramAffinity()
 
     def pick(self, request: SimRequest, engines: list[SimEngine]) -> SimEngine:
@@ -34,6 +32,9 @@ class AffinityRouter:
 
 
 class PrefixRouter:
+    def __init__(self, seed: int = 0):
+        return
+
     def pick(self, request: SimRequest, engines: list[SimEngine]) -> SimEngine:
         n = request.total // request.stream.block_size
         return max(engines, key=lambda e: (e.pool.cached_prefix(request.stream.iter_keys(n)), -e.queued(), e.name))
@@ -52,13 +53,3 @@ class Pow2Router:
 
     def end(self, program: str) -> None:
         return
-
-
-def make_router(name: str, seed: int = 0):
-    if name == "affinity":
-        return AffinityRouter()
-    if name == "prefix":
-        return PrefixRouter()
-    if name == "pow2":
-        return Pow2Router(seed)
-    raise ValueError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")

@@ -53,9 +53,22 @@ class TTLPolicy(ABC):
     def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
         """The policy's own TTL for this turn, before the bound."""
 
+    @classmethod
+    @abstractmethod
+    def build(cls, *, predictor: ToolDurationPredictor, reload: ReloadProfile | None,
+              benefit: OnlineBenefit | None = None, fixed_ttl_s: float = CONTINUUM_TTL_S,
+              max_ttl_s: float = DEFAULT_MAX_TTL_S, host: ReloadProfile | None = None,
+              host_tokens: int = 0) -> TTLPolicy:
+        """The rule from what a control plane has (each takes what it needs; agentserve/policies.py
+        names the rule of each policy)."""
+
 
 class FixedTTL(TTLPolicy):
     name = "fixed"
+
+    @classmethod
+    def build(cls, *, fixed_ttl_s: float = CONTINUUM_TTL_S, max_ttl_s: float = DEFAULT_MAX_TTL_S, **_) -> FixedTTL:
+        return cls(fixed_ttl_s, max_ttl_s)
 
     def __init__(self, ttl_s: float, max_ttl_s: float = DEFAULT_MAX_TTL_S):
         if ttl_s < 0:
@@ -69,6 +82,10 @@ class FixedTTL(TTLPolicy):
 
 class ContinuumDemoTTL(TTLPolicy):
     name = "continuum"
+
+    @classmethod
+    def build(cls, *, predictor: ToolDurationPredictor, max_ttl_s: float = DEFAULT_MAX_TTL_S, **_) -> ContinuumDemoTTL:
+        return cls(predictor, max_ttl_s)
 
     def __init__(self, predictor: ToolDurationPredictor, max_ttl_s: float = DEFAULT_MAX_TTL_S):
         self.predictor = predictor
@@ -132,6 +149,14 @@ class CostBenefitTTL(TTLPolicy):
 
     name = "agentserve"
 
+    @classmethod
+    def build(cls, *, predictor: ToolDurationPredictor, reload: ReloadProfile | None,
+              benefit: OnlineBenefit | None = None, max_ttl_s: float = DEFAULT_MAX_TTL_S,
+              host: ReloadProfile | None = None, host_tokens: int = 0, **_) -> CostBenefitTTL:
+        if reload is None:
+            raise ValueError("the agentserve policy needs a reload profile measured on the engine")
+        return cls(predictor, reload, benefit or OnlineBenefit(), max_ttl_s, host, host_tokens)
+
     def __init__(self, predictor: ToolDurationPredictor, reload: ReloadProfile, benefit: OnlineBenefit,
                  max_ttl_s: float = DEFAULT_MAX_TTL_S, host: ReloadProfile | None = None, host_tokens: int = 0):
         self.predictor = predictor
@@ -183,19 +208,3 @@ def decide(policy: TTLPolicy | None, ttl_s: float, context_tokens: int, is_last:
     if not is_last and isinstance(policy, CostBenefitTTL) and policy.in_host(context_tokens):
         return "host"
     return "drop"
-
-
-def make_policy(name: str, *, predictor: ToolDurationPredictor, reload: ReloadProfile | None,
-                benefit: OnlineBenefit | None = None, fixed_ttl_s: float = CONTINUUM_TTL_S,
-                max_ttl_s: float = DEFAULT_MAX_TTL_S, host: ReloadProfile | None = None,
-                host_tokens: int = 0) -> TTLPolicy:
-    """The TTL rule of a `--policy` (every rule bounded by `max_ttl_s`)."""
-    if name == "fixed":
-        return FixedTTL(fixed_ttl_s, max_ttl_s)
-    if name == "continuum":
-        return ContinuumDemoTTL(predictor, max_ttl_s)
-    if name == "agentserve":
-        if reload is None:
-            raise ValueError("the agentserve policy needs a reload profile measured on the engine")
-        return CostBenefitTTL(predictor, reload, benefit or OnlineBenefit(), max_ttl_s, host, host_tokens)
-    raise ValueError(f"unknown TTL policy {name!r} (fixed, continuum, agentserve)")
