@@ -154,5 +154,54 @@ def test_a_chunk_several_programs_use_outlives_any_one_of_them():
         nu.started(p)
         nu.finished(p, gap, is_last=False)
     nu.ended("A")
-    assert pol.seconds_until(key(0), nu) == 5.0  # B's next use, not A's end
+    assert pol.seconds_until(key(0)) == 5.0  # B's next use, not A's end
     assert [k for k, _ in pol.evict(1, set())] == [key(1)]  # C's own context (30 s away) goes first
+
+
+sim_events = st.lists(st.one_of(
+    st.tuples(st.just("turn"), st.integers(0, 4), st.floats(0, 60), st.booleans()),
+    st.tuples(st.just("store"), st.integers(-1, 4), st.integers(0, 11)),  # program (-1: a one-off), block
+    st.tuples(st.just("end"), st.integers(0, 4)),
+    st.tuples(st.just("wait"), st.floats(0, 30)),
+), max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=sim_events)
+def test_the_simulators_host_tier_evicts_what_the_servers_policy_evicts(events):
+    """The same stores (a new block, or one stored before and reused) on the same program events:
+    the simulator's next-use tier and vLLM's cache policy with agentserve's order keep the same blocks."""
+    from agentserve.hosttier.owners import ChunkOwners
+    from agentserve.sim.host import HostTier
+
+    clock = Clock()
+    nu = NextUse(clock)
+    sim = HostTier(6, ChunkOwners(nu))
+    server = NextUseCachePolicy(cache_capacity=6)
+    programs: dict[str, str | None] = {}
+    server.attach(programs.get, nu)
+    for n, ev in enumerate(events):
+        if ev[0] == "turn":
+            nu.started(f"P{ev[1]}")
+            nu.finished(f"P{ev[1]}", ev[2], ev[3])
+        elif ev[0] == "end":
+            nu.ended(f"P{ev[1]}")
+        elif ev[0] == "wait":
+            clock.now += ev[1]
+        else:
+            program = f"P{ev[1]}" if ev[1] >= 0 else None
+            rid = f"r{n}"
+            programs[rid] = program
+            block = key(ev[2])
+            sim.store(block, program)
+            if block in server.chunks:
+                server.touch([block], ReqContext(rid))
+            else:
+                if len(server.chunks) >= 6:
+                    server.evict(1, set())
+                server.on_store_miss([block], ReqContext(rid))
+                chunk = ChunkStatus(n)
+                chunk.ref_cnt = 0
+                server.insert(block, chunk)
+        assert set(sim.blocks) == set(server.chunks)
+    assert sim.owners.evicted_by_reason == server.evicted_by_reason

@@ -10,13 +10,11 @@ in reverse) go first.
 
 The chunk -> programs map is learnt from the requests that store or reuse a chunk (`ReqContext.req_id`,
 resolved by the scheduler plugin, which finds the policy in its connector when it is built and
-`attach`es its request -> program lookup and the book's next uses to it). Not vLLM's per-request
+`attach`es its request -> program lookup and the book's next uses to it); what a chunk's owners mean
+for its next use is hosttier/owners.py's, which the simulator's host tier runs too. Not vLLM's per-request
 `kv_hints`: a program's next use changes after its request arrived (its tool call's prediction comes
-when the call ends), so the policy asks the book at eviction time instead. A chunk several programs use (a
-common system prompt) is needed as soon as the first of them needs it: its next use is the soonest of
-theirs, so a shared prefix outlives any one program (evicting it would make every later block of every
-context that starts with it unreachable for prefix matching). Past `MAX_OWNERS` programs a chunk counts
-as needed now. Without the plugin (no `attach`) every chunk is a one-off's and the policy is LRU.
+when the call ends), so the policy asks the book at eviction time instead. Without the plugin (no
+`attach`) no program is known and the policy is LRU.
 """
 
 from __future__ import annotations
@@ -28,10 +26,9 @@ from vllm.v1.kv_offload.base import OffloadKey, ReqContext
 from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
 from vllm.v1.kv_offload.cpu.policies.lru import LRUCachePolicy
 
+from agentserve.hosttier.owners import ChunkOwners
 from agentserve.programs.next_use import NextUse
 
-MAX_OWNERS = 8  # programs remembered per chunk; a chunk shared more widely counts as needed now
-SHARED = "*"  # the owner set of a chunk shared past MAX_OWNERS
 
 def _no_owner(req_id: str) -> str | None:
     return None
@@ -40,30 +37,23 @@ def _no_owner(req_id: str) -> str | None:
 class NextUseCachePolicy(LRUCachePolicy):
     def __init__(self, cache_capacity: int):
         super().__init__(cache_capacity)
-        self.owners: dict[OffloadKey, set[str]] = {}  # empty: a one-off request's chunk
-        self.evicted_by_reason: dict[str, int] = {"never": 0, "later": 0}
+        self.chunks_of = ChunkOwners()  # which programs each chunk belongs to, and their next uses
         self.owner_of: Callable[[str], str | None] = _no_owner
-        self.next_use: NextUse | None = None
+
+    @property
+    def evicted_by_reason(self) -> dict[str, int]:
+        return self.chunks_of.evicted_by_reason
 
     def attach(self, owner_of: Callable[[str], str | None], next_use: NextUse) -> None:
         """The scheduler plugin's request -> program lookup and its book's next-use predictions."""
-        self.owner_of, self.next_use = owner_of, next_use
+        self.owner_of, self.chunks_of.next_use = owner_of, next_use
 
     def _claim(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
-        program = self.owner_of(req_context.req_id)
-        for key in keys:
-            owners = self.owners.setdefault(key, set())
-            if program is not None and SHARED not in owners:
-                owners.add(program)
-                if len(owners) > MAX_OWNERS:
-                    self.owners[key] = {SHARED}
+        self.chunks_of.claim(keys, self.owner_of(req_context.req_id))
 
-    def seconds_until(self, key: OffloadKey, next_use: NextUse) -> float:
+    def seconds_until(self, key: OffloadKey) -> float:
         """Seconds until the first of the chunk's programs needs it (NEVER for a one-off's)."""
-        owners = self.owners.get(key) or {None}
-        if SHARED in owners:
-            return 0.0
-        return min(next_use.seconds_until(p) for p in owners)
+        return self.chunks_of.seconds_until(key)
 
     def on_store_miss(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
         keys = list(keys)
@@ -82,11 +72,11 @@ class NextUseCachePolicy(LRUCachePolicy):
 
     def remove(self, key: OffloadKey) -> None:
         super().remove(key)
-        self.owners.pop(key, None)
+        self.chunks_of.forget(key)
 
     def clear(self) -> None:
         super().clear()
-        self.owners.clear()
+        self.chunks_of.clear()
 
     def evict(self, n: int, protected: set[OffloadKey]) -> list[tuple[OffloadKey, ChunkStatus]] | None:
         if n == 0:
@@ -94,8 +84,7 @@ class NextUseCachePolicy(LRUCachePolicy):
         candidates = [k for k in self._evictable if k not in protected]
         if len(candidates) < n:
             return None
-        next_use = self.next_use
-        until = {k: self.seconds_until(k, next_use) if next_use is not None else 0.0 for k in candidates}
+        until = {k: self.chunks_of.seconds_until(k) for k in candidates}
         # furthest next use first; among equals the least recently used (lowest LRU rank)
         victims = heapq.nsmallest(n, candidates, key=lambda k: (-until[k], self._ranks[k]))
         out = []
@@ -105,8 +94,7 @@ class NextUseCachePolicy(LRUCachePolicy):
             self._evictable.remove(key)
             del self.chunks[key]
             del self._ranks[key]
-            self.owners.pop(key, None)
-            self.evicted_by_reason["never" if until[key] == float("inf") else "later"] += 1
+            self.chunks_of.forget(key, until[key])
             out.append((key, chunk))
         self._maybe_compact_heap()
         return out

@@ -274,7 +274,7 @@ class SimEngine:
             request.held, request.anonymous = keys, need
             if loads:
                 loaded = request.stream.keys(hits + loads)[hits:]
-                self.host.load(loaded)
+                self.host.load(loaded, request.program)
                 for key in loaded:
                     self.pool.fill(key)
                 request.held, request.anonymous = keys + loaded, need - loads
@@ -308,7 +308,7 @@ class SimEngine:
                 request.anonymous -= 1
                 request.held.append(key)
                 if self.host is not None:
-                    self.host.store(key)
+                    self.host.store(key, request.program)
             if request.computed < request.total:
                 continue  # a prefill chunk
             request.generated += 1

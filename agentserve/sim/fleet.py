@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from agentserve.engine.turn_ledger import TurnLedger
+from agentserve.hosttier.owners import ChunkOwners
 from agentserve.options import ProgramOptions
 from agentserve.programs.book import ProgramBook
 from agentserve.programs.control import ControlPlane
@@ -120,7 +121,10 @@ class Fleet:
         if self.control is not None:
             book = ProgramBook(s.options.scheduler_config(), total_blocks=blocks, block_size=s.block_size,
                                max_model_len=s.kv_tokens, clock=lambda: self.now)
-        host = HostTier(s.host_kv_tokens // s.block_size) if s.host_kv_tokens else None
+        host = None
+        if s.host_kv_tokens:  # next-use orders by the book's predictions: with the plugin only, as the server
+            next_use = s.options.host.policy == "next-use" and book is not None
+            host = HostTier(s.host_kv_tokens // s.block_size, ChunkOwners(book.next_use) if next_use else None)
         engine = SimEngine(name, num_blocks=blocks, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
                            max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book, host=host,
                            turns=TurnLedger(lambda: self.now, max_finished=None) if s.turn_times else None)
