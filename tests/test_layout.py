@@ -4,6 +4,7 @@ count: a lazy import is still a dependency), and the engine's code does not impo
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import networkx as nx
@@ -16,6 +17,7 @@ def module_of(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def import_graph() -> nx.DiGraph:
     """agentserve's modules and, for each, the agentserve modules it imports anywhere in its file."""
     modules = {module_of(p): p for p in ROOT.rglob("*.py")}

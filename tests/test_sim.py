@@ -210,9 +210,7 @@ def test_policy_specs_are_the_replays_with_its_host_tier_sizes():
     from agentserve.sim.cli import policy_options
 
     base = ProgramOptions()
-    assert policy_options("vllm", base, 8192)[1].host.kv_tokens == 0
-    assert policy_options("oracle", base, 8192)[1].host.kv_tokens == 0
-    assert policy_options("vllm+offload", base, 8192)[1].host.kv_tokens == 4 * 8192
+    assert policy_options("vllm+offload", base, 8192)[1].host.kv_tokens == 4 * 8192  # the replay's default size
     name, options, fleet_options = policy_options("agentserve+max-wait=0+replicas=2+router=pow2", base, 8192)
     assert (name, options.policy, options.max_wait_s, options.host.kv_tokens) == ("agentserve", "agentserve", 0.0,
                                                                                    4 * 8192)

@@ -271,7 +271,7 @@ def test_policy_specs():
     assert policy_spec("agentserve+pin-mode=ordered+max-wait=0") == (
         "agentserve", ["--pin-mode", "ordered", "--max-wait", "0"])
     from agentserve.cli import build_parser
-    from agentserve.options import AdmissionOptions, EngineSettings, HostTierOptions, ProgramOptions, from_flags
+    from agentserve.options import AdmissionOptions, EngineSettings, ProgramOptions, from_flags
 
     args = EngineSetup(engine=EngineSettings(kv_tokens=4096)).serve_args("oracle", programs=4)
     assert args[args.index("--kv-tokens") + 1] == "131072" and args[args.index("--policy") + 1] == "vllm"
@@ -292,11 +292,7 @@ def test_policy_specs():
     assert policy_spec("vllm+replicas=2") == ("vllm", ["--replicas", "2"])  # stock vLLM on Ray Serve
     assert policy_spec("agentserve+admission-share=1.0+admission-max-hold=30") == (
         "agentserve", ["--admission-share", "1.0", "--admission-max-hold", "30"])
-    # the host tier: vllm+offload and the plugin policies get it, vllm and oracle never
-    tiered = EngineSetup(program=ProgramOptions(host=HostTierOptions(kv_tokens=65536)))
-    for policy, has_tier in (("vllm", False), ("oracle", False), ("vllm+offload", True), ("agentserve", True)):
-        args = tiered.serve_args(policy, programs=4)
-        assert (args[args.index("--host-kv-tokens") + 1] != "0") == has_tier, policy
+    # what each policy implies (host tier, plugin, the oracle's budget): tests/test_policies.py
     assert policy_spec("vllm+offload") == ("vllm+offload", [])  # a row of its own, served as vllm
     for bad in ("magic", "agentserve+x", "agentserve+colour=red", "oracle+max-wait=1", "vllm+pin-cap=1",
                 "oracle+replicas=2", "agentserve+offload", "oracle+offload"):
