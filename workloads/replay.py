@@ -22,7 +22,7 @@ from pathlib import Path
 import msgspec
 
 from agentserve.options import EngineSettings, ProgramOptions, flag_names, to_flags
-from agentserve import policies
+from agentserve import policies as policy_table
 from agentserve.server.process import ServerProcess
 from workloads.driver import Driver, ProgramRecord
 from workloads.filler import Filler, single_token_words
@@ -50,7 +50,7 @@ def policy_options() -> tuple[str, ...]:
 
 def policy_spec(spec: str) -> tuple[str, list[str]]:
     """(policy, extra `agentserve serve` arguments) of a policy spec; ValueError if malformed."""
-    policy, options = policies.split(spec)
+    policy, options = policy_table.split(spec)
     args: list[str] = []
     allowed = policy_options()
     for option in options:
@@ -83,7 +83,7 @@ class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def serve_args(self, policy: str, programs: int) -> list[str]:
         engine = msgspec.structs.replace(self.engine, max_model_len=self.context)
         name, extra = policy_spec(policy)
-        described = policies.get(name)
+        described = policy_table.get(name)
         if described.unbounded_kv:
             engine = msgspec.structs.replace(engine, kv_tokens=max(
                 ORACLE_MIN_KV_TOKENS, programs * self.context + engine.for_device().block_size))
@@ -229,7 +229,7 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
                 log_path = out_dir / f"server-{name}{suffix}.log"
                 with ServerProcess(setup.serve_args(name, len(programs)), log_path=str(log_path)) as srv:
                     # stock vLLM gets what a stock client sends; the plugin policies get the SDK
-                    client = "agentserve" if policies.get(policy_spec(name)[0]).plugin else "openai"
+                    client = "agentserve" if policy_table.get(policy_spec(name)[0]).plugin else "openai"
                     recs, counts, turns = drive(name, srv.base_url, client, programs, cfg, filler, progress,
                                                 probe, setup.engine.turn_times)
             else:

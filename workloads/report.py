@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from agentserve import policies
+from agentserve import policies as policy_table
 from workloads.driver import ProgramRecord
 from workloads.intervals import Interval
 
@@ -131,7 +131,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _plugin(name: str) -> bool:
     """Does the policy spec run agentserve's plugin (an endpoint's name is no policy: it does not)?"""
     try:
-        return policies.split(name)[0].plugin
+        return policy_table.split(name)[0].plugin
     except ValueError:
         return False
 
