@@ -7,7 +7,7 @@ common system prompt) is needed as soon as the first of them needs it: its next 
 theirs, so a shared prefix outlives any one program (evicting it would make every later block of every
 context that starts with it unreachable for prefix matching). Past `MAX_OWNERS` programs a chunk
 counts as needed now. A chunk no program claimed is a one-off request's: never needed again. The
-order: furthest next use first (`order_key`); the adapter breaks ties by least recent use.
+order: furthest next use first (`seconds_until`); the adapter breaks ties by least recent use.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ class ChunkOwners:
         for key in keys:
             owners = self.owners.get(key, NOBODY)
             if program is None or SHARED in owners or program in owners:
-                self.owners.setdefault(key, owners)
                 continue
             owners = owners | {program}
             self.owners[key] = frozenset({SHARED}) if len(owners) > MAX_OWNERS else owners
