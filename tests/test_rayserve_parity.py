@@ -10,7 +10,6 @@ import os
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import pytest
@@ -97,17 +96,22 @@ def test_a_tenants_cached_prefix_never_serves_another_tenant_on_the_same_replica
     chat(KEY_A, "salt-a", prompt)
     usage, home = chat(KEY_A, "salt-a", prompt)
     assert usage["prompt_tokens_details"]["cached_tokens"] > 0  # acme's own cache works
-    # bolt's new programs at once: placed within one load report, they spread over both replicas
-    with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda i: chat(KEY_B, f"salt-b{i}", prompt), range(6)))
-    for i in range(6):
-        call(f"/v1/programs/salt-b{i}/end", KEY_B)
+    # bolt's new programs, one at a time and left open: each one's pinned KV and queue count lower its
+    # replica's score, so placement turns to acme's replica within a few (timing decides only how many)
+    first_on_home, opened = None, []
+    for i in range(12):
+        opened.append(f"salt-b{i}")
+        usage, replica = chat(KEY_B, f"salt-b{i}", prompt)
+        if replica == home:
+            first_on_home = usage["prompt_tokens_details"]["cached_tokens"] or 0
+            break
+    for program in opened:
+        call(f"/v1/programs/{program}/end", KEY_B)
     call("/v1/programs/salt-a/end", KEY_A)
-    landed = [usage["prompt_tokens_details"]["cached_tokens"] or 0 for usage, replica in answers if replica == home]
-    assert landed, "no bolt request landed on acme's replica"
-    # the same prompt on acme's replica, another tenant: bolt's first finds nothing cached (with
-    # acme's prefix shared, every one of them would; later ones may hit bolt's own)
-    assert min(landed) == 0, landed
+    assert first_on_home is not None, "12 new bolt programs and none placed on acme's replica"
+    # the same prompt on acme's replica, another tenant: bolt's first there finds nothing cached (with
+    # acme's prefix shared across tenants it would find the whole prompt)
+    assert first_on_home == 0, first_on_home
 
 
 def test_metrics_of_every_process_reach_the_ingress(ray_app):
