@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from workloads.adapters import bfcl, continuum, fanout, minisweagent, openhands, sweagent
+from workloads.adapters import bfcl, continuum, fanout, minisweagent, openhands, sweagent, tracelab
 from workloads.schema import Program, Trace, TraceError
 
 
@@ -47,6 +47,7 @@ FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], list[Program]]
     "openhands": (openhands.detect, openhands.load),
     "sweagent": (sweagent.detect, sweagent.load),
     "bfcl": (bfcl.detect, bfcl.load),
+    "tracelab": (tracelab.detect, tracelab.load),
 }
 
 
