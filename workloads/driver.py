@@ -112,6 +112,15 @@ class Driver:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
+    def input_text(self, p: PlannedProgram, k: int, rng: random.Random) -> str:
+        """Turn k's new input: the program's own words, after the shared prefix's (the same for every
+        program naming it) on its first turn."""
+        tokens = p.turns[k].new_tokens
+        if k > 0 or p.shared is None:
+            return self.filler.text(tokens, rng)
+        head = self.filler.text(p.shared.tokens, random.Random(f"{self.seed}/shared/{p.shared.name}"))
+        return head + self.filler.text(tokens - p.shared.tokens, rng)
+
     async def program(self, p: PlannedProgram, sub_records: list[ProgramRecord], parent=None,
                       prefix: tuple[dict, ...] = (), workflow: str | None = None) -> ProgramRecord:
         """Run `p` (with the SDK: a sub-program of `parent`, if given), its conversation after `prefix`;
@@ -126,7 +135,7 @@ class Driver:
         messages: list[dict] = list(prefix)
         try:
             for k, turn in enumerate(p.turns):
-                messages.append({"role": "user", "content": self.filler.text(turn.new_tokens, rng)})
+                messages.append({"role": "user", "content": self.input_text(p, k, rng)})
                 last = k == len(p.turns) - 1
                 answer = await self.retried_turn(prog, messages, turn, last, rec)
                 messages.append({"role": "assistant", "content": answer})

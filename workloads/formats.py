@@ -3,7 +3,8 @@
 `auto` asks each adapter whether it recognises the file (by name and first record) and fails with
 the list of formats when none does. A directory loads every recognised file in it (sorted), so a
 folder of `.traj` files is one trace. `bfcl:<category>` loads a BFCL multi-turn category from the
-installed bfcl-eval package. `fanout:<K>[x<W>]:<trace>` builds fork/join workflows of K workers each (W waves of them) from
+installed bfcl-eval package. `coding:<N>[:<seed>]` generates N coding-agent sessions from published
+distributions (`coding_agent.py`). `fanout:<K>[x<W>]:<trace>` builds fork/join workflows of K workers each (W waves of them) from
 any of these (`adapters/fanout.py`). `agentserve` is this project's own schema as JSON (`schema.Trace`), so any
 other source can be converted once and replayed.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from workloads import coding_agent
 from workloads.adapters import bfcl, continuum, fanout, minisweagent, openhands, sweagent, tracelab
 from workloads.schema import Program, Trace, TraceError
 
@@ -56,8 +58,16 @@ def detect(path: Path) -> str | None:
 
 
 def load_trace(source: str | Path, fmt: str = "auto") -> Trace:
-    """Load a trace file, a directory of trace files, `bfcl:<category>` or `fanout:<K>[x<W>]:<any of these>`."""
+    """Load a trace file, a directory of trace files, `bfcl:<category>`, `coding:<N>[:<seed>]` or
+    `fanout:<K>[x<W>]:<any of these>`."""
     text = str(source)
+    if text.startswith("coding:"):
+        sessions, _, seed = text[len("coding:"):].partition(":")
+        if not sessions.isdigit() or int(sessions) < 1 or (seed and not seed.lstrip("-").isdigit()):
+            raise TraceError(text, "want coding:<N>[:<seed>], N >= 1 sessions (e.g. coding:64, coding:64:1)")
+        trace = coding_agent.generate(int(sessions), int(seed or 0))
+        _check_unique(Path(text), trace.programs)
+        return trace
     if text.startswith("fanout:"):
         shape, sep, base = text[len("fanout:"):].partition(":")
         width, x, waves = shape.partition("x")

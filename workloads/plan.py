@@ -21,7 +21,7 @@ from typing import Annotated
 
 import msgspec
 
-from workloads.schema import Program, Trace
+from workloads.schema import Program, SharedPrefix, Trace
 from workloads.tool_times import ToolTimeModel
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -66,6 +66,7 @@ class PlannedProgram(msgspec.Struct, frozen=True):
     arrival_s: float  # offset from the replay's start (rate mode; 0 in concurrency mode)
     turns: list[PlannedTurn]
     cut_for_context: bool  # turns were dropped because the context would not fit
+    shared: SharedPrefix | None = None  # the start of turn 0's input shared with other programs (scaled)
 
     def walk(self):
         """This program and every sub-program its turns spawn, depth first."""
@@ -129,4 +130,8 @@ def _program(prog: Program, suffix: str, arrival_s: float, cfg: ReplayConfig, to
     if last.spawn:  # cut right after a spawn: the join needs a turn after it, so the spawn goes too
         cut = True
     turns[-1] = PlannedTurn(last.new_tokens, last.output_tokens, None, 0.0, True)
-    return PlannedProgram(pid, prog.source, arrival_s, turns, cut)
+    shared = None
+    if prog.shared is not None and prefix == 0:  # a sub-program's prompt starts with its parent's
+        tokens = min(scale_tokens(prog.shared.tokens, cfg.token_scale, 1), turns[0].new_tokens)
+        shared = SharedPrefix(prog.shared.name, tokens)
+    return PlannedProgram(pid, prog.source, arrival_s, turns, cut, shared)

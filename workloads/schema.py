@@ -11,6 +11,11 @@ A program may spawn sub-programs (a multi-agent workflow, a DAG): a turn's `spaw
 parent's conversation so far as its prompt's prefix (the task they share); the parent's next turn
 waits until all of them have ended (a join). Sub-programs may spawn in turn.
 
+A program may start with a shared prefix (`shared`: a long system prompt and tool list that every
+program naming it begins with, as a coding agent's sessions do): the first `tokens` of its first
+turn's input are the same text in every program with the same `name`, so they can hit one another's
+cache. It is part of turn 0's `new_tokens`.
+
 Token counts are the source's own (provider tokenizer) where it reports them, else estimated from
 text at `CHARS_PER_TOKEN`. A tool duration of None means the source did not measure it; the driver
 fills it from the tool-time model (`tool_times.py`) with a seeded sample.
@@ -42,11 +47,17 @@ class Turn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     spawn: list[str] = []  # sub-programs started after this turn; the next turn joins them
 
 
+class SharedPrefix(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str  # programs naming the same prefix begin with the same text
+    tokens: Annotated[int, msgspec.Meta(ge=1)]
+
+
 class Program(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     id: str
     turns: list[Turn]
     source: str = ""  # the adapter that produced it
     subprograms: list["Program"] = []  # the programs its turns spawn (each exactly once)
+    shared: SharedPrefix | None = None  # the start of turn 0's input that other programs share
 
     def check(self) -> str | None:
         """What is wrong with this program's DAG (None: nothing): every spawn names a sub-program, each
@@ -58,6 +69,8 @@ class Program(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         if sorted(spawned) != sorted(ids):
             return (f"program {self.id!r}: its turns spawn {sorted(spawned)} but its sub-programs are "
                     f"{sorted(ids)} (each must be spawned exactly once)")
+        if self.shared is not None and (not self.turns or self.shared.tokens > self.turns[0].new_tokens):
+            return f"program {self.id!r}: its shared prefix is longer than its first turn's input"
         if self.turns and self.turns[-1].spawn:
             return f"program {self.id!r} spawns on its last turn: no later turn would join the sub-programs"
         return next((problem for s in self.subprograms if (problem := s.check()) is not None), None)

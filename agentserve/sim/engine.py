@@ -37,14 +37,19 @@ from agentserve.sim.pool import BlockKey, BlockPool
 
 class Stream:
     """A program's token stream, by block: block i's identity. A sub-program's stream starts with its
-    parent's first `prefix_tokens` tokens (its prompt extends the parent's context)."""
+    parent's first `prefix_tokens` tokens (its prompt extends the parent's context); a program with a
+    shared prefix starts with the blocks of every stream that names it (`shared`: its name, tokens)."""
 
-    def __init__(self, owner: str, block_size: int, parent: Stream | None = None, prefix_tokens: int = 0):
+    def __init__(self, owner: str, block_size: int, parent: Stream | None = None, prefix_tokens: int = 0,
+                 shared: tuple[str, int] | None = None):
         self.owner, self.block_size, self.parent = owner, block_size, parent
         self.shared_blocks = prefix_tokens // block_size if parent is not None else 0
+        self.prefix_name, self.prefix_blocks = (f"shared:{shared[0]}", shared[1] // block_size) if shared else ("", 0)
 
     def key(self, i: int) -> BlockKey:
-        return self.parent.key(i) if i < self.shared_blocks else (self.owner, i)
+        if i < self.shared_blocks:
+            return self.parent.key(i)
+        return (self.prefix_name, i) if i < self.prefix_blocks else (self.owner, i)
 
     def keys(self, n: int) -> list[BlockKey]:
         return [self.key(i) for i in range(n)]

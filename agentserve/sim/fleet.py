@@ -167,7 +167,8 @@ class Fleet:
                                tool_wait_s=0.0, workflow=parent.workflow if parent else plan.id,
                                parent=parent.plan.id if parent else None)
         bs = self.setup.block_size
-        stream = Stream(plan.id, bs, parent.stream, parent.context) if parent else Stream(plan.id, bs)
+        shared = (plan.shared.name, plan.shared.tokens) if plan.shared is not None else None
+        stream = Stream(plan.id, bs, parent.stream, parent.context) if parent else Stream(plan.id, bs, shared=shared)
         run = _Run(plan, record, stream, record.workflow, parent, context=parent.context if parent else 0)
         self.records.append(record)
         self._send(run)
