@@ -269,7 +269,7 @@ class TenantsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 # ---- the program layer ----------------------------------------------------------------------------
 
-Order = Literal["program", "workflow", "critical-path", "las", "arrival"]
+Order = Literal["program", "workflow", "critical-path", "las", "srpt", "arrival"]
 
 
 class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -298,7 +298,8 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "program; workflow = FCFS by workflow (a sub-agent keeps its root's rank); critical-path = by "
         "workflow, and among a workflow's sub-agents the one with the most predicted remaining work first; "
         "las = least attained service across workflows (Autellix's ATLAS), critical path within one; "
-        "arrival = request arrival, as stock vLLM (program order off: the ablation's switch). "
+        "srpt = the program with the least predicted remaining work first (the clairvoyant simulation's order "
+        "with true remaining work); arrival = request arrival, as stock vLLM (program order off: the ablation's switch). "
         "Every order keeps --max-wait")] = "critical-path"
     vllm_scheduling: Annotated[Literal["priority", "fcfs"], _help(
         "vLLM's scheduling policy under the plugin (the queue order is --order's either way): priority = "

@@ -4,8 +4,9 @@ this table imports nothing of agentserve.
 
 A serve policy is what `agentserve serve --policy` runs; a replay row (`serves` set) is a comparison
 a replay or simulation runs with a serve policy underneath: `vllm+offload` (stock vLLM with the host
-KV tier, what a user would deploy instead of agentserve) and `oracle` (stock vLLM with a KV budget
-nothing is evicted from: the bound any policy has). Adding a policy is an entry here and its TTL rule
+KV tier, what a user would deploy instead of agentserve), `oracle` (stock vLLM with a KV budget
+nothing is evicted from: the bound any residency policy has) and `clairvoyant` (simulator only:
+agentserve told the future, the headroom of better predictions; sim/clairvoyant.py). Adding a policy is an entry here and its TTL rule
 in its own module (a `TTLPolicy` with a `build` classmethod, ttl/policy.py).
 """
 
@@ -25,6 +26,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     ttl: str | None = None  # "module:Class" of its TTL rule (None: nothing is pinned)
     serves: str | None = None  # a replay row: the serve policy it runs with
     unbounded_kv: bool = False  # the oracle's KV budget: nothing is ever evicted
+    clairvoyant: bool = False  # simulator only: the plan's truth in place of every prediction (headroom)
 
 
 TABLE = (
@@ -39,6 +41,9 @@ TABLE = (
            host_tier=True, serves="vllm"),
     Policy(name="oracle", help="stock vLLM with a KV budget nothing is evicted from", plugin=False, serves="vllm",
            unbounded_kv=True),
+    Policy(name="clairvoyant", help="simulator only: agentserve told the plan's truth (each tool's duration, each "
+           "program's remaining work) and evicting on both tiers by true next use", plugin=True, reload_profile=True,
+           host_tier=True, ttl="agentserve.ttl.policy:CostBenefitTTL", serves="agentserve", clairvoyant=True),
 )
 POLICIES = {p.name: p for p in TABLE}
 SERVE_POLICIES = tuple(p.name for p in TABLE if p.serves is None)

@@ -37,13 +37,17 @@ def test_every_consumer_reads_the_row(name):
 
     row = policies.get(name)
     served = row.serves or name
-    # the replay serves it as its serve policy, with the host tier and the KV budget the row says
-    args = EngineSetup(engine=EngineSettings(kv_tokens=4096),
-                       program=ProgramOptions(host=HostTierOptions(kv_tokens=65536))).serve_args(name, programs=4)
-    parsed = build_parser().parse_args(["serve", *args])
-    served_options = from_flags(ProgramOptions, parsed)
-    assert served_options.policy == served and (served_options.host.kv_tokens != 0) == row.host_tier
-    assert (from_flags(EngineSettings, parsed).kv_tokens > 4096) == row.unbounded_kv
+    # the replay serves it as its serve policy, with the host tier and the KV budget the row says; a
+    # clairvoyant row knows the plan's future, which a served engine cannot: the replay refuses it
+    setup = EngineSetup(engine=EngineSettings(kv_tokens=4096), program=ProgramOptions(host=HostTierOptions(kv_tokens=65536)))
+    if row.clairvoyant:
+        with pytest.raises(ValueError, match="simulator only"):
+            setup.serve_args(name, programs=4)
+    else:
+        parsed = build_parser().parse_args(["serve", *setup.serve_args(name, programs=4)])
+        served_options = from_flags(ProgramOptions, parsed)
+        assert served_options.policy == served and (served_options.host.kv_tokens != 0) == row.host_tier
+        assert (from_flags(EngineSettings, parsed).kv_tokens > 4096) == row.unbounded_kv
     # the engine runs the plugin exactly when the row says
     settings = engine_settings_for(EngineSettings(model="tiny"), ProgramOptions(policy=served, host=HostTierOptions(
         kv_tokens=0)), "cpu")
@@ -55,6 +59,7 @@ def test_every_consumer_reads_the_row(name):
     assert (fleet.control is not None) == row.plugin
     assert (fleet.engines[0].pool.num_blocks > 8192 // 32) == row.unbounded_kv
     assert (fleet.engines[0].host is not None) == row.host_tier
+    assert (fleet.truth is not None) == row.clairvoyant == (fleet.engines[0].pool.next_use is not None)
     # a TTL rule exactly for the plugin policies; one that needs the measured reload curve refuses without it
     p = ToolDurationPredictor()
     rule = policies.make_ttl(name, predictor=p, reload=ReloadProfile(a=1.0, b=0, c=0, max_tokens=1))

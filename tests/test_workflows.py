@@ -202,6 +202,17 @@ def test_critical_path_serves_a_workflows_longest_sub_agent_first_and_keeps_the_
         assert [w.name for w in queue] == expected, order
 
 
+def test_srpt_serves_the_least_remaining_work_first_across_workflows():
+    clock = Clock()
+    b = book("srpt", clock, max_wait_s=0.5)
+    queue = ProgramQueue(ProgramFCFS(b, lambda r: r.program, lambda r: r.remaining))
+    now = clock.now
+    for w in (Waiting("early-long", "a", 1, now - 0.3, remaining=9.0), Waiting("late-short", "d", 2, now - 0.1, remaining=1.0),
+              Waiting("overdue", "e", 3, now - 1.0, remaining=99.0)):
+        queue.add_request(w)
+    assert [w.name for w in queue] == ["overdue", "late-short", "early-long"]
+
+
 # ---- remaining work and the join -----------------------------------------------------------------
 
 def test_remaining_calls_are_the_conditional_mean_of_finished_programs():
@@ -316,7 +327,7 @@ def test_no_rank_key_service_or_pin_outlives_its_workflow(events, order):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(0, 100), min_size=1, max_size=80), st.sampled_from(["workflow", "critical-path", "las"]))
+@given(st.lists(st.floats(0, 100), min_size=1, max_size=80), st.sampled_from(["workflow", "critical-path", "las", "srpt"]))
 def test_a_late_workflows_request_is_served_within_the_wait_bound_under_a_stream_of_earlier_ones(remaining, order):
     """Every tick an earlier workflow's sub-agent arrives (rank 0, any predicted remaining work) and one
     request is served. A later workflow's request (rank 9) still goes once it is overdue: the first

@@ -84,6 +84,8 @@ class EngineSetup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         engine = msgspec.structs.replace(self.engine, max_model_len=self.context)
         name, extra = policy_spec(policy)
         described = policy_table.get(name)
+        if described.clairvoyant:
+            raise ValueError(f"{policy!r} knows the plan's future: it runs in the simulator only (agentserve sim)")
         if described.unbounded_kv:
             engine = msgspec.structs.replace(engine, kv_tokens=max(
                 ORACLE_MIN_KV_TOKENS, programs * self.context + engine.for_device().block_size))

@@ -13,7 +13,9 @@ as stock vLLM's FCFS queue. The program's rank is the book's (a workflow's, for 
 attained service for "las").
 With the critical-path orders, requests of one rank (a workflow's sub-agents) go by predicted
 remaining work, most first (`remaining_of`): the join waits for the last child, so the longest goes
-first. A key may depend on state that changes outside the queue (pins, time): the queue's owner
+first. Order "srpt" ranks every program by its remaining work, least first (shortest remaining
+processing time: the mean-JCT optimum when the remaining work is known, as the clairvoyant simulation
+knows it; predicted, it orders by calls made). A key may depend on state that changes outside the queue (pins, time): the queue's owner
 re-keys then.
 """
 
@@ -43,7 +45,7 @@ class ProgramFCFS:
                  remaining_of: Callable[[object], float] = _no_remaining):
         self.book = book
         self.program_of = program_of
-        self.remaining_of = remaining_of if book.config.order in ("critical-path", "las") else _no_remaining
+        self.remaining_of = remaining_of if book.config.order in ("critical-path", "las", "srpt") else _no_remaining
 
     def __call__(self, request) -> QueueKey:
         if self.book.config.order == "arrival":  # program order off: stock vLLM's FCFS, preempted first
@@ -55,7 +57,7 @@ class ProgramFCFS:
             # here would let every earlier program's overdue turns pass a late program's, which under
             # overload (most requests overdue) is no bound at all.
             return (1, 0, 0.0, request.arrival_time)
-        first = -self.remaining_of(request)
-        if self.book.holds_pin(self.program_of(request)):
-            return (2, request.priority, first, request.arrival_time)
-        return (3, request.priority, first, request.arrival_time)
+        pinned = 2 if self.book.holds_pin(self.program_of(request)) else 3
+        if self.book.config.order == "srpt":
+            return (pinned, self.remaining_of(request), 0.0, request.arrival_time)
+        return (pinned, request.priority, -self.remaining_of(request), request.arrival_time)

@@ -31,6 +31,7 @@ from agentserve.programs.control import ControlPlane
 from agentserve.programs.queue_order import ProgramFCFS
 from agentserve.programs.fields import XARG_REMAINING, ProgramFields, ToolRun
 from agentserve.programs.tracker import ProgramTracker
+from agentserve.sim.clairvoyant import Truth
 from agentserve.sim.costs import CostModel
 from agentserve.sim.engine import SimEngine, SimRequest, Stream
 from agentserve.sim.host import HostTier
@@ -102,6 +103,8 @@ class Fleet:
                               host_tokens=setup.host_kv_tokens)
             self.control = ControlPlane(ProgramTracker(o.idle_timeout_s, clock=lambda: self.now), predictor, policy,
                                         self._link, benefit)
+        self.truth = Truth(self.control.policy, self.control.remaining.call_s, setup.cost.call_s) \
+            if described.clairvoyant else None
         kv_tokens = setup.kv_tokens if not described.unbounded_kv else 1 << 40
         blocks = -(-kv_tokens // setup.block_size)
         self.engines = [self._engine(f"r{i}", blocks) for i in range(setup.replicas)]
@@ -123,11 +126,13 @@ class Fleet:
                                max_model_len=s.kv_tokens, clock=lambda: self.now)
         host = None
         if s.host_kv_tokens:  # next-use orders by the book's predictions: with the plugin only, as the server
-            next_use = s.options.host.policy == "next-use" and book is not None
+            next_use = (s.options.host.policy == "next-use" or self.truth is not None) and book is not None
             host = HostTier(s.host_kv_tokens // s.block_size, ChunkOwners(book.next_use) if next_use else None)
         engine = SimEngine(name, num_blocks=blocks, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
                            max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book, host=host,
                            turns=TurnLedger(lambda: self.now, max_finished=None) if s.turn_times else None)
+        if self.truth is not None:  # the device evicts by true next use too (a shared prefix: needed now)
+            engine.pool.next_use = lambda owner: 0.0 if owner.startswith("shared:") else book.next_use.seconds_until(owner)
         if book is not None:
             engine.order = ProgramFCFS(book, lambda r: r.program, lambda r: r.remaining_s)
             engine.priority_preemption = s.options.vllm_scheduling == "priority"
@@ -189,6 +194,8 @@ class Fleet:
                 parent_program_id=parent if run.turn == 0 else None, tools_done=run.tools_done or None),
                 prompt, turn.output_tokens)
             run.tools_done = []
+            if self.truth is not None:
+                self.truth.amend(xargs, run.plan, run.turn, prompt + turn.output_tokens)
             request.xargs = xargs  # as the engine request carries them
             request.remaining_s = float(xargs.get(XARG_REMAINING, 0.0))
         request.owner = run

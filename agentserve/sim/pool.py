@@ -6,12 +6,17 @@ blocks are cached under their key; a block whose reference count drops to 0 stay
 free queue, until a new allocation evicts it (vLLM frees a request's blocks tail first, so its tail
 is evicted first). Blocks that are not full yet are anonymous. Invariant (`check`): every block is
 free-anonymous, cached-free, or referenced, and they add up to the pool.
+
+With `next_use` (seconds until a stream's owner needs its blocks again; the clairvoyant policy's true
+next use), an allocation evicts instead from the owner needed furthest ahead (Belady's choice, by
+owner), that owner's tail first: a mechanism vLLM's pool does not have, for measuring headroom.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 
 BlockKey = tuple[str, int]
 
@@ -27,8 +32,9 @@ def leading(keys: Iterable[BlockKey], held: Container[BlockKey]) -> int:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, next_use: Callable[[str], float] | None = None):
         self.num_blocks = num_blocks
+        self.next_use = next_use
         self.empty = num_blocks  # never used, or freed before filling
         self.ref: dict[BlockKey, int] = {}  # cached full blocks -> references (0: in the free queue)
         self.lru: OrderedDict[BlockKey, None] = OrderedDict()  # cached blocks with no reference, oldest first
@@ -54,15 +60,26 @@ class BlockPool:
         if there are not enough."""
         if n > self.num_free():
             return False
-        for _ in range(n):
-            if self.empty:
-                self.empty -= 1
-            else:
-                key, _ = self.lru.popitem(last=False)
-                del self.ref[key]
-                self.evictions += 1
-            self.anonymous += 1
+        fresh = min(n, self.empty)
+        self.empty -= fresh
+        for key in self._victims(n - fresh):
+            del self.lru[key]
+            del self.ref[key]
+            self.evictions += 1
+        self.anonymous += n
         return True
+
+    def _victims(self, n: int) -> list[BlockKey]:
+        if n <= 0:
+            return []
+        if self.next_use is None:
+            return list(itertools.islice(self.lru, n))
+        # by owner, the one needed furthest ahead first; each owner's in queue order (its tail first)
+        owners: dict[str, list[BlockKey]] = {}
+        for key in self.lru:
+            owners.setdefault(key[0], []).append(key)
+        ranked = sorted(owners, key=self.next_use, reverse=True)
+        return list(itertools.islice((key for owner in ranked for key in owners[owner]), n))
 
     def fill(self, key: BlockKey) -> None:
         """An anonymous block became full with `key`'s content: cached, referenced once. If another
