@@ -99,4 +99,7 @@ class TraceError(ValueError):
     def __init__(self, path: object, problem: str, line: int | None = None):
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {problem}")
-        self.path, self.line = path, line
+        self.path, self.problem, self.line = path, problem, line
+
+    def __reduce__(self):  # picklable (a worker process's error reaches its pool)
+        return TraceError, (self.path, self.problem, self.line)

@@ -1,0 +1,92 @@
+"""The headroom table: how far each clairvoyant policy, and the oracle, is from vllm+offload on each
+load, host-tier size and device, in the simulator (agentserve/sim/clairvoyant.py). It says where better
+residency and order could pay and where nothing can, before any of it is built.
+
+A load is NAME=TRACE:PROGRAMS:RATE:TOKEN_SCALE:MAX_TURNS; a device is PROFILE:KV_TOKENS (its device KV
+budget); a tier is the host KV tier as a multiple of the device budget.
+
+    python bench/headroom.py --jobs 2 --out bench-out/headroom \
+        --load swe=../shared/traces/swe/minisweagent_gemini3pro/per_turn_400.jsonl:16:1.0:0.25:10 \
+        --load bfcl=bfcl:base:16:1.0:0.25:10 --device cpu-bench:8192 --tiers 1,2,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+POLICIES = ("vllm+offload", "agentserve", "clairvoyant", "clairvoyant+order=srpt", "oracle")
+
+
+def parse_load(text: str) -> dict:
+    name, sep, rest = text.partition("=")
+    parts = rest.rsplit(":", 4)
+    if not sep or len(parts) != 5:
+        raise SystemExit(f"--load wants NAME=TRACE:PROGRAMS:RATE:TOKEN_SCALE:MAX_TURNS, not {text!r}")
+    trace, programs, rate, scale, turns = parts
+    return {"name": name, "trace": trace, "programs": int(programs), "rate": float(rate),
+            "token_scale": float(scale), "max_turns": int(turns)}
+
+
+def one(job: dict) -> dict:
+    from agentserve.options import HostTierOptions, ProgramOptions
+    from agentserve.sim.cli import FleetShape, simulate
+    from agentserve.sim.costs import load_profile
+    from workloads.formats import load_trace
+    from workloads.plan import ReplayConfig, plan
+    from workloads.tool_times import ToolTimeModel
+
+    load, kv = job["load"], job["kv_tokens"]
+    cfg = ReplayConfig(programs=load["programs"], rate=load["rate"], token_scale=load["token_scale"],
+                       max_turns=load["max_turns"], seed=job["seed"])
+    programs = plan(load_trace(load["trace"]), cfg, ToolTimeModel.load(), min(kv, job["context"]))
+    base = ProgramOptions(host=HostTierOptions(kv_tokens=job["tier"] * kv))
+    t0 = time.monotonic()
+    summaries, _ = simulate(programs, list(POLICIES), base, load_profile(job["profile"]),
+                            FleetShape(kv_tokens=kv, max_num_seqs=job["max_num_seqs"]), seed=job["seed"])
+    return {"load": load["name"], "profile": job["profile"], "kv_tokens": kv, "tier": job["tier"],
+            "wall_s": round(time.monotonic() - t0, 1),
+            "policies": {p: {"jct_mean": s.jct_mean, "jct_p95": s.jct_p95, "ttft_p99": s.ttft_p99,
+                             "hit_rate": s.prefix_hit_rate, "host_hit_rate": s.host_hit_rate}
+                         for p, s in summaries.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--load", action="append", type=parse_load, required=True)
+    ap.add_argument("--device", action="append", required=True, help="PROFILE:KV_TOKENS")
+    ap.add_argument("--tiers", default="1,2,8", help="host tier sizes, x the device budget (default: 1,2,8)")
+    ap.add_argument("--context", type=int, default=131072, help="longest context a call may have")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench-out/headroom"))
+    a = ap.parse_args()
+    jobs = []
+    for device in a.device:
+        profile, _, kv = device.rpartition(":")
+        for load in a.load:
+            for tier in (int(t) for t in a.tiers.split(",")):
+                jobs.append({"load": load, "profile": profile, "kv_tokens": int(kv), "tier": tier, "seed": a.seed,
+                             "context": a.context, "max_num_seqs": a.max_num_seqs})
+    with ProcessPoolExecutor(a.jobs) as pool:
+        rows = list(pool.map(one, jobs))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "headroom.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows},
+                                                    indent=1))
+    print("mean JCT / vllm+offload's (below 1: faster); vllm+offload's own mean JCT and hit rates")
+    print("| device | load | host tier | vllm+offload s (hit, host hit) | " + " | ".join(POLICIES[1:]) + " |")
+    print("|---|---|---|---|" + "---:|" * (len(POLICIES) - 1))
+    for r in rows:
+        base = r["policies"]["vllm+offload"]
+        cells = " | ".join(f"{r['policies'][p]['jct_mean'] / base['jct_mean']:.2f}" for p in POLICIES[1:])
+        print(f"| {r['profile']} {r['kv_tokens']:,} | {r['load']} | {r['tier']}x | {base['jct_mean']:.1f} "
+              f"({base['hit_rate']:.2f}, {base['host_hit_rate'] or 0:.2f}) | {cells} |")
+    print(f"written: {a.out}/headroom.json")
+
+
+if __name__ == "__main__":
+    main()
