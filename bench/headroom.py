@@ -1,6 +1,6 @@
-"""The headroom table: how far each clairvoyant policy, and the oracle, is from vllm+offload on each
-load, host-tier size and device, in the simulator (agentserve/sim/clairvoyant.py). It says where better
-residency and order could pay and where nothing can, before any of it is built.
+"""The headroom table: how far each clairvoyant policy, admission, and the oracle are from vllm+offload
+on each load, host-tier size and device, in the simulator (agentserve/sim/clairvoyant.py). It says
+where better residency, order or admission could pay and where nothing can, before any of it is built.
 
 A load is NAME=TRACE:PROGRAMS:RATE:TOKEN_SCALE:MAX_TURNS; a device is PROFILE:KV_TOKENS (its device KV
 budget); a tier is the host KV tier as a multiple of the device budget.
@@ -18,7 +18,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-POLICIES = ("vllm+offload", "agentserve", "clairvoyant", "clairvoyant+order=srpt", "oracle")
+# the baseline first; admission at a share of 1.0: admitted programs' footprints fill the device budget
+POLICIES = ("vllm+offload", "agentserve", "clairvoyant", "clairvoyant+order=srpt", "agentserve+admission-share=1.0",
+            "clairvoyant+admission-share=1.0", "oracle")
 
 
 def parse_load(text: str) -> dict:
@@ -45,7 +47,7 @@ def one(job: dict) -> dict:
     programs = plan(load_trace(load["trace"]), cfg, ToolTimeModel.load(), min(kv, job["context"]))
     base = ProgramOptions(host=HostTierOptions(kv_tokens=job["tier"] * kv))
     t0 = time.monotonic()
-    summaries, _ = simulate(programs, list(POLICIES), base, load_profile(job["profile"]),
+    summaries, _ = simulate(programs, job["policies"], base, load_profile(job["profile"]),
                             FleetShape(kv_tokens=kv, max_num_seqs=job["max_num_seqs"]), seed=job["seed"])
     return {"load": load["name"], "profile": job["profile"], "kv_tokens": kv, "tier": job["tier"],
             "wall_s": round(time.monotonic() - t0, 1),
@@ -62,6 +64,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=131072, help="longest context a call may have")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policies", type=lambda v: [p for p in v.split(",") if p], default=list(POLICIES),
+                    help="the first is the baseline (default: " + ",".join(POLICIES) + ")")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench-out/headroom"))
     a = ap.parse_args()
@@ -71,18 +75,19 @@ def main() -> None:
         for load in a.load:
             for tier in (int(t) for t in a.tiers.split(",")):
                 jobs.append({"load": load, "profile": profile, "kv_tokens": int(kv), "tier": tier, "seed": a.seed,
-                             "context": a.context, "max_num_seqs": a.max_num_seqs})
+                             "context": a.context, "max_num_seqs": a.max_num_seqs, "policies": a.policies})
     with ProcessPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(one, jobs))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "headroom.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows},
                                                     indent=1))
-    print("mean JCT / vllm+offload's (below 1: faster); vllm+offload's own mean JCT and hit rates")
-    print("| device | load | host tier | vllm+offload s (hit, host hit) | " + " | ".join(POLICIES[1:]) + " |")
-    print("|---|---|---|---|" + "---:|" * (len(POLICIES) - 1))
+    print(f"mean JCT / {a.policies[0]}'s (below 1: faster); its own mean JCT and hit rates")
+    first, rest = a.policies[0], a.policies[1:]
+    print(f"| device | load | host tier | {first} s (hit, host hit) | " + " | ".join(rest) + " |")
+    print("|---|---|---|---|" + "---:|" * len(rest))
     for r in rows:
-        base = r["policies"]["vllm+offload"]
-        cells = " | ".join(f"{r['policies'][p]['jct_mean'] / base['jct_mean']:.2f}" for p in POLICIES[1:])
+        base = r["policies"][first]
+        cells = " | ".join(f"{r['policies'][p]['jct_mean'] / base['jct_mean']:.2f}" for p in rest)
         print(f"| {r['profile']} {r['kv_tokens']:,} | {r['load']} | {r['tier']}x | {base['jct_mean']:.1f} "
               f"({base['hit_rate']:.2f}, {base['host_hit_rate'] or 0:.2f}) | {cells} |")
     print(f"written: {a.out}/headroom.json")

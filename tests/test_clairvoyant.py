@@ -90,3 +90,19 @@ def test_the_simulator_runs_it_and_a_replay_refuses_it():
     assert all(r.error is None and len(r.turns) == 2 for r in records)
     with pytest.raises(ValueError, match="simulator only"):
         EngineSetup().serve_args("clairvoyant", 4)
+
+
+def test_the_truth_gate_counts_each_programs_true_peak_from_its_first_request():
+    from agentserve.programs.admission import AdmissionGate
+    from agentserve.sim.clairvoyant import TruthGate, peak_tokens
+
+    plan = program("big", 0.0, [(100, 10, 1.0), (900, 10, 0.0)])
+    assert peak_tokens(plan, 50) == 50 + 100 + 10 + 900 + 10 + 2 * 12  # a sub-program's prefix, then each call
+    online = AdmissionGate(1500, 1.0)
+    online.admits("first", 800, 0.0, 0.0)
+    assert online.admits("big", 112, 0.0, 0.0)  # the online gate sees a 112-token prompt and lets it in
+    truth = TruthGate(AdmissionGate(1500, 1.0), {"big": peak_tokens(plan, 0), "first": 800})
+    assert truth.admits("first", 800, 0.0, 0.0)
+    assert not truth.admits("big", 112, 0.0, 0.0)  # 800 + its peak of 1044 tokens > 1500: held
+    truth.end("first")
+    assert truth.admits("big", 112, 1.0, 1.0) and truth.load == 1044

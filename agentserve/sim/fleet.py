@@ -132,6 +132,7 @@ class Fleet:
                            max_batched_tokens=s.max_batched_tokens, cost=s.cost, book=book, host=host,
                            turns=TurnLedger(lambda: self.now, max_finished=None) if s.turn_times else None)
         if self.truth is not None:  # the device evicts by true next use too (a shared prefix: needed now)
+            book.admission = self.truth.gate(book.admission)
             engine.pool.next_use = lambda owner: 0.0 if owner.startswith("shared:") else book.next_use.seconds_until(owner)
         if book is not None:
             engine.order = ProgramFCFS(book, lambda r: r.program, lambda r: r.remaining_s)
@@ -175,6 +176,8 @@ class Fleet:
         shared = (plan.shared.name, plan.shared.tokens) if plan.shared is not None else None
         stream = Stream(plan.id, bs, parent.stream, parent.context) if parent else Stream(plan.id, bs, shared=shared)
         run = _Run(plan, record, stream, record.workflow, parent, context=parent.context if parent else 0)
+        if self.truth is not None:
+            self.truth.started(plan, run.context)
         self.records.append(record)
         self._send(run)
 
