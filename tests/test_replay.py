@@ -140,3 +140,22 @@ def test_replay_keeps_the_engine_turn_split_of_every_call(tmp_path):
         assert split["calls"] == len(turns[name]) and split["front_end"] > 0  # the client sees more than the engine
     assert {t.program for t in turns["vllm+offload"]} == {None}  # plain OpenAI calls name no program
     assert all(t.program for t in turns["agentserve"])
+
+
+@pytest.mark.parametrize("trace", ["coding:2", "workloads/data/tracelab_example.jsonl"])
+def test_the_realistic_loads_replay_end_to_end(trace, tmp_path):
+    """The coding-agent sessions (a shared system prompt, sub-agents) and TraceLab's rows (a compacted
+    session continued as a new program) through the one-flag alternative and agentserve."""
+    cfg = ReplayConfig(programs=3, rate=2.0, token_scale=0.01 if trace.startswith("coding") else 0.1,
+                       time_scale=0.1, max_turns=6, seed=1)
+    policies = ["vllm+offload", "agentserve"]
+    replay(trace, policies=policies, cfg=cfg, setup=SETUP, out_dir=tmp_path, progress=False, log=lambda *_: None)
+    results = msgspec.json.decode((tmp_path / "results.json").read_bytes(), type=Results, strict=True)
+    planned = results.config["plan"]
+    calls = planned["llm_calls"]
+    assert calls >= 6
+    for name in policies:
+        r = results.policies[name]
+        assert r.programs_failed == 0 and r.llm_calls == calls, (name, r.errors)
+        assert r.programs_completed == planned["programs"] + planned["sub_programs"]
+        assert r.prefix_hit_rate > 0  # later calls reuse earlier ones (and the coding sessions a shared prompt)
