@@ -145,10 +145,10 @@ def test_replay_keeps_the_engine_turn_split_of_every_call(tmp_path):
 @pytest.mark.parametrize("trace", ["coding:2", "workloads/data/tracelab_example.jsonl"])
 def test_the_realistic_loads_replay_end_to_end(trace, tmp_path):
     """The coding-agent sessions (a shared system prompt, sub-agents) and TraceLab's rows (a compacted
-    session continued as a new program) through the one-flag alternative and agentserve."""
+    session continued as a new program) through stock vLLM, vllm+offload, agentserve and the oracle."""
     cfg = ReplayConfig(programs=3, rate=2.0, token_scale=0.01 if trace.startswith("coding") else 0.1,
                        time_scale=0.1, max_turns=6, seed=1)
-    policies = ["vllm+offload", "agentserve"]
+    policies = ["vllm", "vllm+offload", "agentserve", "oracle"]
     replay(trace, policies=policies, cfg=cfg, setup=SETUP, out_dir=tmp_path, progress=False, log=lambda *_: None)
     results = msgspec.json.decode((tmp_path / "results.json").read_bytes(), type=Results, strict=True)
     planned = results.config["plan"]
