@@ -79,7 +79,7 @@ bench: install swe-trace
 ABLATION_ROWS ?= vllm+offload agentserve agentserve+vllm-scheduling=fcfs agentserve+order=arrival \
 	agentserve+max-wait=0 agentserve+one-off-blocks=lru agentserve+max-ttl=0 \
 	agentserve+vllm-scheduling=fcfs+order=arrival+max-wait=0+one-off-blocks=lru+max-ttl=0 \
-	agentserve+admission-share=1.0 agentserve+host-policy=next-use fixed agentserve+max-wait=5
+	agentserve+admission-mode=on agentserve+host-policy=next-use fixed agentserve+max-wait=5
 ABLATION_ROUNDS ?= 4
 ABLATION_LOADS  ?= swe bfcl
 empty :=

@@ -143,13 +143,22 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class AdmissionOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Program admission (programs/admission.py): off while share is 0."""
+    """Working-set admission (programs/admission.py, programs/contention.py)."""
 
+    mode: Annotated[Literal["auto", "on", "off"], _help(
+        "working-set admission: run the programs whose KV fits, hold the others' requests and pause "
+        "admitted programs at tool boundaries (latest first) when their contexts outgrow the budget; "
+        "auto = only while the engine is contended (live programs' KV beyond the budget and re-needed KV "
+        "being lost), on = always, off = every program runs at once")] = "auto"
     share: Annotated[float, Meta(ge=0), _help(
-        "program admission: hold a new program's first request while the admitted programs' contexts "
-        "fill this share of the KV budget (0 = off, every program starts at once)", metavar="SHARE")] = 0.0
+        "share of the KV budget the admitted programs' contexts may fill (0 = admission off)",
+        metavar="SHARE")] = 1.0
+    pause: Annotated[bool, _help(
+        "pause admitted programs in a tool call to keep the admitted set within the budget; --no-admission-pause "
+        "holds only new programs (admitted ones run until they end)")] = True
     max_hold_s: Annotated[float, Meta(ge=0), _help(
-        "a new program held this long is admitted anyway (0 = no bound)", metavar="S")] = 60.0
+        "a request held this long is admitted anyway, a paused program's or a new one's (0 = no bound)",
+        metavar="S")] = 60.0
     # Before any program has ended, a program is expected to grow to this share of the context window.
     default_peak_share: Annotated[Share, _help(
         "expected peak context of a program before any has ended, as a share of max-model-len",

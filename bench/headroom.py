@@ -19,8 +19,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 # the baseline first; admission at a share of 1.0: admitted programs' footprints fill the device budget
-POLICIES = ("vllm+offload", "agentserve", "clairvoyant", "clairvoyant+order=srpt", "agentserve+admission-share=1.0",
-            "clairvoyant+admission-share=1.0", "oracle")
+POLICIES = ("vllm+offload", "agentserve", "clairvoyant", "clairvoyant+order=srpt", "agentserve+admission-mode=on",
+            "clairvoyant+admission-mode=on", "oracle")
 
 
 def parse_load(text: str) -> dict:
@@ -52,6 +52,7 @@ def one(job: dict) -> dict:
     return {"load": load["name"], "profile": job["profile"], "kv_tokens": kv, "tier": job["tier"],
             "wall_s": round(time.monotonic() - t0, 1),
             "policies": {p: {"jct_mean": s.jct_mean, "jct_p95": s.jct_p95, "ttft_p99": s.ttft_p99,
+                             "ttft_later_p99": s.ttft_later_p99,
                              "hit_rate": s.prefix_hit_rate, "host_hit_rate": s.host_hit_rate}
                          for p, s in summaries.items()}}
 

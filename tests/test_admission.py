@@ -74,7 +74,7 @@ def admission_scheduler(share: float, max_hold_s: float = 60.0):
     return offline.build_scheduler(EngineSettings(
         model="tiny", kv_tokens=4096, max_model_len=4096, max_num_seqs=8, scheduling_policy="priority",
         scheduler_cls="agentserve.engine.scheduler.ProgramScheduler",
-        additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": 2.0, "admission": {"share": share,
+        additional_config={"agentserve": {"pin_cap_share": 0.5, "max_wait_s": 2.0, "admission": {"mode": "on", "share": share,
                                                                                         "max_hold_s": max_hold_s}}}))
 
 

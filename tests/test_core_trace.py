@@ -24,7 +24,7 @@ from agentserve.sim.engine import SimEngine, SimRequest, Stream
 PLUGIN = "agentserve.engine.scheduler.ProgramScheduler"
 KV_TOKENS, BLOCK, MAX_LEN, SEQS, BATCHED = 4096, 32, 2048, 6, 2048
 STEP_S = 0.05  # the fake clock's step
-CONFIG = {"pin_cap_share": 0.6, "max_wait_s": 1.0, "admission": {"share": 0.9, "max_hold_s": 2.0}}
+CONFIG = {"pin_cap_share": 0.6, "max_wait_s": 1.0, "admission": {"mode": "on", "share": 0.9, "max_hold_s": 2.0}}
 SAMPLED = 7  # the stub model's every token
 
 

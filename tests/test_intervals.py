@@ -76,7 +76,7 @@ def test_speed_normalization_is_a_no_op_on_identical_runs():
     out = compare(records, probes, [("agentserve", "vllm+offload")])
     raw = [(i.metric, i.ratio, i.lo, i.hi) for i in out if not i.normalized]
     normalized = [(i.metric, i.ratio, i.lo, i.hi) for i in out if i.normalized]
-    assert len(raw) == 4 and raw == normalized
+    assert len(raw) == 5 and raw == normalized
 
 
 def test_speed_normalization_takes_out_a_slow_spell_of_the_machine():

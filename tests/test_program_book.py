@@ -130,7 +130,7 @@ def test_no_wait_bound_means_nothing_is_overdue():
 def test_admission_holds_a_new_program_while_admitted_contexts_fill_the_budget():
     clock = Clock()
     # budget 100 blocks x 32 = 3200 tokens; share 0.5 -> 1600; expected peak 0.25 x 4096 = 1024
-    b = book(clock, admission=AdmissionOptions(share=0.5, max_hold_s=10.0))
+    b = book(clock, admission=AdmissionOptions(mode="on", share=0.5, max_hold_s=10.0))
     b.arrive("a0", "A", 1000)
     assert b.may_start("a0", 1000, clock.now)  # nothing admitted: always
     b.arrive("b0", "B", 1000)

@@ -43,7 +43,7 @@ def scheduler_for(pin_mode: str, admission_share: float = 0.0, async_scheduling:
         model="tiny", kv_tokens=2048, max_model_len=2048, max_num_seqs=6, scheduling_policy="priority",
         scheduler_cls=plugin.__name__ + ".ProgramScheduler",
         additional_config={"agentserve": {"pin_cap_share": 0.6, "max_wait_s": 1.0, "pin_mode": pin_mode,
-                                          "admission": {"share": admission_share, "max_hold_s": 2.0}}}),
+                                          "admission": {"mode": "on" if admission_share else "off", "share": admission_share or 1.0, "max_hold_s": 2.0}}}),
         async_scheduling=async_scheduling)
 
 

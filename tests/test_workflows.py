@@ -159,7 +159,7 @@ def test_admission_weighs_a_workflow_by_its_expected_size_and_never_holds_its_su
 
     clock = Clock()
     # budget 100 blocks x 32 = 3200 tokens, half of it admits: 1600; every program's footprint >= 400
-    b = book("critical-path", clock, admission=AdmissionOptions(share=0.5, default_peak_share=400 / 4096))
+    b = book("critical-path", clock, admission=AdmissionOptions(mode="on", share=0.5, default_peak_share=400 / 4096))
     assert b.expected_workflow_size == 1.0
     assert b.arrive("r0", "R", 400, workflow="R") == 0 and b.may_start("r0", 400, clock.now)
     for k in range(3):  # R's three sub-agents join its admission without a check

@@ -280,18 +280,22 @@ def test_policy_specs():
     # what a replay passes on is what `agentserve serve` reads back, for every option the setup holds
     setup = EngineSetup(engine=EngineSettings(kv_tokens=4096, block_size=64, dtype="bfloat16"),
                         program=ProgramOptions(max_wait_s=0.0, pin_mode="ordered",
-                                               admission=AdmissionOptions(share=0.8, max_hold_s=5.0)))
+                                               admission=AdmissionOptions(mode="on", share=0.8, max_hold_s=5.0)))
     parsed = build_parser().parse_args(["serve", *setup.serve_args("fixed+fixed-ttl=3", programs=4)])
     assert from_flags(EngineSettings, parsed) == EngineSettings(kv_tokens=4096, block_size=64, dtype="bfloat16",
                                                                 max_model_len=4096)
     assert from_flags(ProgramOptions, parsed) == ProgramOptions(
         policy="fixed", fixed_ttl_s=3.0, max_wait_s=0.0, pin_mode="ordered",
-        admission=AdmissionOptions(share=0.8, max_hold_s=5.0))
+        admission=AdmissionOptions(mode="on", share=0.8, max_hold_s=5.0))
     assert policy_spec("agentserve+replicas=2+router=prefix") == (
         "agentserve", ["--replicas", "2", "--router", "prefix"])
     assert policy_spec("vllm+replicas=2") == ("vllm", ["--replicas", "2"])  # stock vLLM on Ray Serve
     assert policy_spec("agentserve+admission-share=1.0+admission-max-hold=30") == (
         "agentserve", ["--admission-share", "1.0", "--admission-max-hold", "30"])
+    assert policy_spec("agentserve+admission-pause=false+admission-mode=on") == (
+        "agentserve", ["--no-admission-pause", "--admission-mode", "on"])  # a switch is true or false
+    with pytest.raises(ValueError, match="true or false"):
+        policy_spec("agentserve+admission-pause=maybe")
     # what each policy implies (host tier, plugin, the oracle's budget): tests/test_policies.py
     assert policy_spec("vllm+offload") == ("vllm+offload", [])  # a row of its own, served as vllm
     for bad in ("magic", "agentserve+x", "agentserve+colour=red", "oracle+max-wait=1", "vllm+pin-cap=1",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 
-from agentserve.options import EngineSettings, ProgramOptions, flag_names, to_flags
+from agentserve.options import EngineSettings, ProgramOptions, flag_names, flags, to_flags
 from agentserve import policies as policy_table
 from agentserve.server.process import ServerProcess
 from workloads.driver import Driver, ProgramRecord
@@ -60,8 +60,17 @@ def policy_spec(spec: str) -> tuple[str, list[str]]:
                              f"{', '.join(allowed)}")
         if policy.unbounded_kv or (not policy.plugin and key not in _RAY_OPTIONS):
             raise ValueError(f"{spec!r}: policy {policy.name} runs without the plugin and takes no options")
-        args += [f"--{key}", value]
+        if key in _bool_options():  # a switch: KEY=true is --KEY, KEY=false --no-KEY
+            if value not in ("true", "false"):
+                raise ValueError(f"bad policy option {option!r} in {spec!r}: {key} is true or false")
+            args.append(f"--{key}" if value == "true" else f"--no-{key}")
+        else:
+            args += [f"--{key}", value]
     return policy.name, args
+
+
+def _bool_options() -> set[str]:
+    return {f.flag[2:] for f in flags(ProgramOptions) if f.kind is bool}
 
 
 # The oracle's KV budget: large enough that nothing is evicted, raised to hold every program at once.

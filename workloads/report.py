@@ -47,6 +47,7 @@ class PolicyResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     workflow_jct_p95: Seconds | None = None
     workflows_completed: Count = 0
     speed_probe_s: Seconds | None = None  # the engine speed probe before the run (rounds: their median)
+    ttft_later_p99: Seconds | None = None  # over turns after each program's first (admission holds first turns)
 
 
 class Results(msgspec.Struct, forbid_unknown_fields=True):
@@ -85,6 +86,7 @@ def summarize(records: list[ProgramRecord], server: dict) -> PolicyResult:
         jct_mean=sum(jcts) / len(jcts) if jcts else None,
         jct_p50=percentile(jcts, 50), jct_p95=percentile(jcts, 95), jct_p99=percentile(jcts, 99),
         ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
+        ttft_later_p99=percentile([t.first_token - t.sent for r in records for t in r.turns[1:]], 99),
         prefix_hit_rate=hit, preemptions=server.get("preemptions"),
         host_hit_rate=(min(1.0, server["host_hit_tokens"] / prompt) if prompt and server.get("host_hit_tokens")
                        is not None else None),
@@ -181,7 +183,7 @@ def round_ratios(results: Results) -> list[str]:
     return lines
 
 
-METRIC_LABELS = {"jct_mean": "mean JCT", "jct_p95": "p95 JCT", "ttft_p99": "p99 TTFT", "throughput": "throughput"}
+METRIC_LABELS = {"jct_mean": "mean JCT", "jct_p95": "p95 JCT", "ttft_p99": "p99 TTFT", "ttft_later_p99": "p99 TTFT after first turns", "throughput": "throughput"}
 
 
 def interval_lines(intervals: list[Interval]) -> list[str]:

@@ -94,12 +94,22 @@ class VllmBlocks:
         self.pool.free_blocks(reversed(blocks))  # vLLM's free queue takes them in order: the tail first
 
     def evict_first(self, blocks) -> int:
-        free = [b for b in blocks if b.ref_cnt == 0]
+        free = [b for b in blocks if b.ref_cnt == 0 and b.block_hash is not None]
+        if not free:
+            return 0
         queue = self.pool.free_block_queue
         for b in free:
             queue.remove(b)
-        if free:
-            queue.prepend_n(free[::-1])  # the context's tail first, as vLLM frees it
+        # Behind the blank blocks at the queue's front (vLLM reuses those before any cached one, as the
+        # simulator's pool does), the context's tail first, as vLLM frees it.
+        prev, end = queue.fake_free_list_head, queue.fake_free_list_tail
+        while prev.next_free_block is not end and prev.next_free_block.block_hash is None:
+            prev = prev.next_free_block
+        after = prev.next_free_block
+        for b in reversed(free):
+            b.prev_free_block, prev.next_free_block, prev = prev, b, b
+        prev.next_free_block, after.prev_free_block = after, prev
+        queue.num_free_blocks += len(free)
         return len(free)
 
     def blocks_of(self, request_id: str) -> list:

@@ -13,7 +13,9 @@ rules:
   idle ones go too (clients that never end programs).
 - the wait bound: a request waiting longer than `max_wait_s` is overdue (the queue order serves the
   overdue first come first served); the book notices requests crossing it (`age`).
-- admission (`AdmissionGate`, optional): a new program's first request may be held.
+- admission (`AdmissionGate`, working-set admission; on while the engine is contended by default): a
+  request of a program outside the admitted set may be held, and admitted programs in a tool call may
+  be paused (their pin goes, and the core evicts their blocks first: `take_paused`).
 - pins (`PinTable`): whether a finished turn pins, which pin goes under pressure and who may take
   it (pin mode), expiry, and the release when the next turn is admitted.
 - the end: nothing of an ended program stays. A request still in the engine when its program ends, or
@@ -39,6 +41,7 @@ from typing import Any
 
 from agentserve.options import SchedulerConfig
 from agentserve.programs.admission import AdmissionGate
+from agentserve.programs.contention import Contention
 from agentserve.programs.fields import (XARG_IS_LAST, XARG_LIFE, XARG_NEXT_USE, XARG_PARENT, XARG_PROGRAM, XARG_TTL,
                                        XARG_WORKFLOW)
 from agentserve.programs.ids import tenant_of
@@ -65,7 +68,9 @@ class ProgramBook:
         a = config.admission
         self.admission = AdmissionGate(
             total_blocks * block_size, a.share, default_peak=int(max_model_len * a.default_peak_share),
-            max_hold_s=a.max_hold_s, host_tokens=config.host_tokens) if a.share > 0 else None
+            max_hold_s=a.max_hold_s, host_tokens=config.host_tokens, pause=a.pause,
+            contention=Contention() if a.mode == "auto" else None,
+            rank=self.rank) if a.mode != "off" and a.share > 0 else None
         self.next_use = NextUse(clock)  # when each program's KV is needed again (the host tier evicts by it)
         self.counters: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
@@ -85,8 +90,11 @@ class ProgramBook:
         self._sub_agents: Counter[str] = Counter()  # program -> its sub-agents not ended
         self._held_for_sub_agents: set[int] = set()  # pins kept past their TTL for sub-agents (ids, counted once)
         self._returning: set[str] = set()  # requests of programs seen before (not a first turn)
-        self._newcomers: dict[str, str] = {}  # first requests of new programs not admitted yet -> program
+        self._newcomers: dict[str, str] = {}  # requests of programs not admitted (new or paused) -> program
         self._held: set[str] = set()  # newcomers the gate has held at least once
+        self._context: dict[str, int] = {}  # program -> its context when its last turn ended (admission)
+        self._paused: list[str] = []  # programs paused since the core last took them
+        self._releases: list[Release] = []  # their pins, released since
         self._aged: set[str] = set()  # waiting requests already seen overdue
         self._next_aging_check = 0.0
 
@@ -129,12 +137,12 @@ class ProgramBook:
         else:
             self._returning.add(request_id)
             if self.admission is not None:
-                if program in self._newcomers.values():
-                    self._newcomers[request_id] = program  # its program is still held
-                elif key != program:  # a sub-agent: its workflow was admitted as a whole
-                    self.admission.join(program, prompt_tokens, self.clock())
-                else:
+                if program in self.admission:
                     self.admission.started(program, prompt_tokens, self.clock())
+                elif key != program and program not in self.admission.paused:
+                    self.admission.join(program, prompt_tokens, self.clock())  # its workflow was admitted whole
+                else:
+                    self._newcomers[request_id] = program  # held, paused or idle too long: asks again
         self._live.setdefault(program, set()).add(request_id)
         self.next_use.started(program)
         if self.config.order == "las":
@@ -142,15 +150,17 @@ class ProgramBook:
         return self._ranks[key]
 
     def may_start(self, request_id: str, prompt_tokens: int, arrival_time: float) -> bool:
-        """May this waiting request be scheduled now? False holds a new program (admission)."""
+        """May this waiting request be scheduled now? False holds it: its program is not admitted."""
         program = self._newcomers.get(request_id)
         if program is None:
             return True
         now = self.clock()
-        if self.admission.admits(program, prompt_tokens, now - arrival_time, now, self.expected_workflow_size):
+        weight = self.expected_workflow_size if request_id not in self._returning else 1.0
+        if self.admission.admits(program, prompt_tokens, now - arrival_time, now, weight):
             del self._newcomers[request_id]
             self._held.discard(request_id)
             self.admission.started(program, prompt_tokens, now)
+            self._pause(self.admission.take_paused(), for_program=program)
             return True
         if request_id not in self._held:
             self._held.add(request_id)
@@ -167,6 +177,9 @@ class ProgramBook:
         self._returning.discard(request_id)
         if program is None or request_id in self._orphans:
             return []
+        if returning and self.admission is not None and self.admission.contention is not None:
+            needed = min(self._context.get(program, 0), prompt_tokens)
+            self.admission.contention.returned(needed, cached_tokens)
         release = self.pins.release(program, "consumed")
         if release is not None:
             self.counters["pinned_tokens_served"] += min(cached_tokens, release.pin.tokens)
@@ -194,7 +207,8 @@ class ProgramBook:
         duration). Returns (pins to release, TTL to pin its blocks for: 0 = none)."""
         for ids in (self._returning, self._aged, self._held):
             ids.discard(request_id)
-        self._newcomers.pop(request_id, None)
+        if (held := self._newcomers.pop(request_id, None)) is not None and held not in self._newcomers.values():
+            self.admission.withdraw(held)  # it left without starting
         if request_id in self._orphans:  # its program ended: nothing of it is kept
             self._orphans.discard(request_id)
             self.counters["requests_outliving_program_end"] += 1
@@ -204,7 +218,10 @@ class ProgramBook:
         if (key := self._key.get(program)) is not None:
             self._service[key] += max(0, computed_tokens)
         if self.admission is not None:
+            self._context[program] = context_tokens
             self.admission.finished(program, context_tokens, self.clock())
+            self.admission.rebalance(self.clock())
+            self._pause(self.admission.take_paused())
         requests = self._live.get(program, set())
         requests.discard(request_id)
         if not requests:
@@ -212,7 +229,7 @@ class ProgramBook:
         self.next_use.finished(program, next_use_s, is_last)
         if aborted:
             return self._released([self.pins.release(program, "abort")]), 0.0
-        if is_last or ttl_s <= 0:
+        if is_last or ttl_s <= 0 or (self.admission is not None and program in self.admission.paused):
             return self._released([self.pins.release(program, "replaced")]), 0.0
         return [], ttl_s
 
@@ -304,6 +321,7 @@ class ProgramBook:
         self.next_use.ended(program)
         if self.admission is not None:
             self.admission.end(program)
+            self._context.pop(program, None)
         parent = self._parent.pop(program, None)
         if parent is not None and self._sub_agents[parent] > 0:
             self._sub_agents[parent] -= 1
@@ -340,6 +358,12 @@ class ProgramBook:
     def set_ttl(self, program: str, ttl_s: float) -> None:
         if (pin := self.pins.get(program)) is not None:
             pin.expires_at = pin.created_at + max(0.0, ttl_s)
+
+    def take_paused(self) -> tuple[list[str], list[Release]]:
+        """The programs paused since the last call, and the pins their pause released."""
+        paused, self._paused = self._paused, []
+        releases, self._releases = self._releases, []
+        return paused, releases
 
     def holds_pin(self, program: str | None) -> bool:
         return program is not None and program in self.pins
@@ -379,6 +403,14 @@ class ProgramBook:
             self.events.append({"kind": kind, "program": program, "t": self.clock(), **fields})
 
     # ---- internals --------------------------------------------------------------------------------
+    def _pause(self, programs: list[str], for_program: str | None = None) -> None:
+        """Admission paused these programs (in a tool call): their pins go, the core demotes their KV."""
+        for program in programs:
+            self._paused.append(program)
+            self._releases += self._released([self.pins.release(program, "paused")])
+            self.event("pause", program, for_program=for_program, load=self.admission.load,
+                       limit=self.admission.limit)
+
     def _orphan(self, request_id: str, program: str) -> None:
         """The request's program ended: from now on it is a one-off (admission holds it no longer)."""
         self._orphans.add(request_id)

@@ -9,7 +9,8 @@ its answers, so that the vLLM scheduler plugin (engine/scheduler.py) and the sim
 - `step`: at a step's start, pins past their TTL go (not those a waiting request of their program will
   take) and waiting requests past the wait bound are noted; True: re-key the waiting queue now.
 - `release_for`: a request cannot get blocks; the book names a pin to release for it, or it waits.
-- `may_start`: the admission check of a waiting request.
+- `may_start`: the admission check of a waiting request; programs paused to make room for it have
+  their last turn's blocks evicted first (the host tier keeps a copy for their next turn).
 - `started`: a request was scheduled for the first time; its program's pin is consumed.
 - `finish`: leave (the book's last word on the turn), pin its blocks for the TTL, let the engine free
   the request, then move the blocks nobody will ask for again to the front of the free queue.
@@ -32,6 +33,14 @@ from agentserve.ttl.pins import Release
 T = TypeVar("T")
 # A waiting request as the core sees it: (request id, program or None, arrival time).
 Waiting = tuple[str, "str | None", float]
+
+
+MAX_KEPT = 65536  # programs whose last blocks are remembered for a pause (clients that never end programs)
+
+
+def _identity(block):
+    """What a block holds: vLLM's block hash (None once evicted), or the simulator's block key itself."""
+    return getattr(block, "block_hash", block)
 
 
 class BlockOps(Protocol):
@@ -60,6 +69,9 @@ class ProgramCore:
         self.book = book
         self.blocks = blocks
         self._hit: dict[str, int] = {}  # started request -> tokens it found cached when first scheduled
+        # program -> its last turn's blocks and their identities then (a paused program's KV is demoted
+        # only where a block still holds what it held: vLLM reuses block objects)
+        self._kept: dict[str, tuple[list, list]] = {}
 
     def arrive(self, request_id: str, xargs: Mapping | None, prompt_tokens: int) -> int:
         """A request entered the engine; returns its priority."""
@@ -88,7 +100,9 @@ class ProgramCore:
         return True
 
     def may_start(self, request_id: str, prompt_tokens: int, arrival_time: float) -> bool:
-        return self.book.may_start(request_id, prompt_tokens, arrival_time)
+        ok = self.book.may_start(request_id, prompt_tokens, arrival_time)
+        self._demote_paused()
+        return ok
 
     def started(self, request_id: str, program: str | None, cached_tokens: int, prompt_tokens: int,
                 arrival_time: float) -> None:
@@ -119,14 +133,32 @@ class ProgramCore:
             # Only the blocks this request computed: its prefix hit may be a prefix others share.
             self.book.counters["blocks_evicted_first"] += self.blocks.evict_first(
                 blocks[hit // self.book.block_size:])
+            self._kept.pop(program, None)
+        elif program is not None and self.book.admission is not None:
+            self._kept.pop(program, None)  # newest last: the oldest entry is the first to go below
+            self._kept[program] = (blocks, [_identity(b) for b in blocks])
+            if len(self._kept) > MAX_KEPT:
+                del self._kept[next(iter(self._kept))]
+        self._demote_paused()
         return out
 
     def command(self, command: str, payload: dict, waiting: Callable[[], Iterable[Waiting]]) -> dict:
         """A control command from the front end (end / release / release_all / set_ttl / tick); answers
         the book's stats and the pool's free blocks. ValueError for an unknown command."""
         self._free(self.book.command(command, payload))
+        if command == "end":
+            self._kept.pop(payload.get("program_id"), None)
         self._free(self.book.expire(lambda: {program for _, program, _ in waiting()}))
         return {**self.book.stats(), "free_blocks": self.blocks.num_free()}
+
+    def _demote_paused(self) -> None:
+        """Programs admission paused: their pins are released, their last blocks evicted first."""
+        paused, releases = self.book.take_paused()
+        self._free(releases)
+        for program in paused:
+            blocks, identities = self._kept.pop(program, ([], []))
+            same = [b for b, i in zip(blocks, identities) if _identity(b) == i]
+            self.book.counters["blocks_demoted"] += self.blocks.evict_first(same)
 
     def _free(self, releases: Iterable[Release]) -> None:
         for release in releases:

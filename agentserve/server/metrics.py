@@ -28,9 +28,16 @@ PINS_HELD_FOR_SUB_AGENTS = Counter("agentserve_pins_held_for_sub_agents", "Pins 
 REQUESTS_OUTLIVING_PROGRAM_END = Counter(
     "agentserve_requests_outliving_program_end", "Requests that left the engine after their program ended "
     "(still running at the end, or arrived after it): served as one-offs, no pin, rank or next use kept")
-ADMISSION = Counter("agentserve_admission_decisions", "Program admission (--admission-share), by reason: held "
-                    "(a new program's first request waited), admitted, admitted_idle (nothing else admitted), "
-                    "admitted_overdue (past --admission-max-hold), ended, expired_idle", ["reason"])
+BLOCKS_DEMOTED = Counter("agentserve_blocks_demoted", "KV blocks of programs paused by working-set admission "
+                         "moved to the front of vLLM's free queue (evicted before other cached blocks; the host tier "
+                         "keeps a copy)")
+BLOCKS_EVICTED_FIRST = Counter("agentserve_blocks_evicted_first", "KV blocks computed by one-off requests and last "
+                               "turns moved to the front of vLLM's free queue (--one-off-blocks evict-first)")
+ADMISSION = Counter("agentserve_admission_decisions", "Working-set admission (--admission-mode), by reason: "
+                    "admitted, admitted_idle (nothing else admitted), admitted_uncontended (auto, not contended), "
+                    "admitted_displacing (later programs paused for it), admitted_overdue (past --admission-max-hold: "
+                    "a guest), resumed, paused, joined_workflow, ended, expired_idle, contention_on, contention_off, "
+                    "guests_at_contention", ["reason"])
 PROGRAM_REQUESTS = Counter("agentserve_program_requests", "LLM requests of programs, by what named the "
                            "program: agentserve (the object), session_id, x-session-id, vllm_xargs.session_id",
                            ["named_by"])
@@ -66,7 +73,8 @@ _ENGINE_COUNTERS = {"pins_created": PINS_CREATED, "pins_refused": PINS_REFUSED,
                     "pinned_tokens_served": PINNED_TOKENS_SERVED, "requests_aged": REQUESTS_AGED,
                     "sub_agents_ranked_by_workflow": SUB_AGENTS_BY_WORKFLOW,
                     "pins_held_for_sub_agents": PINS_HELD_FOR_SUB_AGENTS,
-                    "requests_outliving_program_end": REQUESTS_OUTLIVING_PROGRAM_END}
+                    "requests_outliving_program_end": REQUESTS_OUTLIVING_PROGRAM_END,
+                    "blocks_demoted": BLOCKS_DEMOTED, "blocks_evicted_first": BLOCKS_EVICTED_FIRST}
 _last_kvshare_counters: dict[str, float] = {}
 
 

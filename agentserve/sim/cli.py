@@ -67,12 +67,16 @@ def policy_options(spec: str, base: ProgramOptions, kv_tokens: int) -> tuple[str
     from workloads.replay import policy_spec
 
     name, extra = policy_spec(spec)
-    argv, fleet = to_flags(base), {}
-    for flag, value in zip(extra[::2], extra[1::2]):
+    argv, fleet, rest = to_flags(base), {}, list(extra)
+    while rest:
+        flag = rest.pop(0)
         if flag in ("--replicas", "--router"):
+            value = rest.pop(0)
             fleet[flag[2:]] = int(value) if flag == "--replicas" else value
-        else:
-            argv += [flag, value]
+        elif rest and not rest[0].startswith("--"):
+            argv += [flag, rest.pop(0)]
+        else:  # a switch (--x, --no-x)
+            argv.append(flag)
     parser = argparse.ArgumentParser(prog=spec, add_help=False)
     add_flags(parser, ProgramOptions)
     options = from_flags(ProgramOptions, parser.parse_args(argv), policy=POLICIES[name].serves or name)

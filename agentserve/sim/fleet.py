@@ -307,6 +307,8 @@ class Fleet:
         for engine in self.engines:
             if engine.book is not None:
                 counters.update(engine.book.counters)
+                if engine.book.admission is not None:
+                    counters.update({f"admission_{k}": v for k, v in engine.book.admission.counters.items()})
                 pins += len(engine.book.pins)
         stats = {"preemptions": sum(e.preemptions for e in self.engines), "pins_created": counters["pins_created"],
                  "pins_outstanding": pins, "counters": dict(counters)}

@@ -105,7 +105,7 @@ class BlockPool:
         """Free cached blocks nobody will ask for again go to the front of the free queue; returns how
         many moved."""
         moved = 0
-        for key in reversed(keys):
+        for key in keys:  # each to the front: the tail ends up first, as the plugin orders vLLM's queue
             if key in self.lru:
                 self.lru.move_to_end(key, last=False)
                 moved += 1

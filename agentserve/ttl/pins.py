@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 # moved: the program's next call ran on another replica (Ray Serve), where this pin is of no use.
-RELEASE_REASONS = ("consumed", "expired", "pressure", "program_end", "abort", "replaced", "cap", "moved")
+RELEASE_REASONS = ("consumed", "expired", "pressure", "program_end", "abort", "replaced", "cap", "moved", "paused")
 
 
 @dataclass(slots=True)
