@@ -45,10 +45,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 # The main job: a trace replay of the embedded default trace (16 mini-swe-agent SWE-bench programs) on
-# the bench model with an 8k-token KV budget, at a load where stock vLLM loses KV between turns: stock
-# vLLM, stock vLLM with a host KV tier, agentserve (whose default has one: 4x the device KV) and the
-# no-eviction oracle side by side (about 10 minutes).
-RUN_ARGS ?= --model bench --kv-tokens 8192 --programs 16 --rate 1.0 --policies vllm,vllm+offload,agentserve,oracle
+# the bench model with an 8k-token KV budget and a host KV tier of the same size, where the live
+# programs' KV exceeds device plus host (the load where agentserve's working-set admission beats stock
+# vLLM with its own offloading, docs/benchmarks.md): stock vLLM, stock vLLM with the tier, agentserve
+# and the no-eviction oracle side by side (about 10-12 minutes).
+RUN_ARGS ?= --model bench --kv-tokens 8192 --host-kv-tokens 8192 --programs 16 --rate 1.0 \
+	--policies vllm,vllm+offload,agentserve,oracle
 run: install
 	$(VENV)/bin/agentserve replay $(RUN_ARGS) --out replay-out
 
@@ -72,13 +74,14 @@ bench: install swe-trace
 
 # The ablation (`make ablation`, docs/benchmarks.md): vllm+offload, agentserve as it is, then agentserve
 # with each default mechanism switched off in turn (vLLM's priority policy, program order, the wait
-# bound, one-off blocks evicted first, the TTL rule's pins, all of them: the plugin's bare overhead) and
-# each opt-in one switched on (admission, the next-use host policy, fixed pins, a long wait bound), at
+# bound, one-off blocks evicted first, the TTL rule's pins, working-set admission, all of them: the
+# plugin's bare overhead) and each opt-in one switched on (admission always on, the next-use host
+# policy, fixed pins, a long wait bound), at
 # the standard loads, interleaved round by round; bench/ablation.py prints the tables, bench/turn_split.py
 # where each row's program time goes, and (--turn-times) each call's time inside the engine by part.
 ABLATION_ROWS ?= vllm+offload agentserve agentserve+vllm-scheduling=fcfs agentserve+order=arrival \
-	agentserve+max-wait=0 agentserve+one-off-blocks=lru agentserve+max-ttl=0 \
-	agentserve+vllm-scheduling=fcfs+order=arrival+max-wait=0+one-off-blocks=lru+max-ttl=0 \
+	agentserve+max-wait=0 agentserve+one-off-blocks=lru agentserve+max-ttl=0 agentserve+admission-mode=off \
+	agentserve+vllm-scheduling=fcfs+order=arrival+max-wait=0+one-off-blocks=lru+max-ttl=0+admission-mode=off \
 	agentserve+admission-mode=on agentserve+host-policy=next-use fixed agentserve+max-wait=5
 ABLATION_ROUNDS ?= 4
 ABLATION_LOADS  ?= swe bfcl

@@ -8,17 +8,19 @@ budget); a tier is the host KV tier as a multiple of the device budget.
     python bench/headroom.py --jobs 2 --out bench-out/headroom \
         --load swe=../shared/traces/swe/minisweagent_gemini3pro/per_turn_400.jsonl:16:1.0:0.25:10 \
         --load bfcl=bfcl:base:16:1.0:0.25:10 --device cpu-bench:8192 --tiers 1,2,8
+    python bench/headroom.py read bench-out/headroom     # the tables again, from its units.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-# the baseline first; admission at a share of 1.0: admitted programs' footprints fill the device budget
+# the baseline first; admission on: admitted programs' footprints fill the device budget, contended or not
 POLICIES = ("vllm+offload", "agentserve", "clairvoyant", "clairvoyant+order=srpt", "agentserve+admission-mode=on",
             "clairvoyant+admission-mode=on", "oracle")
 
@@ -67,7 +69,43 @@ def merge(units: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
+def print_tables(rows: list[dict], policies: list[str]) -> None:
+    """Mean JCT over the baseline's (the first policy), then p95 JCT and p99 TTFT (all turns / after
+    programs' first turns) over the baseline's."""
+    first, rest = policies[0], policies[1:]
+    print(f"mean JCT / {first}'s (below 1: faster); its own mean JCT and hit rates")
+    print(f"| device | load | host tier | {first} s (hit, host hit) | " + " | ".join(rest) + " |")
+    print("|---|---|---|---|" + "---:|" * len(rest))
+    for r in rows:
+        base = r["policies"][first]
+        cells = " | ".join(f"{r['policies'][p]['jct_mean'] / base['jct_mean']:.2f}" for p in rest)
+        print(f"| {r['profile']} {r['kv_tokens']:,} | {r['load']} | {r['tier']}x | {base['jct_mean']:.1f} "
+              f"({base['hit_rate']:.2f}, {base['host_hit_rate'] or 0:.2f}) | {cells} |")
+    print(f"\np95 JCT, p99 TTFT all / after first turns, each over {first}'s")
+    print("| device | load | host tier | " + " | ".join(rest) + " |")
+    print("|---|---|---|" + "---|" * len(rest))
+    for r in rows:
+        base = r["policies"][first]
+
+        def over(p: str, m: str) -> str:
+            value, b = r["policies"][p].get(m), base.get(m)
+            return f"{value / b:.2f}" if value is not None and b else "-"
+        cells = " | ".join(f"{over(p, 'jct_p95')}, {over(p, 'ttft_p99')} / {over(p, 'ttft_later_p99')}" for p in rest)
+        print(f"| {r['profile']} {r['kv_tokens']:,} | {r['load']} | {r['tier']}x | {cells} |")
+
+
+def read(out: Path) -> None:
+    """The tables of a finished (or interrupted) sweep, from its units.jsonl."""
+    units = [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines() if line.strip()]
+    rows = merge(units)
+    policies = list(dict.fromkeys(p for u in units for p in u["policies"]))
+    baseline = "vllm+offload" if "vllm+offload" in policies else policies[0]
+    print_tables(rows, [baseline] + [p for p in policies if p != baseline])
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["read"]:  # python bench/headroom.py read OUT
+        return read(Path(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load", action="append", type=parse_load, required=True)
     ap.add_argument("--device", action="append", required=True, help="PROFILE:KV_TOKENS")
@@ -98,15 +136,7 @@ def main() -> None:
     rows = merge(units)
     (a.out / "headroom.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows},
                                                     indent=1))
-    print(f"mean JCT / {a.policies[0]}'s (below 1: faster); its own mean JCT and hit rates")
-    first, rest = a.policies[0], a.policies[1:]
-    print(f"| device | load | host tier | {first} s (hit, host hit) | " + " | ".join(rest) + " |")
-    print("|---|---|---|---|" + "---:|" * len(rest))
-    for r in rows:
-        base = r["policies"][first]
-        cells = " | ".join(f"{r['policies'][p]['jct_mean'] / base['jct_mean']:.2f}" for p in rest)
-        print(f"| {r['profile']} {r['kv_tokens']:,} | {r['load']} | {r['tier']}x | {base['jct_mean']:.1f} "
-              f"({base['hit_rate']:.2f}, {base['host_hit_rate'] or 0:.2f}) | {cells} |")
+    print_tables(rows, a.policies)
     print(f"written: {a.out}/headroom.json")
 
 
