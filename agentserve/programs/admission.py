@@ -67,6 +67,7 @@ class AdmissionGate:
         self.limit = int(budget_tokens * share)
         self.default_peak = default_peak
         self._peaks: deque[int] = deque(maxlen=PEAK_WINDOW)
+        self._expected_peak = default_peak  # the mean of `_peaks`, kept as they change (asked per footprint)
         self.max_hold_s = max_hold_s
         self.idle_s = idle_s
         self.host_tokens = host_tokens  # a host KV tier holds programs' KV while they wait on tools
@@ -78,13 +79,14 @@ class AdmissionGate:
         self.paused: dict[str, tuple[int, float]] = {}  # paused programs -> (their context, paused at)
         self.counters: Counter[str] = Counter()
         self._paused_now: list[str] = []
+        self._load_now: int | None = None  # `load`, until the admitted set changes
 
     def __contains__(self, program: str) -> bool:
         return program in self.programs
 
     @property
     def expected_peak(self) -> int:
-        return sum(self._peaks) // len(self._peaks) if self._peaks else self.default_peak
+        return self._expected_peak
 
     def footprint(self, tokens: int) -> int:
         return max(tokens, self.expected_peak)
@@ -92,8 +94,11 @@ class AdmissionGate:
     @property
     def load(self) -> int:
         """Device KV the admitted programs need: running programs their whole footprint; programs in a
-        tool call only the part a host tier cannot hold for them (it loads back for a copy's cost)."""
-        return self._load(self.programs.values())
+        tool call only the part a host tier cannot hold for them (it loads back for a copy's cost).
+        Kept until the admitted set changes: vLLM asks for every held request at every step."""
+        if self._load_now is None:
+            self._load_now = self._load(self.programs.values())
+        return self._load_now
 
     def _load(self, programs) -> int:
         running = waiting = 0
@@ -148,6 +153,7 @@ class AdmissionGate:
         if self.paused.pop(program, None) is not None:
             self.counters["resumed"] += 1
         self.programs[program] = Admitted(tokens, now, guest=reason == "admitted_overdue")
+        self._load_now = None
         self.counters[reason] += 1
         return True
 
@@ -177,6 +183,7 @@ class AdmissionGate:
         counted it), so it counts against the budget from now on."""
         if program not in self.programs:
             self.programs[program] = Admitted(tokens, now)
+            self._load_now = None
             self.paused.pop(program, None)
             self.counters["joined_workflow"] += 1
         self.started(program, tokens, now)
@@ -185,17 +192,21 @@ class AdmissionGate:
         """A request of an admitted program entered the engine with a context of `tokens`."""
         if (p := self.programs.get(program)) is not None:
             p.tokens, p.last_active, p.live = max(p.tokens, tokens), now, p.live + 1
+            self._load_now = None
 
     def finished(self, program: str, tokens: int, now: float) -> None:
         """A request of an admitted program left the engine; its context is now `tokens`."""
         if (p := self.programs.get(program)) is not None:
             p.tokens, p.last_active, p.live = max(p.tokens, tokens), now, max(0, p.live - 1)
+            self._load_now = None
 
     def end(self, program: str) -> None:
         self.waiting.pop(program, None)
         self.paused.pop(program, None)
         if (p := self.programs.pop(program, None)) is not None:
             self._peaks.append(p.tokens)
+            self._expected_peak = sum(self._peaks) // len(self._peaks)
+            self._load_now = None
             self.counters["ended"] += 1
 
     def withdraw(self, program: str) -> None:
@@ -206,6 +217,7 @@ class AdmissionGate:
         idle = [name for name, p in self.programs.items() if p.live == 0 and now - p.last_active >= self.idle_s]
         for name in idle:
             del self.programs[name]
+            self._load_now = None
         self.counters["expired_idle"] += len(idle)
         # a paused program that has not come back in as long no longer counts as demand either
         gone = [name for name, (_, since) in self.paused.items() if name not in self.waiting and now - since >= self.idle_s]
@@ -238,10 +250,12 @@ class AdmissionGate:
         """Admitted programs in a tool call, of a later rank than `program`, whose pause makes room for
         `need` (latest first); [] if pausing all of them would not."""
         mine = self._rank(program)
+        later = [name for name in self._idle_latest_first() if self._rank(name) > mine]
+        gone = set(later)
+        if not later or self._load(p for n, p in self.programs.items() if n not in gone) + need > self.limit:
+            return []  # pausing every one of them would not make room (the common case: asked every step)
         victims, kept = [], dict(self.programs)
-        for name in self._idle_latest_first():
-            if self._rank(name) <= mine:
-                break
+        for name in later:
             victims.append(name)
             del kept[name]
             if self._load(kept.values()) + need <= self.limit:
@@ -250,6 +264,7 @@ class AdmissionGate:
 
     def _pause(self, program: str, now: float) -> None:
         p = self.programs.pop(program)
+        self._load_now = None
         self.paused[program] = (p.tokens, now)
         self._paused_now.append(program)
         self.counters["paused"] += 1

@@ -7,7 +7,7 @@ tiers evict by), the TTL that duration calls for (pin for exactly the tool time 
 exceeds it, the rule's own trade-off made with certainty), and the program's true remaining tool
 time plus its calls left at the observed mean call time (the order's key). A join's length (the
 sub-programs' run) is not in the plan, so a spawning call keeps the predictions. With admission on
-(`+admission-share=S`), the gate knows each program's true peak context (`TruthGate`) instead of
+(`+admission-mode=on`), the gate knows each program's true peak context (`TruthGate`) instead of
 expecting the mean peak of programs that ended. Simulator only: a replay refuses the policy.
 """
 
