@@ -441,6 +441,7 @@ class ProgramBook:
         forgotten = set(idle)
         for program in [p for p, key in self._key.items() if key in forgotten]:
             del self._key[program]
+            self._context.pop(program, None)
         for key in forgotten:
             self._members.pop(key, None)
             self._size.pop(key, None)
