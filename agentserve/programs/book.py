@@ -359,6 +359,10 @@ class ProgramBook:
         if (pin := self.pins.get(program)) is not None:
             pin.expires_at = pin.created_at + max(0.0, ttl_s)
 
+    @property
+    def pauses_pending(self) -> bool:
+        return bool(self._paused or self._releases)
+
     def take_paused(self) -> tuple[list[str], list[Release]]:
         """The programs paused since the last call, and the pins their pause released."""
         paused, self._paused = self._paused, []

@@ -24,6 +24,7 @@ from collections import deque
 DEFAULT_WINDOW = 32  # returning turns the loss share is taken over
 DEFAULT_LOSS_ON = 0.2  # share of re-needed context lost that says the engine thrashes
 DEFAULT_OFF_SHARE = 0.9  # demand below this share of the limit switches it off
+MIN_TURNS = 8  # returning turns seen before the loss share says anything (fewer if the window is smaller)
 
 
 class Contention:
@@ -51,7 +52,7 @@ class Contention:
 
     def update(self, demand: int, limit: int) -> bool:
         """Whether the engine is contended now, given the live programs' `demand` and the gate's `limit`."""
-        if not self.on and demand > limit and len(self._turns) >= min(8, self._turns.maxlen) \
+        if not self.on and demand > limit and len(self._turns) >= min(MIN_TURNS, self._turns.maxlen) \
                 and self.loss >= self.loss_on:
             self.on, self.switches = True, self.switches + 1
         elif self.on and demand <= limit * self.off_share:

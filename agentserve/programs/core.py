@@ -153,6 +153,8 @@ class ProgramCore:
 
     def _demote_paused(self) -> None:
         """Programs admission paused: their pins are released, their last blocks evicted first."""
+        if not self.book.pauses_pending:  # the common case, asked for every held request at every step
+            return
         paused, releases = self.book.take_paused()
         self._free(releases)
         for program in paused:
