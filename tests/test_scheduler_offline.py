@@ -11,7 +11,7 @@ import pytest
 from agentserve.engine import offline
 from agentserve.engine.offline import step
 from agentserve.engine.settings import EngineSettings
-from agentserve.programs.fields import XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
+from agentserve.programs.fields import XARG_IS_LAST, XARG_MAY_RETURN, XARG_PROGRAM, XARG_TTL
 
 pytestmark = pytest.mark.usefixtures("both_schedulers")
 PLUGIN = "agentserve.engine.scheduler.ProgramScheduler"
@@ -225,6 +225,25 @@ def test_a_last_turns_blocks_are_evicted_before_a_returning_programs(one_off_blo
         return
     assert max(order.index(b) for b in done_blocks) < min(order.index(b) for b in back_blocks)
     assert s.book.counters["blocks_evicted_first"] == len(done_blocks)
+
+
+def test_a_first_turn_that_may_return_keeps_vllms_order_and_a_one_off_goes_first():
+    """A request of no program is a one-off (its blocks first to go), unless the front end says it may be a
+    conversation's first turn (XARG_MAY_RETURN): its next turn may need them, so they keep vLLM's order."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    s, h = make()
+    for rid, base, xargs, out in (("maybe0", 0, {XARG_MAY_RETURN: True}, 2), ("once0", 1000, {}, 8)):
+        s.add_request(Request(rid, prompt(96, base), SamplingParams(max_tokens=out, ignore_eos=True, extra_args=xargs),
+                              None, arrival_time=time.time(), block_hasher=h))
+    step(s, lambda: 7)
+    blocks = {rid: {b.block_id for b in s.kv_cache_manager.get_blocks(rid).blocks[0] if b.block_hash is not None}
+              for rid in ("maybe0", "once0")}
+    run_until_done(s)
+    order = [b.block_id for b in s.kv_cache_manager.block_pool.free_block_queue.get_all_free_blocks()]
+    assert max(order.index(b) for b in blocks["once0"]) < min(order.index(b) for b in blocks["maybe0"])
+    assert s.book.counters["blocks_evicted_first"] == len(blocks["once0"]) == 3
 
 
 @pytest.mark.parametrize("order, expected", [("critical-path", ["c-long", "c-short", "l0"]),

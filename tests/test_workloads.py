@@ -296,6 +296,14 @@ def test_policy_specs():
         "agentserve", ["--no-admission-pause", "--admission-mode", "on"])  # a switch is true or false
     with pytest.raises(ValueError, match="true or false"):
         policy_spec("agentserve+admission-pause=maybe")
+    # the replay's client: the policy's own unless the spec names one (it is no serve option)
+    from workloads.replay import client_of
+
+    assert policy_spec("agentserve+client=openai+infer-programs=false") == ("agentserve", ["--no-infer-programs"])
+    assert [client_of(s) for s in ("agentserve", "vllm+offload", "agentserve+client=openai",
+                                   "vllm+client=agentserve")] == ["agentserve", "openai", "openai", "agentserve"]
+    with pytest.raises(ValueError, match="client is one of"):
+        policy_spec("agentserve+client=curl")
     # what each policy implies (host tier, plugin, the oracle's budget): tests/test_policies.py
     assert policy_spec("vllm+offload") == ("vllm+offload", [])  # a row of its own, served as vllm
     for bad in ("magic", "agentserve+x", "agentserve+colour=red", "oracle+max-wait=1", "vllm+pin-cap=1",

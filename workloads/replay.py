@@ -24,7 +24,7 @@ import msgspec
 from agentserve.options import EngineSettings, ProgramOptions, flag_names, flags, to_flags
 from agentserve import policies as policy_table
 from agentserve.server.process import ServerProcess
-from workloads.driver import Driver, ProgramRecord
+from workloads.driver import CLIENTS, Driver, ProgramRecord
 from workloads.filler import Filler, single_token_words
 from workloads.formats import load_trace
 from workloads.plan import PlannedProgram, ReplayConfig, plan
@@ -39,13 +39,17 @@ from workloads.tool_times import ToolTimeModel
 # `--policies vllm,agentserve,agentserve+pin-mode=ordered+max-wait=0,oracle`.
 # `replicas` and `router` serve the policy on Ray Serve (`agentserve serve --replicas N --router R`):
 # `agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix` compares routers; each
-# replica gets the same KV budget.
+# replica gets the same KV budget. `client=openai|agentserve` picks the replay's client instead of the
+# policy's own (the SDK for the plugin, plain OpenAI requests for stock vLLM): `agentserve+client=openai`
+# is the plugin driven by a client that names no program.
 _RAY_OPTIONS = ("replicas", "router")
+_CLIENT = "client"
 
 
 def policy_options() -> tuple[str, ...]:
     """The KEYs a policy spec takes: every program option but the policy itself, and Ray's two."""
-    return tuple(sorted(f[2:] for f in flag_names(ProgramOptions) - {"--policy", "--tenants"})) + _RAY_OPTIONS
+    return tuple(sorted(f[2:] for f in flag_names(ProgramOptions) - {"--policy", "--tenants"})) + _RAY_OPTIONS + (
+        _CLIENT,)
 
 
 def policy_spec(spec: str) -> tuple[str, list[str]]:
@@ -58,15 +62,26 @@ def policy_spec(spec: str) -> tuple[str, list[str]]:
         if not sep or key not in allowed or not value:
             raise ValueError(f"bad policy option {option!r} in {spec!r}: want KEY=VALUE, KEY one of "
                              f"{', '.join(allowed)}")
-        if policy.unbounded_kv or (not policy.plugin and key not in _RAY_OPTIONS):
+        if policy.unbounded_kv or (not policy.plugin and key not in _RAY_OPTIONS + (_CLIENT,)):
             raise ValueError(f"{spec!r}: policy {policy.name} runs without the plugin and takes no options")
-        if key in _bool_options():  # a switch: KEY=true is --KEY, KEY=false --no-KEY
+        if key == _CLIENT:
+            if value not in CLIENTS:
+                raise ValueError(f"bad policy option {option!r} in {spec!r}: client is one of {', '.join(CLIENTS)}")
+        elif key in _bool_options():  # a switch: KEY=true is --KEY, KEY=false --no-KEY
             if value not in ("true", "false"):
                 raise ValueError(f"bad policy option {option!r} in {spec!r}: {key} is true or false")
             args.append(f"--{key}" if value == "true" else f"--no-{key}")
         else:
             args += [f"--{key}", value]
     return policy.name, args
+
+
+def client_of(spec: str) -> str:
+    """The client a policy spec's replay is driven with: its `client=` option, else the SDK for the
+    plugin and plain OpenAI requests for stock vLLM (what each would be sent in practice)."""
+    policy, options = policy_table.split(spec)
+    chosen = [o.partition("=")[2] for o in options if o.partition("=")[0] == _CLIENT]
+    return chosen[-1] if chosen else ("agentserve" if policy.plugin else "openai")
 
 
 def _bool_options() -> set[str]:
@@ -239,9 +254,7 @@ def replay(trace_src: str, *, fmt: str = "auto", policies: list[str], cfg: Repla
                 suffix = f"-round{k + 1}" if rounds > 1 else ""
                 log_path = out_dir / f"server-{name}{suffix}.log"
                 with ServerProcess(setup.serve_args(name, len(programs)), log_path=str(log_path)) as srv:
-                    # stock vLLM gets what a stock client sends; the plugin policies get the SDK
-                    client = "agentserve" if policy_table.get(policy_spec(name)[0]).plugin else "openai"
-                    recs, counts, turns = drive(name, srv.base_url, client, programs, cfg, filler, progress,
+                    recs, counts, turns = drive(name, srv.base_url, client_of(name), programs, cfg, filler, progress,
                                                 probe, setup.engine.turn_times)
             else:
                 recs, counts, turns = drive(name, url, "openai", programs, cfg, filler, progress, probe)

@@ -29,6 +29,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress, init, make_fastapi_ingress
 
 from agentserve.observability.exposition import merge, this_process
+from agentserve.programs.continuity import Conversations
 from agentserve.rayserve.replica import ReplicaTag
 from agentserve.rayserve.remote import RemoteControl
 from agentserve.server.middleware import AgentFieldsMiddleware, error_response
@@ -86,12 +87,14 @@ def remote_admit(control: RemoteControl):
     return admit
 
 
-def program_ingress_cls(gate: TenantGate | None = None):
+def program_ingress_cls(gate: TenantGate | None = None, conversations: Conversations | None = None):
     """`ProgramIngress` as a Serve ingress class: vLLM-compatible OpenAI routes + program routes,
-    behind the tenant gate if there is one."""
+    behind the tenant gate if there is one; `conversations`: the index that names the programs of
+    conversations that name none (each ingress replica holds its own)."""
     app: FastAPI = init()
     programs = RemoteControl()
-    app.add_middleware(AgentFieldsMiddleware, gate=gate, admit=remote_admit(programs) if gate is not None else None)
+    app.add_middleware(AgentFieldsMiddleware, gate=gate, admit=remote_admit(programs) if gate is not None else None,
+                       conversations=conversations)
     add_program_routes(app, programs, record_metrics=False)
 
     @app.get("/metrics")

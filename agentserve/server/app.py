@@ -121,6 +121,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
+    from agentserve.programs.continuity import conversations_for
     from agentserve.server.middleware import AgentFieldsMiddleware
     from agentserve.programs.control import LocalControl
     from agentserve.server.engine_client import ProgramEngineClient
@@ -143,7 +144,8 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
                                         else settings.model, shares)
         app.add_middleware(AgentFieldsMiddleware, gate=gate,
                            admit=admit_under_limits(control) if gate is not None else None, shares=shares,
-                           cross=cross, lineage_error=control.lineage_error)
+                           cross=cross, lineage_error=control.lineage_error,
+                           conversations=conversations_for(options))
         add_program_routes(app, LocalControl(control))
         if shares is not None:
             add_kvshare_routes(app, engine, cross)

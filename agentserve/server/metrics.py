@@ -39,8 +39,13 @@ ADMISSION = Counter("agentserve_admission_decisions", "Working-set admission (--
                     "a guest), resumed, paused, joined_workflow, ended, expired_idle, contention_on, contention_off, "
                     "guests_at_contention", ["reason"])
 PROGRAM_REQUESTS = Counter("agentserve_program_requests", "LLM requests of programs, by what named the "
-                           "program: agentserve (the object), session_id, x-session-id, vllm_xargs.session_id",
-                           ["named_by"])
+                           "program: agentserve (the object), session_id, x-session-id, vllm_xargs.session_id, "
+                           "inferred (the conversation it continues)", ["named_by"])
+CONVERSATION_TURNS = Counter("agentserve_conversation_turns", "Chat requests naming no program, by what the "
+                             "conversation index made of them: first (a one-off, until a next turn continues it), "
+                             "continued, resent (the same turn sent again), forked (a second, different extension of "
+                             "one answer), over_limit (an inferred program its tenant had no room for: a one-off)",
+                             ["kind"])
 PROGRAMS_LIVE = Gauge("agentserve_programs_live", "Programs being tracked now")
 PROGRAMS_ENDED = Counter("agentserve_programs_ended", "Programs ended, by reason", ["reason"])
 TTL_CHOSEN = Histogram("agentserve_ttl_seconds", "TTL chosen for a turn's pin", buckets=(0,) + _TIME_BUCKETS)

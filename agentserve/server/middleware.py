@@ -29,9 +29,11 @@ import inspect
 import msgspec
 from fastapi.responses import JSONResponse
 
-from agentserve.programs.fields import XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
+from agentserve.programs.continuity import Conversations, Pending
+from agentserve.programs.fields import XARG_MAY_RETURN, XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
 from agentserve.programs.sessions import HEADERS as SESSION_HEADERS, SessionError, program_fields
 from agentserve.server import metrics, routes
+from agentserve.server.answers import AnswerReader
 from agentserve.server.cross_model_front import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.streams import request_streams
@@ -40,6 +42,8 @@ from agentserve.server.tenants import TenantGate
 
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
 _PROGRAMS_PREFIX = "/v1/programs/"
+INFERRED_ROUTE = "/v1/chat/completions"  # the route whose unnamed requests are matched to conversations
+PROGRAM_HEADER = b"x-agentserve-program"  # names the program inferred for a request, in its response
 # Body fields a tenant may not send: they name state that is not scoped by tenant (vLLM's stored
 # responses, a KV connector's transfer handles).
 _UNSCOPED_FIELDS = {
@@ -64,13 +68,16 @@ class AgentFieldsMiddleware:
 
     def __init__(self, app, gate: TenantGate | None = None,
                  admit: Callable[[Tenant, str], bool] | None = None, shares: SharedPrompts | None = None,
-                 cross: CrossModelFront | None = None, lineage_error: LineageCheck | None = None):
+                 cross: CrossModelFront | None = None, lineage_error: LineageCheck | None = None,
+                 conversations: Conversations | None = None):
         self.app = app
+        self.conversations = conversations
         self.cross = cross
         self.gate = gate
         self.shares = shares
         self.max_body = gate.config.max_body_bytes if gate is not None else MAX_BODY_BYTES
-        self.rewriters = {path: rewriters(path, shares=shares, gate=gate, admit=admit, lineage_error=lineage_error)
+        self.rewriters = {path: rewriters(path, shares=shares, gate=gate, admit=admit, lineage_error=lineage_error,
+                                          conversations=conversations)
                           for path in routes.ENGINE_ROUTES}
 
     async def __call__(self, scope, receive, send):
@@ -106,19 +113,24 @@ class AgentFieldsMiddleware:
         body = b"".join(chunks)
         incoming = None
         headers = _session_headers(scope)
-        if tenant is not None or self.cross is not None or headers or _mentions_program(body):
+        mentions = tenant is not None or self.cross is not None or headers or _mentions_program(body)
+        if mentions or (self.conversations is not None and path == INFERRED_ROUTE):
             incoming = Incoming.decode(body, tenant, headers)
         if incoming is not None:
             if self.cross is not None and scope["path"] == "/v1/completions" and self.cross.wants(incoming.data):
                 return await cross_model_response(incoming.data, self.cross, incoming.scope)(scope, receive, send)
             error = apply(incoming, self.rewriters[scope["path"]])
             if error is None and incoming.admission is not None and not await incoming.admission:
-                error = over_limit(incoming.tenant)
+                error = over_limit(incoming.tenant) if not incoming.inferred else served_as_one_off(incoming)
             if error is not None:
                 return await error(scope, receive, send)
-            body = incoming.encode()
+            if mentions or incoming.fields is not None or incoming.pending is not None:
+                body = incoming.encode()
             if incoming.produce:
                 await self.shares.produce(incoming.produce, incoming.scope)
+            if incoming.pending is not None:
+                send = answer_recorder(send, self.conversations, incoming.pending,
+                                       incoming.pending.program_id if incoming.inferred else None)
         sent = False
 
         async def replay():
@@ -167,7 +179,8 @@ class Incoming:
     """A chat / completion body, decoded once. `data` is the body as builtins (rewriters edit it in
     place); `fields` and `share` are the `agentserve` object as typed structs (None when absent)."""
 
-    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers", "admission")
+    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers", "admission", "pending",
+                 "inferred")
 
     def __init__(self, data: dict[str, Any], fields: ProgramFields | None, share: SharedPrompt | None,
                  tenant: Tenant | None, headers: dict[str, str] | None = None):
@@ -179,6 +192,8 @@ class Incoming:
         self.scope = tenant.name if tenant is not None else ""  # the KV-sharing scope
         self.produce: list[list[int]] = []  # shared parts to produce before the request runs
         self.admission: Awaitable[bool] | None = None  # a tenant limit answered elsewhere (Ray Serve)
+        self.pending: Pending | None = None  # a turn of a conversation whose answer the index awaits
+        self.inferred = False  # the program was inferred from the conversation, not named by the client
 
     @classmethod
     def decode(cls, body: bytes, tenant: Tenant | None = None,
@@ -211,11 +226,13 @@ def apply(incoming: Incoming, steps: list[Rewriter]) -> JSONResponse | None:
 
 def rewriters(path: str, *, shares: SharedPrompts | None = None, gate: TenantGate | None = None,
               admit: Callable[[Tenant, str], bool] | None = None,
-              lineage_error: LineageCheck | None = None) -> list[Rewriter]:
-    """The rewriters of a route, in order: typed fields, the session conventions, the shared prompt
-    (completions with --kvshare), the tenant (salt, scoping, limits), the sub-agent's parent, the
-    program fields into vllm_xargs."""
+              lineage_error: LineageCheck | None = None, conversations: Conversations | None = None) -> list[Rewriter]:
+    """The rewriters of a route, in order: typed fields, the session conventions, the program inferred
+    from the conversation (chat), the shared prompt (completions with --kvshare), the tenant (salt,
+    scoping, limits), the sub-agent's parent, the program fields into vllm_xargs."""
     steps: list[Rewriter] = [typed_fields, sessions]
+    if conversations is not None and path == INFERRED_ROUTE:
+        steps.append(inferred(conversations))
     if path in routes.NO_PROGRAM_ROUTES:
         steps.append(no_program(path))
     if shares is not None and path == "/v1/completions":
@@ -285,6 +302,61 @@ def sessions(incoming: Incoming) -> JSONResponse | None:
     return None
 
 
+def inferred(conversations: Conversations) -> Rewriter:
+    """A chat request that names no program: the next turn of the conversation it extends, if any
+    (programs/continuity.py). A first turn stays a one-off; its answer is recorded either way."""
+
+    def rewrite(incoming: Incoming) -> JSONResponse | None:
+        data = incoming.data
+        if incoming.fields is not None or data.get("n") not in (None, 1):
+            return None
+        salt = data.get("cache_salt")
+        found = conversations.begin(incoming.scope, data.get("messages"), salt if isinstance(salt, str) else "",
+                                    str(data.get("model") or ""))
+        if found is None:
+            return None
+        turn, incoming.pending = found
+        metrics.CONVERSATION_TURNS.labels(turn.kind).inc()
+        if turn.program_id is not None:
+            incoming.fields = ProgramFields(program_id=turn.program_id, turn=turn.turn, tools_done=turn.tools_done)
+            incoming.inferred = True
+            metrics.PROGRAM_REQUESTS.labels("inferred").inc()
+        return None
+
+    return rewrite
+
+
+def answer_recorder(send, conversations: Conversations, pending: Pending, program: str | None):
+    """`send`, reading the response's answer on its way out; the index gets it when the body ends.
+    The response names the inferred `program` in a header (PROGRAM_HEADER), for the client's program routes."""
+    reader = AnswerReader()
+
+    async def recording_send(message) -> None:
+        if message["type"] == "http.response.start":
+            reader.start(message["status"], message.get("headers", ()))
+            if program is not None:
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                   (PROGRAM_HEADER, program.encode("latin-1"))]}
+        elif message["type"] == "http.response.body":
+            reader.feed(message.get("body", b""))
+            if not message.get("more_body") and (answer := reader.answer()) is not None:
+                conversations.answered(pending, answer)
+        await send(message)
+
+    return recording_send
+
+
+def served_as_one_off(incoming: Incoming) -> None:
+    """An inferred program its tenant has no room for: the request is served without one (a client
+    that named no program is never refused for the program it was given)."""
+    xargs = incoming.data.get("vllm_xargs") or {}
+    for key in [k for k in xargs if str(k).startswith(XARG_PREFIX)]:
+        del xargs[key]
+    incoming.fields, incoming.inferred = None, False
+    metrics.CONVERSATION_TURNS.labels("over_limit").inc()
+    return None
+
+
 def shared_prompt(shares: SharedPrompts) -> Rewriter:
     """A completion whose `agentserve` object has `share`: its prompt from the parts, the segment map
     and the cache salt set (server/shared_prompts.py); the shared parts are produced first."""
@@ -334,7 +406,7 @@ def tenancy(gate: TenantGate, admit: Callable[[Tenant, str], bool | Awaitable[bo
             if inspect.isawaitable(admitted):  # the answer comes from another process: the middleware awaits it
                 incoming.admission = admitted
             elif not admitted:
-                return over_limit(tenant)
+                return over_limit(tenant) if not incoming.inferred else served_as_one_off(incoming)
         return None
 
     return rewrite
@@ -356,6 +428,8 @@ def program_xargs(incoming: Incoming) -> JSONResponse | None:
                               "agentserve.share")
     if incoming.fields is not None:
         data["vllm_xargs"] = {**(xargs or {}), **to_xargs(incoming.fields)}
+    elif incoming.pending is not None:  # a conversation's first turn: its next turn may come
+        data["vllm_xargs"] = {**(xargs or {}), XARG_MAY_RETURN: True}
     return None
 
 
