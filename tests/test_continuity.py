@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from agentserve.programs.continuity import MAX_EXTENSIONS, USER_TURN, Conversations
-from agentserve.programs.fields import XARG_MAY_RETURN, XARG_PROGRAM, XARG_TOOLS_DONE, XARG_TURN
-from agentserve.server.answers import AnswerReader
+from agentserve.programs.fields import XARG_CONVERSATION, XARG_PROGRAM, XARG_TOOLS_DONE, XARG_TURN
+from agentserve.server.answers import ChatAnswer, MessagesAnswer
+from agentserve.server.transcripts import ChatTranscript, MessagesTranscript
 from agentserve.server.middleware import AgentFieldsMiddleware
 
 
@@ -28,9 +29,20 @@ def _call(name: str, args: str, call_id: str = "call_1") -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
 
 
+CHAT = ChatTranscript()
+
+
+def _begin(index: Conversations, scope: str, messages: list[dict], salt: str = ""):
+    return index.begin(scope, CHAT.messages({"messages": messages}), ("chat", "m", salt))
+
+
+def _answered(index: Conversations, pending, answer: dict) -> None:
+    index.answered(pending, *CHAT.answer(answer))
+
+
 def _turn(index: Conversations, messages: list[dict], answer: dict, scope: str = ""):
-    turn, pending = index.begin(scope, messages)
-    index.answered(pending, answer)
+    turn, pending = _begin(index, scope, messages)
+    _answered(index, pending, answer)
     return turn
 
 
@@ -65,7 +77,7 @@ def test_clients_re_serializations_do_not_break_the_conversation():
               {"role": "assistant", "content": "",  # null -> "", reasoning stripped, new id, args re-spaced/ordered
                "tool_calls": [_call("edit", '{"line":3,\n "path":"a.py"}', "toolu_99")]},
               {"role": "tool", "tool_call_id": "toolu_99", "content": "ok"}]
-    turn, _ = index.begin("", resent)
+    turn, _ = _begin(index, "", resent)
     assert turn.kind == "continued"
 
 
@@ -74,9 +86,9 @@ def test_a_different_extension_forks_and_the_same_one_sent_again_keeps_its_progr
     history = [{"role": "user", "content": "plan"}]
     answer = {"role": "assistant", "content": "two steps"}
     _turn(index, history, answer)
-    a = index.begin("", history + [answer, {"role": "user", "content": "step A"}])[0]
-    again = index.begin("", history + [answer, {"role": "user", "content": "step A"}])[0]
-    b = index.begin("", history + [answer, {"role": "user", "content": "step B"}])[0]
+    a = _begin(index, "", history + [answer, {"role": "user", "content": "step A"}])[0]
+    again = _begin(index, "", history + [answer, {"role": "user", "content": "step A"}])[0]
+    b = _begin(index, "", history + [answer, {"role": "user", "content": "step B"}])[0]
     assert (a.kind, again.kind, b.kind) == ("continued", "resent", "forked")
     assert again.program_id == a.program_id != b.program_id
     assert b.tools_done is None  # a fork's wait is not a tool call of its own
@@ -86,11 +98,11 @@ def test_tenants_and_cache_salts_never_share_a_conversation():
     index = Conversations()
     history = [{"role": "user", "content": "same prompt"}]
     answer = {"role": "assistant", "content": "same answer"}
-    index.answered(index.begin("acme", history)[1], answer)
+    _answered(index, _begin(index, "acme", history)[1], answer)
     follow = history + [answer, {"role": "user", "content": "next"}]
-    assert index.begin("bolt", follow)[0].kind == "first"
-    assert index.begin("acme", follow, salt="other")[0].kind == "first"
-    assert index.begin("acme", follow)[0].kind == "continued"
+    assert _begin(index, "bolt", follow)[0].kind == "first"
+    assert _begin(index, "acme", follow, salt="other")[0].kind == "first"
+    assert _begin(index, "acme", follow)[0].kind == "continued"
 
 
 def test_memory_is_bounded_by_states_and_by_idle_time():
@@ -100,11 +112,11 @@ def test_memory_is_bounded_by_states_and_by_idle_time():
         _turn(index, [{"role": "user", "content": f"q{i}"}], {"role": "assistant", "content": "a"})
     assert len(index) == 3
     old = [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "?"}]
-    assert index.begin("", old)[0].kind == "first"  # its state was the oldest: dropped
+    assert _begin(index, "", old)[0].kind == "first"  # its state was the oldest: dropped
     recent = [{"role": "user", "content": "q4"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "?"}]
-    assert index.begin("", recent)[0].kind == "continued"
+    assert _begin(index, "", recent)[0].kind == "continued"
     clock.t = 61
-    assert index.begin("", recent[:2] + [{"role": "user", "content": "!"}])[0].kind == "first"  # expired
+    assert _begin(index, "", recent[:2] + [{"role": "user", "content": "!"}])[0].kind == "first"  # expired
     assert len(index) == 0
 
 
@@ -113,14 +125,72 @@ def test_a_state_remembers_a_bounded_number_of_extensions():
     history = [{"role": "user", "content": "x"}]
     answer = {"role": "assistant", "content": "y"}
     _turn(index, history, answer)
-    ids = {index.begin("", history + [answer, {"role": "user", "content": str(i)}])[0].program_id
+    ids = {_begin(index, "", history + [answer, {"role": "user", "content": str(i)}])[0].program_id
            for i in range(MAX_EXTENSIONS + 5)}
     assert len(ids) == MAX_EXTENSIONS + 5  # every extension its own program, past the remembered ones too
 
 
 def test_malformed_messages_are_left_to_vllm():
-    assert Conversations().begin("", "not a list") is None
-    assert Conversations().begin("", [{"role": "user"}, 7]) is None
+    assert CHAT.messages({"messages": "not a list"}) is None
+    assert CHAT.messages({"messages": [{"role": "user"}, 7]}) is None
+    assert MessagesTranscript().messages({"system": "s"}) is None
+
+
+def test_an_anthropic_clients_loop_survives_its_re_serializations():
+    """Claude Code's way: system blocks, cache_control marks moved to the newest blocks every turn,
+    thinking dropped from the history, tool_use answered by a tool_result block."""
+    clock = Clock()
+    index, messages = Conversations(clock=clock), MessagesTranscript()
+    system = [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}}
+    first = {"system": system, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "fix the bug"}, {**image, "cache_control": {"type": "ephemeral"}}]}]}
+    turn, pending = index.begin("", messages.messages(first), ("messages", "m", ""))
+    answer = {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "x"}, {"type": "text", "text": "Looking."},
+        {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls", "timeout": 5}}]}
+    index.answered(pending, *messages.answer(answer))
+    clock.t = 2.5
+    second = {"system": [{"type": "text", "text": "You are Claude Code."}], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "fix the bug"}, image]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Looking."}, {
+            "type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"timeout": 5, "command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "text", "text": "a.py"}], "cache_control": {"type": "ephemeral"}}]}]}
+    turn, _ = index.begin("", messages.messages(second), ("messages", "m", ""))
+    assert turn.kind == "continued" and [(r.name, r.duration_s) for r in turn.tools_done] == [("Bash", 2.5)]
+    errored = dict(second, messages=second["messages"][:2] + [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py", "is_error": True}]}])
+    assert index.begin("", messages.messages(errored), ("messages", "m", ""))[0].kind == "forked"  # not the same turn
+
+
+def test_a_streamed_anthropic_answer_is_read_with_its_tool_input():
+    events = [("message_start", {"type": "message_start", "message": {"role": "assistant", "content": []}}),
+              ("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}),
+              ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": "Run it."}}),
+              ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+                  "type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {}}}),
+              ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                       "delta": {"type": "input_json_delta", "partial_json": '{"command": '}}),
+              ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                       "delta": {"type": "input_json_delta", "partial_json": '"make"}'}}),
+              ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+              ("message_stop", {"type": "message_stop"})]
+    stream = b"".join(f"event: {name}\ndata: {json.dumps(e)}\n\n".encode() for name, e in events)
+    reader = MessagesAnswer()
+    reader.start(200, [(b"content-type", b"text/event-stream")])
+    for i in range(0, len(stream), 11):
+        reader.feed(stream[i:i + 11])
+    answer = reader.answer()
+    assert answer["content"] == [{"type": "text", "text": "Run it."},
+                                 {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {"command": "make"}}]
+    assert MessagesTranscript().answer(answer)[1] == "Bash"
+    failed = MessagesAnswer()
+    failed.start(200, [(b"content-type", b"text/event-stream")])
+    failed.feed(b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error"}}\n\n')
+    assert failed.answer() is None
 
 
 # A conversation is a list of (user text, answer text) turns; conversations may share prefixes.
@@ -143,9 +213,9 @@ def test_no_false_merges_among_conversations_sharing_prefixes(conversations, rnd
         i = rnd.choice([i for i, conv in enumerate(conversations) if cursors[i] < len(conv)])
         user, answer = conversations[i][cursors[i]]
         histories[i].append({"role": "user", "content": user})
-        turn, pending = index.begin("", histories[i])
+        turn, pending = _begin(index, "", histories[i])
         reply = {"role": "assistant", "content": answer}
-        index.answered(pending, reply)
+        _answered(index, pending, reply)
         programs[i].append(turn.program_id)
         kinds[i].append(turn.kind)
         sent[i].append(json.dumps(histories[i]))
@@ -184,7 +254,7 @@ def test_a_streamed_answer_with_tool_calls_is_read_across_cut_chunks():
                       {"index": 0, "function": {"arguments": '"ls"}'}}]}}]},
                   {"choices": [], "usage": {"prompt_tokens": 3}})
     stream = b"".join(chunks)
-    reader = AnswerReader()
+    reader = ChatAnswer()
     reader.start(200, [(b"content-type", b"text/event-stream; charset=utf-8")])
     for i in range(0, len(stream), 7):  # cut anywhere, mid-line included
         reader.feed(stream[i:i + 7])
@@ -201,7 +271,7 @@ def test_a_streamed_answer_with_tool_calls_is_read_across_cut_chunks():
     (200, [(b"content-type", b"application/json")], b"not json", None),
 ])
 def test_errors_are_no_answer(status, headers, body, expected):
-    reader = AnswerReader()
+    reader = ChatAnswer()
     reader.start(status, headers)
     reader.feed(body)
     assert reader.answer() == expected
@@ -219,7 +289,18 @@ class FakeEngine:
     async def __call__(self, scope, receive, send):
         body = json.loads((await receive())["body"])
         self.bodies.append(body)
-        if body.get("stream"):
+        if scope["path"] == "/v1/messages":  # one tool_use, streamed as Anthropic's events
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            for name, event in [("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                    "type": "tool_use", "id": f"toolu_{len(self.bodies)}", "name": "Bash", "input": {}}}),
+                    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                        "type": "input_json_delta", "partial_json": '{"command": "ls"}'}}),
+                    ("message_stop", {"type": "message_stop"})]:
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif body.get("stream"):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})
             for chunk in _sse({"choices": [{"index": 0, "delta": {"content": self.answer}}]}):
@@ -231,7 +312,7 @@ class FakeEngine:
                 {"choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer}}]}).encode()})
 
 
-async def _post(app, body: dict) -> None:
+async def _post(app, body: dict, headers: list | None = None, path: str = "/v1/chat/completions") -> None:
     raw = json.dumps(body).encode()
 
     async def receive():
@@ -240,7 +321,7 @@ async def _post(app, body: dict) -> None:
     async def send(message):
         pass
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "raw_path": b""}
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers or [], "raw_path": b""}
     await app(scope, receive, send)
 
 
@@ -255,12 +336,56 @@ async def _names_the_second_turn(stream):
     history = [{"role": "user", "content": "task"}]
     first = {"model": "m", "messages": history, "stream": stream, "temperature": 0.5}
     await _post(app, first)
-    assert engine.bodies[-1] == {**first, "vllm_xargs": {XARG_MAY_RETURN: True}}  # no program's, but may return
+    conversation = engine.bodies[-1].pop("vllm_xargs")[XARG_CONVERSATION]
+    assert engine.bodies[-1] == first  # no program's, but it names the program its next turn will be
     await _post(app, {"model": "m", "messages": history + [{"role": "assistant", "content": "ok"},
                                                            {"role": "user", "content": "more"}], "stream": stream})
     xargs = engine.bodies[-1]["vllm_xargs"]
-    assert xargs[XARG_PROGRAM].startswith("conv-") and xargs[XARG_TURN] == 1
+    assert xargs[XARG_PROGRAM] == conversation and conversation.startswith("conv-") and xargs[XARG_TURN] == 1
     assert msgspec.json.decode(xargs[XARG_TOOLS_DONE])[0]["name"] == USER_TURN
+
+
+def test_a_conversations_first_turn_is_routed_as_the_program_it_will_be_under_its_tenant():
+    """The Ray router places a first turn by its conversation key and records it there, so the next turn,
+    the program of that id, lands where the first turn's KV is; under tenants both ids are scoped alike."""
+    from types import SimpleNamespace
+
+    from agentserve.options import TenantsConfig
+    from agentserve.rayserve.router import program_of_pending
+    from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
+    from agentserve.server.tenants import TenantGate
+
+    gate = TenantGate(msgspec.convert({"tenants": [{"name": "acme", "api_keys": ["k" * 16]}]}, TenantsConfig))
+    engine = FakeEngine()
+    app = AgentFieldsMiddleware(engine, gate=gate, conversations=Conversations())
+    history = [{"role": "user", "content": "task"}]
+    key = [(b"authorization", b"Bearer " + b"k" * 16)]
+    asyncio.run(_post(app, {"model": "m", "messages": history}, key))
+    asyncio.run(_post(app, {"model": "m", "messages": history + [{"role": "assistant", "content": "ok"},
+                                                                 {"role": "user", "content": "more"}]}, key))
+    first, second = (SimpleNamespace(args=[SimpleNamespace(vllm_xargs=b["vllm_xargs"])]) for b in engine.bodies)
+    assert program_of_pending(first) == program_of_pending(second) == second.args[0].vllm_xargs[XARG_PROGRAM]
+    assert program_of_pending(first).startswith("acme:")
+    affinity = ProgramAffinity()
+    placed = affinity.place(program_of_pending(first), ["r1", "r2"]).ranked[0]
+    for other in ("r1", "r2"):  # whatever the load says since
+        affinity.report([ReplicaLoad(other, 90 if other != placed else 1, 100, 0)])
+    assert affinity.place(program_of_pending(second), ["r1", "r2"]).ranked[0] == placed
+
+
+def test_an_anthropic_tool_use_answered_by_its_tool_result_continues_the_program_with_the_tools_time():
+    engine = FakeEngine()
+    app = AgentFieldsMiddleware(engine, conversations=Conversations())
+    history = [{"role": "user", "content": "list the files"}]
+    asyncio.run(_post(app, {"model": "m", "max_tokens": 8, "stream": True, "messages": history}, path="/v1/messages"))
+    assert XARG_PROGRAM not in engine.bodies[-1]["vllm_xargs"]
+    history += [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                                   "input": {"command": "ls"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py"}]}]
+    asyncio.run(_post(app, {"model": "m", "max_tokens": 8, "messages": history}, path="/v1/messages"))
+    xargs = engine.bodies[-1]["vllm_xargs"]
+    assert xargs[XARG_PROGRAM] == engine.bodies[0]["vllm_xargs"][XARG_CONVERSATION]
+    assert msgspec.json.decode(xargs[XARG_TOOLS_DONE])[0]["name"] == "Bash"
 
 
 def test_without_the_index_a_plain_loop_is_no_program():
@@ -290,6 +415,20 @@ async def _named():
     await _post(app, {"model": "m", "messages": history + [{"role": "assistant", "content": "ok"},
                                                            {"role": "user", "content": "more"}], "session_id": "mine"})
     assert engine.bodies[-1]["vllm_xargs"][XARG_PROGRAM] == "mine" and len(index) == 0
+
+
+def test_the_cost_benchmark_times_the_middleware_with_the_index_on_and_off(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("continuity_cost", Path(__file__).parents[1] / "bench" /
+                                                  "continuity_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    asyncio.run(bench.main(3))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| one-off") or
+            line.startswith("| human")]
+    assert len(rows) == 6
 
 
 # -- on the real engine: a plain OpenAI client's loop, no ids -------------------------------------------
@@ -372,3 +511,54 @@ def test_a_plain_clients_loop_keeps_its_context_across_tool_calls_from_its_secon
     assert program is not None and cached < prompt // 2
     httpx.post(f"{base}/v1/programs/{program}/end", timeout=30)
     httpx.post(f"{base}/v1/programs/{again}/end", timeout=30)
+
+
+TENANT_KEY = "acme-key-0123456789abcdef"
+
+
+def _anthropic_loop(base_url: str, seed: int, turns: int = 4) -> list[float]:
+    """A Messages-API agent loop through the anthropic SDK, the history as the SDK returns it (content
+    blocks), a tool's output sent back as the next user message; other traffic floods the KV during
+    each tool call. Returns each later turn's share of its prompt read from cache. (The random-weight
+    model cannot be made to answer with tool_use blocks on this route: tool_use matching is checked
+    above, through the middleware.)"""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=base_url, api_key=TENANT_KEY, max_retries=0, timeout=120)
+    system = [{"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}}]
+    history: list[dict] = [{"role": "user", "content": _words(seed, 400)}]
+    shares = []
+    for turn in range(turns):
+        r = client.messages.create(model="tiny", max_tokens=16, system=system, messages=history)
+        if turn:
+            prompt = r.usage.input_tokens + (r.usage.cache_read_input_tokens or 0)
+            shares.append((r.usage.cache_read_input_tokens or 0) / prompt)
+        history += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]},
+                    {"role": "user", "content": [{"type": "text", "text": f"<returncode>{turn}</returncode>",
+                                                  "cache_control": {"type": "ephemeral"}}]}]
+        for i in range(4):  # the tool call: other traffic, together far more than the KV budget
+            client.messages.create(model="tiny", max_tokens=4, messages=[
+                {"role": "user", "content": _words(seed * 100 + turn * 10 + i, 850)}])
+    return shares
+
+
+@pytest.mark.slow
+def test_an_anthropic_sdk_agent_loop_under_tenants_keeps_its_context_where_stock_vllm_loses_it(tmp_path):
+    import os
+
+    import httpx
+
+    from agentserve.server.process import ServerProcess
+
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"tenants": [{"name": "acme", "api_keys": [TENANT_KEY]}]}))
+    args = ["--model", "tiny", "--kv-tokens", str(KV_TOKENS), "--max-model-len", str(KV_TOKENS),
+            "--tenants", str(tenants)]
+    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    with ServerProcess(args, env=env) as srv:
+        ours = _anthropic_loop(srv.base_url, 1)
+        stats = httpx.get(srv.base_url + "/v1/agentserve/stats", headers={"x-api-key": TENANT_KEY}, timeout=30).json()
+    with ServerProcess(args + ["--policy", "vllm"], env=env) as srv:
+        stock = _anthropic_loop(srv.base_url, 1)
+    assert min(ours) >= 0.8 and max(stock) < 0.2, (ours, stock)
+    assert USER_TURN in str(stats["tools"])  # the waits between turns reached the predictor

@@ -149,6 +149,36 @@ def test_a_session_header_names_a_program_that_stays_on_its_replica_and_ends_by_
     assert engine_stats_when(lambda s: s["programs"] == 0)["programs"] == 0
 
 
+def test_conversations_that_name_no_program_stay_on_their_replica_from_their_first_turn(ray_app):
+    """A plain client's loop: the ingress infers its program from the second turn on, and the router
+    places the first turn as that program, so every turn lands where its KV is."""
+    def conversation(i: int) -> list[tuple[str, str | None, dict]]:
+        messages = [{"role": "user", "content": " ".join(f"c{i}w{j}" for j in range(150))}]
+        seen = []
+        for turn in range(3):
+            status, headers, body = post("/v1/chat/completions", {"model": "tiny", "max_tokens": 4, "temperature": 0,
+                                                                  "messages": messages})
+            assert status == 200, body
+            seen.append((headers["x-agentserve-replica"], headers.get("x-agentserve-program"), body["usage"]))
+            messages += [body["choices"][0]["message"], {"role": "user", "content": f"result {turn} " * 30}]
+        return seen
+
+    with ThreadPoolExecutor(6) as pool:
+        runs = list(pool.map(conversation, range(6)))
+    homes = set()
+    for seen in runs:
+        assert len({r for r, _, _ in seen}) == 1, f"a conversation's turns went to {[r for r, _, _ in seen]}"
+        homes.add(seen[0][0])
+        programs = [p for _, p, _ in seen]
+        assert programs[0] is None and programs[1] == programs[2] is not None  # a program from its second turn
+        for (_, _, before), (_, _, usage) in zip(seen, seen[1:]):
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= (before["prompt_tokens"] // BLOCK) * BLOCK
+        assert post(f"/v1/programs/{programs[1]}/end", None)[0] == 200
+    assert len(homes) == 2, "six concurrent conversations all landed on one replica"
+    stats = engine_stats_when(lambda s: s["engine"]["commands_pending"] == 0 and s["engine"]["pinned_blocks"] == 0)
+    assert stats["engine"]["pinned_blocks"] == 0 and stats["programs"] == 0, stats
+
+
 def test_killing_a_replica_mid_replay_loses_no_program_and_no_pin(ray_app):
     """Runs last (it kills a replica of the module's app)."""
     import ray

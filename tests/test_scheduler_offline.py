@@ -11,7 +11,7 @@ import pytest
 from agentserve.engine import offline
 from agentserve.engine.offline import step
 from agentserve.engine.settings import EngineSettings
-from agentserve.programs.fields import XARG_IS_LAST, XARG_MAY_RETURN, XARG_PROGRAM, XARG_TTL
+from agentserve.programs.fields import XARG_CONVERSATION, XARG_IS_LAST, XARG_PROGRAM, XARG_TTL
 
 pytestmark = pytest.mark.usefixtures("both_schedulers")
 PLUGIN = "agentserve.engine.scheduler.ProgramScheduler"
@@ -229,12 +229,12 @@ def test_a_last_turns_blocks_are_evicted_before_a_returning_programs(one_off_blo
 
 def test_a_first_turn_that_may_return_keeps_vllms_order_and_a_one_off_goes_first():
     """A request of no program is a one-off (its blocks first to go), unless the front end says it may be a
-    conversation's first turn (XARG_MAY_RETURN): its next turn may need them, so they keep vLLM's order."""
+    conversation's first turn (XARG_CONVERSATION): its next turn may need them, so they keep vLLM's order."""
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
     s, h = make()
-    for rid, base, xargs, out in (("maybe0", 0, {XARG_MAY_RETURN: True}, 2), ("once0", 1000, {}, 8)):
+    for rid, base, xargs, out in (("maybe0", 0, {XARG_CONVERSATION: "conv-1"}, 2), ("once0", 1000, {}, 8)):
         s.add_request(Request(rid, prompt(96, base), SamplingParams(max_tokens=out, ignore_eos=True, extra_args=xargs),
                               None, arrival_time=time.time(), block_hasher=h))
     step(s, lambda: 7)

@@ -28,6 +28,16 @@ def test_the_program_is_the_first_convention_found(body, headers, expected):
     assert _xargs(body, headers)[XARG_PROGRAM] == expected
 
 
+@pytest.mark.parametrize("metadata, expected", [
+    ({"session_id": "s-1"}, "s-1"),
+    ({"user_id": "user_ab12_account_5f0e_session_3c9a-77d1"}, "3c9a-77d1"),  # Claude Code's
+    ({"user_id": "alice"}, None),  # a person, not a program
+])
+def test_the_messages_metadata_names_a_session(metadata, expected):
+    xargs = _xargs({"metadata": metadata})
+    assert (xargs or {}).get(XARG_PROGRAM) == expected
+
+
 def test_the_session_id_stays_for_vllm():
     out, _, _ = rewrite(json.dumps({"model": "m", "session_id": "s"}).encode())
     data = json.loads(out)

@@ -1,13 +1,12 @@
-"""Programs inferred from conversation continuity: a chat request that names no program is the next
-turn of a live conversation when its messages extend an earlier request's messages plus that
-request's answer. The conversation is then a program, so a plain OpenAI client's agent loop gets
+"""Programs inferred from conversation continuity: a request that names no program is the next turn
+of a live conversation when its messages extend an earlier request's messages plus that request's
+answer (chat completions and Anthropic's Messages API alike: server/transcripts.py). The conversation is then a program, so a plain OpenAI client's agent loop gets
 what a named one gets (pins across its tool calls, program order, working-set admission).
 
-Matching is on a chain of hashes over a normalized form of each message (role, text, tool calls,
-nothing else), seeded by the tenant's scope, the model and the client's cache salt, so that the
-re-serializations clients do between turns (null or empty content, text split into parts, key order
-and whitespace in tool arguments, reasoning and ids dropped from the history) do not break a
-conversation, and two tenants never share one. After each answer the index holds one *state*: the
+Matching is on a chain of hashes over a normal form of each message (role, text, tool calls, nothing
+else: server/transcripts.py), seeded by the tenant's scope, the API, the model and the client's cache
+salt, so that the re-serializations clients do between turns do not break a conversation, and two
+tenants never share one. After each answer the index holds one *state*: the
 hash of the request's messages plus the answer. A later request whose chain passes through a state
 continues it:
 - the first request to extend a state continues its program (a conversation's second turn starts it:
@@ -24,7 +23,6 @@ idle past the programs' idle timeout is dropped, as the tracker abandons the pro
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import uuid
 from collections import OrderedDict
@@ -42,7 +40,6 @@ DEFAULT_MAX_STATES = 4096  # answered states kept per scope (a tenant, or the wh
 MAX_EXTENSIONS = 16  # distinct extensions of one state remembered (a state forked wider forks on)
 USER_TURN = "(user)"  # the tool name of the wait after an answer that called no tool
 PROGRAM_PREFIX = "conv-"  # inferred program ids: this and 64 random bits (unique across front-end processes)
-_ROLES = {"developer": "system"}  # roles clients use interchangeably
 _encode = msgspec.json.Encoder(order="sorted").encode
 
 
@@ -51,13 +48,14 @@ class Pending(msgspec.Struct):
 
     scope: str
     chain: bytes  # the hash of the request's messages
-    program_id: str | None  # None: a conversation's first turn, served as a one-off
+    program_id: str  # the program of the request's line of turns (a first turn's: of its next turn)
     turn: int
     parent: bytes | None = None  # the state the request extends
 
 
 class Turn(msgspec.Struct):
-    """What the index says about a request: `kind` first | continued | resent | forked."""
+    """What the index says about a request: `kind` first | continued | resent | forked; its program
+    (None for a first turn, served as a one-off, whose next turn's program is `Pending.program_id`)."""
 
     kind: str
     program_id: str | None
@@ -68,7 +66,7 @@ class Turn(msgspec.Struct):
 class _State:
     __slots__ = ("program_id", "turn", "answered_at", "tool", "extensions", "answered")
 
-    def __init__(self, program_id: str | None, turn: int, answered_at: float, tool: str):
+    def __init__(self, program_id: str, turn: int, answered_at: float, tool: str):
         self.program_id, self.turn, self.answered_at, self.tool = program_id, turn, answered_at, tool
         self.extensions: dict[bytes, str] = {}  # request chain -> the program it got
         self.answered: set[bytes] = set()  # those of the extensions that have an answer
@@ -93,22 +91,21 @@ class Conversations:
     def __len__(self) -> int:
         return sum(len(s) for s in self._states.values())
 
-    def begin(self, scope: str, messages: Any, salt: str = "", model: str = "") -> tuple[Turn, Pending] | None:
-        """The request's place in its conversation, or None for messages that are not a list of message
-        objects (vLLM answers those itself)."""
-        chain = chain_of(messages, seed=_encode((scope, model, salt)))
-        if chain is None:
-            return None
+    def begin(self, scope: str, transcript: list, seed: Any = "") -> tuple[Turn, Pending]:
+        """The request's place in its conversation. `transcript`: its messages in a normal form
+        (server/transcripts.py); `seed`: what else keeps conversations apart (the API, the model, the
+        client's cache salt)."""
+        chain = chain_of(transcript, _encode((scope, seed)))
         states = self._live(scope)
         parent = next((h for h in reversed(chain[1:]) if h in states), None)
         if parent is None:
-            return Turn("first", None, 0), Pending(scope, chain[-1], None, 0)
+            return Turn("first", None, 0), Pending(scope, chain[-1], self._new_id(), 0)
         state = states[parent]
         key, turn, tools = chain[-1], state.turn + 1, None
         if key in state.extensions:
             kind, program = "resent", state.extensions[key]
         elif not state.extensions:
-            kind, program = "continued", state.program_id or self._new_id()
+            kind, program = "continued", state.program_id
             tools = [ToolRun(state.tool, max(0.0, self.clock() - state.answered_at))]
         else:
             kind, program = "forked", self._new_id()
@@ -116,13 +113,12 @@ class Conversations:
             state.extensions[key] = program
         return Turn(kind, program, turn, tools), Pending(scope, key, program, turn, parent)
 
-    def answered(self, pending: Pending, answer: dict) -> None:
-        """The request's answer (an assistant message): the state a next turn will extend. A request
+    def answered(self, pending: Pending, answer: Any, tool: str | None) -> None:
+        """The request's answer (normalized, as the transcript's messages; `tool`: its first tool call's
+        name): the state a next turn will extend. A request
         sent twice whose second answer differs from the first (sampling) forks there: the second line
         of turns gets a program of its own."""
         key = _link(pending.chain, answer)
-        calls = answer.get("tool_calls") or ()
-        tool = next((str(c.get("function", {}).get("name") or "") for c in calls if isinstance(c, dict)), "")
         states = self._live(pending.scope)
         program, known = pending.program_id, states.get(key)
         parent = states.get(pending.parent) if pending.parent is not None else None
@@ -131,7 +127,7 @@ class Conversations:
                 program = self._new_id()
             parent.answered.add(pending.chain)
         if known is None:
-            states[key] = _State(program, pending.turn, self.clock(), tool[:256] or USER_TURN)
+            states[key] = _State(program, pending.turn, self.clock(), (tool or "")[:256] or USER_TURN)
         else:  # the same turn answered again, alike (a resent request): its extensions so far stay
             known.answered_at = self.clock()
             states.move_to_end(key)
@@ -150,45 +146,13 @@ class Conversations:
         return states
 
 
-def chain_of(messages: Any, seed: bytes) -> list[bytes] | None:
-    """[seed hash, hash after message 1, ..., hash after message n], or None if malformed."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        return None
+def chain_of(transcript: list, seed: bytes) -> list[bytes]:
+    """[seed hash, hash after message 1, ..., hash after message n] of a normalized transcript."""
     chain = [hashlib.blake2b(seed, digest_size=16).digest()]
-    for m in messages:
-        chain.append(_link(chain[-1], m))
+    for item in transcript:
+        chain.append(_link(chain[-1], item))
     return chain
 
 
-def _link(previous: bytes, message: dict) -> bytes:
-    return hashlib.blake2b(previous + _encode(normalized(message)), digest_size=16).digest()
-
-
-def normalized(message: dict) -> tuple:
-    """What identifies a message across clients' re-serializations: its role, its text (parts joined,
-    outer whitespace dropped; a non-text part by its canonical JSON) and its tool calls (name and
-    arguments as canonical JSON); ids, names, reasoning and key order do not count."""
-    role = str(message.get("role", ""))
-    calls = message.get("tool_calls") or ()
-    legacy = message.get("function_call")
-    calls = [c.get("function", c) for c in calls if isinstance(c, dict)] + ([legacy] if isinstance(legacy, dict) else [])
-    return (_ROLES.get(role, role), _text(message.get("content")),
-            [(str(c.get("name", "")), _arguments(c.get("arguments"))) for c in calls if isinstance(c, dict)])
-
-
-def _text(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return (content or "").strip()
-    if isinstance(content, list):
-        return "".join(p.get("text") or "" if isinstance(p, dict) and p.get("type") == "text"
-                       else _encode(p).decode() for p in content).strip()
-    return _encode(content).decode()
-
-
-def _arguments(arguments: Any) -> str:
-    if isinstance(arguments, str):
-        try:
-            return _encode(json.loads(arguments)).decode()
-        except ValueError:
-            return "".join(arguments.split())
-    return _encode(arguments).decode()
+def _link(previous: bytes, item: Any) -> bytes:
+    return hashlib.blake2b(previous + _encode(item), digest_size=16).digest()

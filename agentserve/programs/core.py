@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from agentserve.programs.book import ProgramBook
-from agentserve.programs.fields import XARG_MAY_RETURN, XARG_PROGRAM
+from agentserve.programs.fields import XARG_CONVERSATION, XARG_PROGRAM
 from agentserve.programs.next_use import NEVER
 from agentserve.ttl.pins import Release
 
@@ -130,7 +130,7 @@ class ProgramCore:
                 self.blocks.touch(blocks)
         out = free_request()
         if (self.book.config.one_off_blocks == "evict-first" and self.book.next_use.seconds_until(program) == NEVER
-                and not (program is None and (xargs or {}).get(XARG_MAY_RETURN))):
+                and not (program is None and (xargs or {}).get(XARG_CONVERSATION))):
             # Only the blocks this request computed: its prefix hit may be a prefix others share.
             self.book.counters["blocks_evicted_first"] += self.blocks.evict_first(
                 blocks[hit // self.book.block_size:])

@@ -32,9 +32,10 @@ XARG_LIFE = "agentserve_life"
 # The tool calls that ran since the program's previous call (ProgramFields.tools_done), as JSON text:
 # vLLM's xargs hold scalars only.
 XARG_TOOLS_DONE = "agentserve_tools_done"
-# A request of no program that may be a conversation's first turn (programs/continuity.py): its blocks
-# keep vLLM's LRU order rather than going first (--one-off-blocks evict-first), as its next turn may need them.
-XARG_MAY_RETURN = "agentserve_may_return"
+# On a request of no program that may be a conversation's first turn (programs/continuity.py): the id its
+# next turn's program will have. Its blocks keep vLLM's LRU order rather than going first (--one-off-blocks
+# evict-first), as that turn may need them, and a router places it as that program (the next turn follows).
+XARG_CONVERSATION = "agentserve_conversation"
 # The tool of a turn whose answer spawns sub-agents and waits for them: the wait is the join.
 JOIN_TOOL = "join"
 

@@ -6,8 +6,11 @@ Precedence, first found wins (vLLM's own order for the last three):
 2. `session_id` in the body (vLLM 0.32's request field);
 3. the `X-Session-ID` header (vLLM's name; Ray Serve LLM's session router reads the same header,
    `x-session-id`: HTTP header names are case-insensitive);
-4. `vllm_xargs.session_id` (vLLM reads it there too).
-A request with none of them is not a program's and is served as stock vLLM serves it.
+4. `vllm_xargs.session_id` (vLLM reads it there too);
+5. `metadata.session_id`, or the session in `metadata.user_id` (`..._session_<id>`, as Claude Code
+   sends it on the Messages API; a user id without a session names a person, not a program).
+A request with none of them is not a program's: the conversation it continues may name it
+(programs/continuity.py), else it is served as stock vLLM serves it.
 
 The end of a program can be said in a header, for clients that send headers but no body fields:
 `X-Agentserve-End-Program: true` makes the call the program's last (no pin) and ends the program when
@@ -17,6 +20,7 @@ unchanged, so vLLM still sees its session id.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -28,6 +32,7 @@ END_HEADER = "x-agentserve-end-program"
 HEADERS = (SESSION_HEADER, END_HEADER)  # the headers this module reads (lower case)
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
 _SESSION_ID = msgspec.json.Decoder(ID)  # the id's bounds, checked as the object's program_id is
+_SESSION_IN_USER = re.compile(r"(?:^|_)session_([A-Za-z0-9][A-Za-z0-9-]*)$")
 
 
 class SessionError(ValueError):
@@ -67,6 +72,13 @@ def _session(body: dict[str, Any], headers: dict[str, str]) -> tuple[Any, str | 
     xargs = body.get("vllm_xargs")
     if isinstance(xargs, dict) and xargs.get("session_id") is not None:
         return xargs["session_id"], "vllm_xargs.session_id"
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict):
+        if metadata.get("session_id") is not None:
+            return metadata["session_id"], "metadata.session_id"
+        user = metadata.get("user_id")
+        if isinstance(user, str) and (found := _SESSION_IN_USER.search(user)):
+            return found.group(1), "metadata.user_id"
     return None, None
 
 

@@ -22,7 +22,7 @@ import logging
 import ray
 from ray.serve._private.request_router.request_router import RequestRouter
 
-from agentserve.programs.fields import XARG_PROGRAM
+from agentserve.programs.fields import XARG_CONVERSATION, XARG_PROGRAM
 from agentserve.rayserve.control_plane import NAMESPACE, actor_name
 
 log = logging.getLogger("agentserve.rayserve")
@@ -34,11 +34,12 @@ PLACE_TIMEOUT_S = 2.0
 
 def program_of_pending(pending_request) -> str | None:
     """The program id of a routed LLM call: the first argument is the OpenAI request object, whose
-    `vllm_xargs` carries the program fields (the ingress moved the `agentserve` object there)."""
+    `vllm_xargs` carries the program fields (the ingress moved the `agentserve` object there); a
+    conversation's first turn is placed as the program its next turn will be, which then follows it."""
     if pending_request is None or not pending_request.args:
         return None
     xargs = getattr(pending_request.args[0], "vllm_xargs", None)
-    program = xargs.get(XARG_PROGRAM) if isinstance(xargs, dict) else None
+    program = (xargs.get(XARG_PROGRAM) or xargs.get(XARG_CONVERSATION)) if isinstance(xargs, dict) else None
     return program if isinstance(program, str) else None
 
 

@@ -40,7 +40,7 @@ ADMISSION = Counter("agentserve_admission_decisions", "Working-set admission (--
                     "guests_at_contention", ["reason"])
 PROGRAM_REQUESTS = Counter("agentserve_program_requests", "LLM requests of programs, by what named the "
                            "program: agentserve (the object), session_id, x-session-id, vllm_xargs.session_id, "
-                           "inferred (the conversation it continues)", ["named_by"])
+                           "metadata.session_id, metadata.user_id (its session), inferred (the conversation it continues)", ["named_by"])
 CONVERSATION_TURNS = Counter("agentserve_conversation_turns", "Chat requests naming no program, by what the "
                              "conversation index made of them: first (a one-off, until a next turn continues it), "
                              "continued, resent (the same turn sent again), forked (a second, different extension of "

@@ -30,10 +30,10 @@ import msgspec
 from fastapi.responses import JSONResponse
 
 from agentserve.programs.continuity import Conversations, Pending
-from agentserve.programs.fields import XARG_MAY_RETURN, XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
+from agentserve.programs.fields import XARG_CONVERSATION, XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
 from agentserve.programs.sessions import HEADERS as SESSION_HEADERS, SessionError, program_fields
 from agentserve.server import metrics, routes
-from agentserve.server.answers import AnswerReader
+from agentserve.server.transcripts import TRANSCRIPTS, Transcript
 from agentserve.server.cross_model_front import CrossModelFront
 from agentserve.server.shared_prompts import ShareError, SharedPrompts
 from agentserve.server.streams import request_streams
@@ -42,7 +42,6 @@ from agentserve.server.tenants import TenantGate
 
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
 _PROGRAMS_PREFIX = "/v1/programs/"
-INFERRED_ROUTE = "/v1/chat/completions"  # the route whose unnamed requests are matched to conversations
 PROGRAM_HEADER = b"x-agentserve-program"  # names the program inferred for a request, in its response
 # Body fields a tenant may not send: they name state that is not scoped by tenant (vLLM's stored
 # responses, a KV connector's transfer handles).
@@ -114,7 +113,7 @@ class AgentFieldsMiddleware:
         incoming = None
         headers = _session_headers(scope)
         mentions = tenant is not None or self.cross is not None or headers or _mentions_program(body)
-        if mentions or (self.conversations is not None and path == INFERRED_ROUTE):
+        if mentions or (self.conversations is not None and path in TRANSCRIPTS):
             incoming = Incoming.decode(body, tenant, headers)
         if incoming is not None:
             if self.cross is not None and scope["path"] == "/v1/completions" and self.cross.wants(incoming.data):
@@ -129,7 +128,7 @@ class AgentFieldsMiddleware:
             if incoming.produce:
                 await self.shares.produce(incoming.produce, incoming.scope)
             if incoming.pending is not None:
-                send = answer_recorder(send, self.conversations, incoming.pending,
+                send = answer_recorder(send, self.conversations, TRANSCRIPTS[path], incoming.pending,
                                        incoming.pending.program_id if incoming.inferred else None)
         sent = False
 
@@ -146,8 +145,9 @@ class AgentFieldsMiddleware:
 
 def _mentions_program(body: bytes) -> bool:
     """Cheap test before any decode: the object, a client's own agentserve_* xargs (refused), or a
-    session id (programs/sessions.py); or any escape, which could spell one of them (`"\\u0061gent..."`)."""
-    return b"agentserve" in body or b"session_id" in body or b"\\u" in body
+    session id or a user id's session (programs/sessions.py); or any escape, which could spell one of
+    them (`"\\u0061gent..."`)."""
+    return b"agentserve" in body or b"session_" in body or b"\\u" in body
 
 
 def _session_headers(scope) -> dict[str, str]:
@@ -231,8 +231,8 @@ def rewriters(path: str, *, shares: SharedPrompts | None = None, gate: TenantGat
     from the conversation (chat), the shared prompt (completions with --kvshare), the tenant (salt,
     scoping, limits), the sub-agent's parent, the program fields into vllm_xargs."""
     steps: list[Rewriter] = [typed_fields, sessions]
-    if conversations is not None and path == INFERRED_ROUTE:
-        steps.append(inferred(conversations))
+    if conversations is not None and path in TRANSCRIPTS:
+        steps.append(inferred(conversations, TRANSCRIPTS[path]))
     if path in routes.NO_PROGRAM_ROUTES:
         steps.append(no_program(path))
     if shares is not None and path == "/v1/completions":
@@ -302,20 +302,20 @@ def sessions(incoming: Incoming) -> JSONResponse | None:
     return None
 
 
-def inferred(conversations: Conversations) -> Rewriter:
-    """A chat request that names no program: the next turn of the conversation it extends, if any
+def inferred(conversations: Conversations, transcript: Transcript) -> Rewriter:
+    """A request that names no program: the next turn of the conversation it extends, if any
     (programs/continuity.py). A first turn stays a one-off; its answer is recorded either way."""
 
     def rewrite(incoming: Incoming) -> JSONResponse | None:
         data = incoming.data
         if incoming.fields is not None or data.get("n") not in (None, 1):
             return None
-        salt = data.get("cache_salt")
-        found = conversations.begin(incoming.scope, data.get("messages"), salt if isinstance(salt, str) else "",
-                                    str(data.get("model") or ""))
-        if found is None:
+        messages = transcript.messages(data)
+        if messages is None:
             return None
-        turn, incoming.pending = found
+        salt = data.get("cache_salt")
+        turn, incoming.pending = conversations.begin(incoming.scope, messages, (
+            type(transcript).__name__, str(data.get("model") or ""), salt if isinstance(salt, str) else ""))
         metrics.CONVERSATION_TURNS.labels(turn.kind).inc()
         if turn.program_id is not None:
             incoming.fields = ProgramFields(program_id=turn.program_id, turn=turn.turn, tools_done=turn.tools_done)
@@ -326,10 +326,11 @@ def inferred(conversations: Conversations) -> Rewriter:
     return rewrite
 
 
-def answer_recorder(send, conversations: Conversations, pending: Pending, program: str | None):
+def answer_recorder(send, conversations: Conversations, transcript: Transcript, pending: Pending,
+                    program: str | None):
     """`send`, reading the response's answer on its way out; the index gets it when the body ends.
     The response names the inferred `program` in a header (PROGRAM_HEADER), for the client's program routes."""
-    reader = AnswerReader()
+    reader = transcript.reader()
 
     async def recording_send(message) -> None:
         if message["type"] == "http.response.start":
@@ -340,7 +341,7 @@ def answer_recorder(send, conversations: Conversations, pending: Pending, progra
         elif message["type"] == "http.response.body":
             reader.feed(message.get("body", b""))
             if not message.get("more_body") and (answer := reader.answer()) is not None:
-                conversations.answered(pending, answer)
+                conversations.answered(pending, *transcript.answer(answer))
         await send(message)
 
     return recording_send
@@ -428,8 +429,10 @@ def program_xargs(incoming: Incoming) -> JSONResponse | None:
                               "agentserve.share")
     if incoming.fields is not None:
         data["vllm_xargs"] = {**(xargs or {}), **to_xargs(incoming.fields)}
-    elif incoming.pending is not None:  # a conversation's first turn: its next turn may come
-        data["vllm_xargs"] = {**(xargs or {}), XARG_MAY_RETURN: True}
+    elif incoming.pending is not None:  # a conversation's first turn: its next turn may come, as this program
+        program = incoming.pending.program_id
+        data["vllm_xargs"] = {**(xargs or {}), XARG_CONVERSATION: TenantGate.scope(incoming.tenant, program)
+                              if incoming.tenant is not None else program}
     return None
 
 
