@@ -302,10 +302,12 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "--max-wait; running work always may")] = "soft"
     idle_timeout_s: Annotated[float, Meta(gt=0), _help(
         "seconds after which a silent program is abandoned and its pin released")] = 600.0
+    # Off by default until inferred programs end when their conversation does: on BFCL they never end,
+    # and the admission gate holds new programs behind them (docs/benchmarks.md).
     infer_programs: Annotated[bool, _help(
-        "a chat request that names no program continues the program of the conversation it extends (its "
-        "messages are an earlier request's plus that request's answer); --no-infer-programs serves such "
-        "requests as one-offs")] = True
+        "a chat or Messages request that names no program continues the program of the conversation it "
+        "extends (its messages are an earlier request's plus that request's answer); without it such "
+        "requests are one-offs")] = False
     order: Annotated[Order, _help(
         "the waiting queue's order across programs: program = program FCFS, each sub-agent ranked as a new "
         "program; workflow = FCFS by workflow (a sub-agent keeps its root's rank); critical-path = by "

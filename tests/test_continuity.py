@@ -443,7 +443,7 @@ def pinning_server():
     from agentserve.server.process import ServerProcess
 
     args = ["--model", "tiny", "--kv-tokens", str(KV_TOKENS), "--max-model-len", str(KV_TOKENS),
-            "--policy", "fixed", "--fixed-ttl", "60", "--host-kv-tokens", "0"]
+            "--policy", "fixed", "--fixed-ttl", "60", "--host-kv-tokens", "0", "--infer-programs"]
     with ServerProcess(args, env={"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}) as srv:
         yield srv
 
@@ -553,7 +553,7 @@ def test_an_anthropic_sdk_agent_loop_under_tenants_keeps_its_context_where_stock
     tenants = tmp_path / "tenants.json"
     tenants.write_text(json.dumps({"tenants": [{"name": "acme", "api_keys": [TENANT_KEY]}]}))
     args = ["--model", "tiny", "--kv-tokens", str(KV_TOKENS), "--max-model-len", str(KV_TOKENS),
-            "--tenants", str(tenants)]
+            "--tenants", str(tenants), "--infer-programs"]
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     with ServerProcess(args, env=env) as srv:
         ours = _anthropic_loop(srv.base_url, 1)

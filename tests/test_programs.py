@@ -221,3 +221,33 @@ def test_tools_done_travel_through_the_engine_xargs():
     for bad in ([{"name": "bash"}], [{"name": "", "duration_s": 1}], [{"name": "b", "duration_s": -1}]):
         _, _, err = rewrite(json.dumps({"model": "m", "agentserve": {"program_id": "p", "tools_done": bad}}).encode())
         assert err.status_code == 400 and json.loads(err.body)["error"]["param"].startswith("agentserve.tools_done")
+
+
+def test_an_inferred_program_ends_when_its_conversation_falls_silent_past_its_tools_p99():
+    """Nobody ends an inferred program: the control plane ends it when it is silent for twice its tool's
+    p99 (at least the floor), where a named one waits for the idle timeout."""
+    from agentserve.programs.control import INFERRED_END_MIN_S
+
+    clock = Clock()
+    events = []
+    control = ControlPlane(ProgramTracker(idle_timeout_s=600, clock=clock), ToolDurationPredictor(min_samples=2),
+                           FixedTTL(1.0), None, on_event=lambda kind, d: events.append((kind, d)))
+    for program, inferred in (("conv-1", True), ("named", False)):
+        control.begin_call(ProgramFields(program_id=program, inferred=inferred), 10, 1)
+        control.end_call(program, 11)
+        control.begin_call(ProgramFields(program_id=program, inferred=inferred,
+                                         tools_done=[ToolRun("bash", 4.0), ToolRun("bash", 6.0)]), 10, 1)
+        control.end_call(program, 11)
+    clock.t += 11.9  # twice the p99 (6 s) is 12 s
+    asyncio.run(control.tick())
+    assert control.knows("conv-1") and control.knows("named")
+    clock.t += 0.2
+    asyncio.run(control.tick())
+    assert not control.knows("conv-1") and control.knows("named")
+    assert ("program_end", {"program": "conv-1", "reason": "conversation_silent", "turns": 2}) in events
+    assert control._silence_s(control.tracker.programs["named"]) == 600
+    control.begin_call(ProgramFields(program_id="conv-2", inferred=True, tool="quick"), 10, 1)
+    control.end_call("conv-2", 11)
+    control.predictor.observe("quick", 0.1, client_measured=True)
+    control.predictor.observe("quick", 0.1, client_measured=True)
+    assert control._silence_s(control.tracker.programs["conv-2"]) == INFERRED_END_MIN_S

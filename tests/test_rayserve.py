@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 PORT = 8123
 BASE = f"http://127.0.0.1:{PORT}"
 SETTINGS = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048)
-OPTIONS = ProgramOptions(policy="fixed", fixed_ttl_s=30.0)
+OPTIONS = ProgramOptions(policy="fixed", fixed_ttl_s=30.0, infer_programs=True)
 BLOCK = 32
 
 

@@ -132,3 +132,8 @@ def test_a_bad_session_gets_a_400_and_no_session_is_no_program(server, openai_cl
     before = httpx.get(server.base_url + "/v1/agentserve/stats", timeout=30).json()["programs"]
     openai_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert httpx.get(server.base_url + "/v1/agentserve/stats", timeout=30).json()["programs"] == before
+
+
+def test_a_client_cannot_mark_its_program_inferred():
+    _, _, err = rewrite(json.dumps({"model": "m", "agentserve": {"program_id": "p", "inferred": True}}).encode())
+    assert err is not None and err.status_code == 400 and b"agentserve.inferred" in err.body

@@ -299,7 +299,7 @@ def test_policy_specs():
     # the replay's client: the policy's own unless the spec names one (it is no serve option)
     from workloads.replay import client_of
 
-    assert policy_spec("agentserve+client=openai+infer-programs=false") == ("agentserve", ["--no-infer-programs"])
+    assert policy_spec("agentserve+client=openai+infer-programs=true") == ("agentserve", ["--infer-programs"])
     assert [client_of(s) for s in ("agentserve", "vllm+offload", "agentserve+client=openai",
                                    "vllm+client=agentserve")] == ["agentserve", "openai", "openai", "agentserve"]
     with pytest.raises(ValueError, match="client is one of"):

@@ -28,6 +28,12 @@ from agentserve.ttl.predictor import ToolDurationPredictor
 
 log = logging.getLogger("agentserve.programs")
 
+# An inferred program (no client will end it) ends when silent this many times its last tool's p99
+# duration, and never sooner than the floor: past that its conversation is most likely over, and a
+# program that is not ended keeps its place in the admission gate and its pins.
+INFERRED_END_FACTOR = 2.0
+INFERRED_END_QUANTILE = 0.99
+INFERRED_END_MIN_S = 5.0
 # A returning turn that found less than this share of its prompt cached lost its KV: its queueing
 # delay feeds T of the TTL rule.
 EVICTED_HIT_SHARE = 0.5
@@ -64,7 +70,7 @@ class ControlPlane:
         for run in fields.tools_done or ():
             self._tool_ran(fields.program_id, run.name, run.duration_s)
         turn, gap, gap_tool = self.tracker.llm_start(fields.program_id, turn=fields.turn, tool=fields.tool,
-                                                     parent=fields.parent_program_id)
+                                                     parent=fields.parent_program_id, inferred=fields.inferred)
         if gap is not None:
             self.predictor.observe(gap_tool, gap, client_measured=False)
         program = self.tracker.programs[fields.program_id]
@@ -215,10 +221,19 @@ class ControlPlane:
         await self._send("release", {"program_id": program_id, "reason": "abort", "life": life})
 
     async def tick(self) -> dict:
-        """Periodic: end abandoned programs, expire pins in an idle engine, fetch engine stats."""
-        for program in self.tracker.reap():
-            await self._ended(program, "abandoned")
+        """Periodic: end abandoned programs and inferred ones that fell silent, expire pins in an idle
+        engine, fetch engine stats."""
+        for program in self.tracker.reap(self._silence_s):
+            silent = program.inferred and self.tracker.clock() - program.last_activity <= self.tracker.idle_timeout_s
+            await self._ended(program, "conversation_silent" if silent else "abandoned")
         return await self._send("tick", {})
+
+    def _silence_s(self, program: Program) -> float:
+        """How long an inferred program may be silent before it ends (others: the tracker's timeout)."""
+        if not program.inferred:
+            return self.tracker.idle_timeout_s
+        q = self.predictor.distribution(program.last_tool).quantile(INFERRED_END_QUANTILE)
+        return self.tracker.idle_timeout_s if q is None else max(INFERRED_END_MIN_S, INFERRED_END_FACTOR * q)
 
     async def shutdown(self) -> dict:
         return await self._send("release_all", {"reason": "program_end"})

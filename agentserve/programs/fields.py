@@ -36,6 +36,7 @@ XARG_TOOLS_DONE = "agentserve_tools_done"
 # next turn's program will have. Its blocks keep vLLM's LRU order rather than going first (--one-off-blocks
 # evict-first), as that turn may need them, and a router places it as that program (the next turn follows).
 XARG_CONVERSATION = "agentserve_conversation"
+XARG_INFERRED = "agentserve_inferred"  # the program was inferred from its conversation (ProgramFields.inferred)
 # The tool of a turn whose answer spawns sub-agents and waits for them: the wait is the join.
 JOIN_TOOL = "join"
 
@@ -82,6 +83,9 @@ class ProgramFields(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     # The tool calls that ran since the program's previous call, reported with this call rather than in
     # tool events of their own: no round trip between an agent's turns (the SDK's default).
     tools_done: Annotated[list[ToolRun], msgspec.Meta(max_length=MAX_TOOLS_DONE)] | None = None
+    # Set by the server, never by a client: the program was inferred from its conversation
+    # (programs/continuity.py), so nobody will end it; the control plane ends it when it falls silent.
+    inferred: bool = False
 
 
 class ToolEvent(msgspec.Struct, forbid_unknown_fields=True):
@@ -110,6 +114,8 @@ def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
         out[XARG_PARENT] = f.parent_program_id
     if f.tools_done:
         out[XARG_TOOLS_DONE] = msgspec.json.encode(f.tools_done).decode()
+    if f.inferred:
+        out[XARG_INFERRED] = True
     return out
 
 
@@ -122,4 +128,5 @@ def from_xargs(xargs: dict) -> ProgramFields | None:
     return ProgramFields(program_id=program, turn=xargs.get(XARG_TURN), is_last_turn=bool(xargs.get(XARG_IS_LAST)),
                          ends_program=bool(xargs.get(XARG_ENDS)), tool=xargs.get(XARG_TOOL),
                          parent_program_id=xargs.get(XARG_PARENT),
-                         tools_done=msgspec.json.decode(done, type=list[ToolRun]) if done else None)
+                         tools_done=msgspec.json.decode(done, type=list[ToolRun]) if done else None,
+                         inferred=bool(xargs.get(XARG_INFERRED)))

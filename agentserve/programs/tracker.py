@@ -50,6 +50,7 @@ class Program:
     last_tool: str | None = None
     open_tool: tuple[str, float] | None = None  # (name, started) of a tool running now
     tool_reported_since_llm: bool = False
+    inferred: bool = False  # named by its conversation, not by the client: nobody will end it
 
 
 class ProgramTracker:
@@ -101,10 +102,11 @@ class ProgramTracker:
         return p
 
     def llm_start(self, program_id: str, *, turn: int | None = None, tool: str | None = None,
-                  parent: str | None = None) -> tuple[int, float | None, str | None]:
+                  parent: str | None = None, inferred: bool = False) -> tuple[int, float | None, str | None]:
         """Record an LLM call; returns (turn, server-side tool gap since the previous call or None,
         the tool that gap belongs to)."""
         p = self._touch(program_id, parent)
+        p.inferred = inferred
         k = p.llm_calls if turn is None else turn
         node = f"llm:{p.llm_calls}"
         p.graph.add_node(node, kind="llm", turn=k, start=p.last_activity, tool=tool)
@@ -180,9 +182,10 @@ class ProgramTracker:
             self.programs[p.parent].children.discard(program_id)
         return p
 
-    def reap(self) -> list[Program]:
-        """End every program idle longer than the timeout, with no call in flight."""
+    def reap(self, idle_s: Callable[[Program], float] | None = None) -> list[Program]:
+        """End every program idle longer than the timeout (or than `idle_s(program)`, if shorter), with
+        no call in flight."""
         now = self.clock()
-        idle = [pid for pid, p in self.programs.items()
-                if p.active_calls == 0 and now - p.last_activity > self.idle_timeout_s]
+        idle = [pid for pid, p in self.programs.items() if p.active_calls == 0 and now - p.last_activity > min(
+            self.idle_timeout_s, idle_s(p) if idle_s is not None else self.idle_timeout_s)]
         return [self.end(pid) for pid in idle]

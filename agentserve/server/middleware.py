@@ -284,6 +284,9 @@ def typed_fields(incoming: Incoming) -> JSONResponse | None:
     except msgspec.ValidationError as e:
         return error_response(400, f"invalid agentserve.share: {e}", "agentserve.share" + _error_path(str(e)))
     if raw or share is None:
+        if "inferred" in raw:
+            return error_response(400, "agentserve.inferred is set by the server, not by a client",
+                                  "agentserve.inferred")
         try:
             incoming.fields = msgspec.convert(raw, ProgramFields)
         except msgspec.ValidationError as e:
@@ -318,7 +321,8 @@ def inferred(conversations: Conversations, transcript: Transcript) -> Rewriter:
             type(transcript).__name__, str(data.get("model") or ""), salt if isinstance(salt, str) else ""))
         metrics.CONVERSATION_TURNS.labels(turn.kind).inc()
         if turn.program_id is not None:
-            incoming.fields = ProgramFields(program_id=turn.program_id, turn=turn.turn, tools_done=turn.tools_done)
+            incoming.fields = ProgramFields(program_id=turn.program_id, turn=turn.turn, tools_done=turn.tools_done,
+                                            inferred=True)
             incoming.inferred = True
             metrics.PROGRAM_REQUESTS.labels("inferred").inc()
         return None

@@ -59,6 +59,9 @@ class Distribution:
     def mean(self) -> float | None:
         return sum(self.values) / len(self.values) if self.values else None
 
+    def quantile(self, q: float) -> float | None:
+        return self.values[min(len(self.values) - 1, int(q * len(self.values)))] if self.values else None
+
 
 class ToolDurationPredictor:
     def __init__(self, window: int = WINDOW, min_samples: int = MIN_SAMPLES):
