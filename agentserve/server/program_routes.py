@@ -34,6 +34,7 @@ def document_wire_contract(app: FastAPI) -> None:
         (fields, _), defs = msgspec.json.schema_components(
             [ProgramFields, ToolEvent], ref_template="#/components/schemas/{name}")
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        defs["ProgramFields"]["properties"].pop("inferred", None)  # the server's mark, refused from clients
         schemas.update(defs)
         for name in ("ChatCompletionRequest", "CompletionRequest"):
             if name in schemas:
