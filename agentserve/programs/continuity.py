@@ -73,7 +73,7 @@ class _State:
 
 
 def conversations_for(options: "ProgramOptions") -> "Conversations | None":
-    """A front end's conversation index, None with --no-infer-programs."""
+    """A front end's conversation index, None without --infer-programs."""
     return Conversations(idle_timeout_s=options.idle_timeout_s) if options.infer_programs else None
 
 
@@ -115,9 +115,8 @@ class Conversations:
 
     def answered(self, pending: Pending, answer: Any, tool: str | None) -> None:
         """The request's answer (normalized, as the transcript's messages; `tool`: its first tool call's
-        name): the state a next turn will extend. A request
-        sent twice whose second answer differs from the first (sampling) forks there: the second line
-        of turns gets a program of its own."""
+        name): the state a next turn will extend. A request sent twice whose second answer differs from
+        the first (sampling) forks there: the second line of turns gets a program of its own."""
         key = _link(pending.chain, answer)
         states = self._live(pending.scope)
         program, known = pending.program_id, states.get(key)
