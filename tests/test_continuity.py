@@ -388,6 +388,23 @@ def test_an_anthropic_tool_use_answered_by_its_tool_result_continues_the_program
     assert msgspec.json.decode(xargs[XARG_TOOLS_DONE])[0]["name"] == "Bash"
 
 
+def test_an_inferred_program_its_tenant_has_no_room_for_is_served_as_a_one_off():
+    from agentserve.options import TenantsConfig
+    from agentserve.server.tenants import TenantGate
+
+    gate = TenantGate(msgspec.convert({"tenants": [{"name": "acme", "api_keys": ["k" * 16]}]}, TenantsConfig))
+    engine = FakeEngine()
+    app = AgentFieldsMiddleware(engine, gate=gate, admit=lambda tenant, program: False, conversations=Conversations())
+    key = [(b"authorization", b"Bearer " + b"k" * 16)]
+    history = [{"role": "user", "content": "task"}]
+    asyncio.run(_post(app, {"model": "m", "messages": history}, key))
+    asyncio.run(_post(app, {"model": "m", "messages": history + [{"role": "assistant", "content": "ok"},
+                                                                 {"role": "user", "content": "more"}]}, key))
+    assert len(engine.bodies) == 2  # served, not refused
+    xargs = engine.bodies[-1]["vllm_xargs"]
+    assert XARG_PROGRAM not in xargs and xargs[XARG_CONVERSATION].startswith("acme:conv-")
+
+
 def test_without_the_index_a_plain_loop_is_no_program():
     asyncio.run(_no_index())
 

@@ -179,8 +179,7 @@ class Incoming:
     """A chat / completion body, decoded once. `data` is the body as builtins (rewriters edit it in
     place); `fields` and `share` are the `agentserve` object as typed structs (None when absent)."""
 
-    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers", "admission", "pending",
-                 "inferred")
+    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers", "admission", "pending")
 
     def __init__(self, data: dict[str, Any], fields: ProgramFields | None, share: SharedPrompt | None,
                  tenant: Tenant | None, headers: dict[str, str] | None = None):
@@ -193,7 +192,11 @@ class Incoming:
         self.produce: list[list[int]] = []  # shared parts to produce before the request runs
         self.admission: Awaitable[bool] | None = None  # a tenant limit answered elsewhere (Ray Serve)
         self.pending: Pending | None = None  # a turn of a conversation whose answer the index awaits
-        self.inferred = False  # the program was inferred from the conversation, not named by the client
+
+    @property
+    def inferred(self) -> bool:
+        """The program was inferred from the conversation, not named by the client."""
+        return self.fields is not None and self.fields.inferred
 
     @classmethod
     def decode(cls, body: bytes, tenant: Tenant | None = None,
@@ -323,7 +326,6 @@ def inferred(conversations: Conversations, transcript: Transcript) -> Rewriter:
         if turn.program_id is not None:
             incoming.fields = ProgramFields(program_id=turn.program_id, turn=turn.turn, tools_done=turn.tools_done,
                                             inferred=True)
-            incoming.inferred = True
             metrics.PROGRAM_REQUESTS.labels("inferred").inc()
         return None
 
@@ -357,7 +359,7 @@ def served_as_one_off(incoming: Incoming) -> None:
     xargs = incoming.data.get("vllm_xargs") or {}
     for key in [k for k in xargs if str(k).startswith(XARG_PREFIX)]:
         del xargs[key]
-    incoming.fields, incoming.inferred = None, False
+    incoming.fields = None
     metrics.CONVERSATION_TURNS.labels("over_limit").inc()
     return None
 
