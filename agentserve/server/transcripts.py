@@ -30,7 +30,14 @@ class Transcript:
 
     def messages(self, body: dict) -> list[Item] | None:
         """The request's conversation, or None if it is not one (malformed: vLLM answers it)."""
-        raise NotImplementedError
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return None
+        return self._head(body) + [self._item(m) for m in messages]
+
+    def _head(self, body: dict) -> list[Item]:
+        """What comes before the messages (a system prompt kept outside them)."""
+        return []
 
     def answer(self, message: dict) -> tuple[Item, str | None]:
         """An answer's normal form and the name of its first tool call (None: it called no tool)."""
@@ -45,12 +52,6 @@ class Transcript:
 
 
 class ChatTranscript(Transcript):
-    def messages(self, body: dict) -> list[Item] | None:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            return None
-        return [self._item(m) for m in messages]
-
     def reader(self) -> AnswerReader:
         return ChatAnswer()
 
@@ -64,12 +65,9 @@ class ChatTranscript(Transcript):
 
 
 class MessagesTranscript(Transcript):
-    def messages(self, body: dict) -> list[Item] | None:
-        messages, system = body.get("messages"), body.get("system")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            return None
-        head = [("system", self._blocks(system)[0], [])] if system else []
-        return head + [self._item(m) for m in messages]
+    def _head(self, body: dict) -> list[Item]:
+        system = body.get("system")
+        return [("system", self._blocks(system)[0], [])] if system else []
 
     def reader(self) -> AnswerReader:
         return MessagesAnswer()
