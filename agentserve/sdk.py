@@ -31,6 +31,8 @@ from urllib.parse import quote
 
 import httpx
 
+from agentserve.programs.hints import PROGRAM_HINTS as HINTS
+
 TIMEOUT_S = 600.0
 # Idle connections are not reused after this long. Servers close idle keep-alive connections after a
 # few seconds (uvicorn: 5 s); agents post tool events after tool calls of about that length, and a
@@ -60,8 +62,13 @@ class _ProgramState:
         self.open_tools: dict[str, float] = {}  # tool -> when it started (perf_counter)
         self.tools_done: list[dict[str, Any]] = []  # timed tool calls the next request reports
 
-    def chat_kwargs(self, kwargs: dict[str, Any], tool: str | None, last: bool, end: bool = False) -> dict[str, Any]:
-        fields: dict[str, Any] = {"program_id": self.program_id, "turn": self.turn, "is_last_turn": last or end}
+    def chat_kwargs(self, kwargs: dict[str, Any], tool: str | None, last: bool, end: bool = False,
+                    hints: dict[str, Any] | None = None) -> dict[str, Any]:
+        unknown = set(hints or ()) - set(HINTS)
+        if unknown:
+            raise ValueError(f"unknown hints {sorted(unknown)}: give any of {', '.join(HINTS)}")
+        fields: dict[str, Any] = {"program_id": self.program_id, "turn": self.turn, "is_last_turn": last or end,
+                                  **(hints or {})}
         if end:
             fields["ends_program"] = True
         if tool is not None:
@@ -162,11 +169,14 @@ class Program(_ProgramState):
         super().__init__(program_id, parent)
         self.client = client
 
-    def chat(self, *, tool: str | None = None, last: bool = False, end: bool = False, **kwargs):
+    def chat(self, *, tool: str | None = None, last: bool = False, end: bool = False,
+             hints: dict[str, Any] | None = None, **kwargs):
         """`chat.completions.create(**kwargs)` as a turn of this program. `tool`: the tool this turn's
         answer will run, if known; `last`: this is the program's last LLM call (no pin after it);
-        `end`: the program ends when this call does (nothing of it follows: no `/end` needed)."""
-        request = self.chat_kwargs(kwargs, tool, last, end)
+        `end`: the program ends when this call does (nothing of it follows: no `/end` needed);
+        `hints`: any of HINTS (README, request hints); the response's x-agentserve-hints says what
+        became of each."""
+        request = self.chat_kwargs(kwargs, tool, last, end, hints)
         out = self.client.openai.chat.completions.create(**request)
         self.sent(request, end)
         return out
@@ -221,8 +231,9 @@ class AsyncProgram(_ProgramState):
         super().__init__(program_id, parent)
         self.client = client
 
-    async def chat(self, *, tool: str | None = None, last: bool = False, end: bool = False, **kwargs):
-        request = self.chat_kwargs(kwargs, tool, last, end)
+    async def chat(self, *, tool: str | None = None, last: bool = False, end: bool = False,
+                   hints: dict[str, Any] | None = None, **kwargs):
+        request = self.chat_kwargs(kwargs, tool, last, end, hints)
         out = await self.client.openai.chat.completions.create(**request)
         self.sent(request, end)
         return out

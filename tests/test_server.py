@@ -103,7 +103,8 @@ def test_openapi_spec_documents_the_wire_contract(server):
     schemas = spec["components"]["schemas"]
     assert schemas["ProgramFields"]["required"] == ["program_id"]
     assert set(schemas["ProgramFields"]["properties"]) == {"program_id", "turn", "is_last_turn", "ends_program",
-                                                           "tool", "parent_program_id", "share", "tools_done"}
+                                                           "tool", "parent_program_id", "share", "tools_done",
+                                                           "priority", "ttl_s", "expected_tool_s", "output_tokens"}
     assert schemas["SharedPrompt"]["required"] == ["template", "parts"]  # KV sharing (--kvshare)
     assert set(schemas["PromptPart"]["properties"]) == {"text", "token_ids", "shared"}
     assert schemas["ChatCompletionRequest"]["properties"]["agentserve"]["$ref"].endswith("/ProgramFields")

@@ -42,8 +42,8 @@ from typing import Any
 from agentserve.options import SchedulerConfig
 from agentserve.programs.admission import AdmissionGate
 from agentserve.programs.contention import Contention
-from agentserve.programs.fields import (XARG_IS_LAST, XARG_LIFE, XARG_NEXT_USE, XARG_PARENT, XARG_PROGRAM, XARG_TTL,
-                                       XARG_WORKFLOW)
+from agentserve.programs.fields import (XARG_IS_LAST, XARG_LIFE, XARG_NEXT_USE, XARG_PARENT, XARG_PRIORITY, XARG_PROGRAM,
+                                       XARG_TTL, XARG_WORKFLOW)
 from agentserve.programs.ids import tenant_of
 from agentserve.programs.next_use import NEVER, NextUse
 from agentserve.ttl.pins import Pin, PinTable, Release
@@ -53,6 +53,8 @@ AGING_CHECK_S = 0.05  # how often waiting requests are checked against the wait 
 # Past this many ranked programs, ranks of programs with no live request and no pin go, oldest first:
 # such a program's next request is ranked as a new arrival, which is what an idle program is.
 MAX_PROGRAM_RANKS = 65536
+# A priority hint's level outweighs any rank or attained service (both stay far below this).
+PRIORITY_SPAN = 1 << 48
 WORKFLOW_SIZE_WINDOW = 64  # ended workflows whose mean size a new workflow's admission expects
 
 
@@ -102,8 +104,13 @@ class ProgramBook:
     def arrive_request(self, request_id: str, xargs: Mapping | None, prompt_tokens: int) -> int:
         """`arrive`, with the program fields read from a request's xargs (what the front end attached)."""
         x = xargs or {}
-        return self.arrive(request_id, x.get(XARG_PROGRAM), prompt_tokens, x.get(XARG_WORKFLOW), x.get(XARG_PARENT),
-                           x.get(XARG_LIFE))
+        priority = self.arrive(request_id, x.get(XARG_PROGRAM), prompt_tokens, x.get(XARG_WORKFLOW),
+                               x.get(XARG_PARENT), x.get(XARG_LIFE))
+        level = x.get(XARG_PRIORITY)
+        if level:  # a priority hint (programs/hints.py): its level goes before any rank
+            self.counters["priority_hints"] += 1
+            return priority - int(level) * PRIORITY_SPAN
+        return priority
 
     def arrive(self, request_id: str, program: str | None, prompt_tokens: int, workflow: str | None = None,
                parent: str | None = None, life: int | None = None) -> int:

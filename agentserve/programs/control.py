@@ -84,21 +84,27 @@ class ControlPlane:
                                      "parent": fields.parent_program_id, "last": fields.is_last_turn,
                                      "workflow": program.workflow, "depth": program.depth})
         if self.pins_enabled and not fields.is_last_turn:
-            # a join waits for sub-agents: its expected length is theirs, until joins have a history of their own
-            expected = self.remaining.seconds(program.depth + 1, 0, self._tool_s(None)) if tool == JOIN_TOOL else None
-            ttl = self.policy.ttl(tool, prompt_tokens + max_tokens, expected)
+            # The request's hints (programs/hints.py judged them applicable here): the client's estimate of
+            # this call's tool, its expected output length, the TTL it asked for.
+            told = fields.expected_tool_s is not None
+            expected = fields.expected_tool_s
+            if not told and tool == JOIN_TOOL:  # a join waits for its sub-agents: its expected length is theirs
+                expected = self.remaining.seconds(program.depth + 1, 0, self._tool_s(None))
+            context = prompt_tokens + (max_tokens if fields.output_tokens is None else min(max_tokens, fields.output_tokens))
+            ttl = (min(fields.ttl_s, self.policy.max_ttl_s) if fields.ttl_s is not None
+                   else self.policy.ttl(tool, context, expected, told=told))
             cap = self.ttl_cap(fields.program_id) if self.ttl_cap is not None else None
             if cap is not None:
                 ttl = min(ttl, cap)
             xargs[XARG_TTL] = float(ttl)
             predicted = self.predictor.predict_mean(tool)
-            if expected is not None and not self.predictor.distribution(tool).own:
+            if expected is not None and (told or not self.predictor.distribution(tool).own):
                 predicted = expected
             if predicted is not None:  # when the program's KV is next needed (the host tier's eviction order)
                 xargs[XARG_NEXT_USE] = float(predicted)
             self.on_event("ttl", {"program": fields.program_id, "turn": turn, "tool": tool, "ttl_s": ttl,
-                                  "predicted_tool_s": predicted,
-                                  "tier": decide(self.policy, ttl, prompt_tokens + max_tokens, False)})
+                                  "asked_ttl_s": fields.ttl_s, "predicted_tool_s": predicted, "told": told,
+                                  "tier": decide(self.policy, ttl, context, False)})
         if self.tracer is not None:
             traceparent = self.tracer.chat_context(fields.program_id).get("traceparent")
             if traceparent:

@@ -37,6 +37,12 @@ XARG_TOOLS_DONE = "agentserve_tools_done"
 # evict-first), as that turn may need them, and a router places it as that program (the next turn follows).
 XARG_CONVERSATION = "agentserve_conversation"
 XARG_INFERRED = "agentserve_inferred"  # the program was inferred from its conversation (ProgramFields.inferred)
+# Request hints, as judged at the front (programs/hints.py): the TTL asked for, the caller's estimate of this
+# call's tool, the expected output length, and the priority level the book orders by (one-offs too).
+XARG_TTL_ASKED = "agentserve_ttl_asked_s"
+XARG_EXPECTED_TOOL = "agentserve_expected_tool_s"
+XARG_OUTPUT = "agentserve_output_tokens"
+XARG_PRIORITY = "agentserve_priority"
 # The tool of a turn whose answer spawns sub-agents and waits for them: the wait is the join.
 JOIN_TOOL = "join"
 
@@ -83,6 +89,14 @@ class ProgramFields(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     # The tool calls that ran since the program's previous call, reported with this call rather than in
     # tool events of their own: no round trip between an agent's turns (the SDK's default).
     tools_done: Annotated[list[ToolRun], msgspec.Meta(max_length=MAX_TOOLS_DONE)] | None = None
+    # Request hints (programs/hints.py judges them: each is applied, clipped or ignored, as the response
+    # says in x-agentserve-hints): a priority (higher is served earlier), the TTL asked for this turn's KV
+    # (the policy's choice otherwise), the expected seconds of this call's tool (over the tool's history)
+    # and the expected output tokens.
+    priority: int | None = None
+    ttl_s: Duration | None = None
+    expected_tool_s: Duration | None = None
+    output_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     # Set by the server, never by a client: the program was inferred from its conversation
     # (programs/continuity.py), so nobody will end it; the control plane ends it when it falls silent.
     inferred: bool = False
@@ -102,8 +116,8 @@ class ToolEvent(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError('a "ran" tool event needs duration_s')
 
 
-def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
-    out: dict[str, str | int | bool] = {XARG_PROGRAM: f.program_id, XARG_IS_LAST: f.is_last_turn}
+def to_xargs(f: ProgramFields) -> dict[str, str | int | float | bool]:
+    out: dict[str, str | int | float | bool] = {XARG_PROGRAM: f.program_id, XARG_IS_LAST: f.is_last_turn}
     if f.turn is not None:
         out[XARG_TURN] = f.turn
     if f.ends_program:
@@ -116,6 +130,9 @@ def to_xargs(f: ProgramFields) -> dict[str, str | int | bool]:
         out[XARG_TOOLS_DONE] = msgspec.json.encode(f.tools_done).decode()
     if f.inferred:
         out[XARG_INFERRED] = True
+    for key, value in ((XARG_TTL_ASKED, f.ttl_s), (XARG_EXPECTED_TOOL, f.expected_tool_s), (XARG_OUTPUT, f.output_tokens)):
+        if value is not None:
+            out[key] = value
     return out
 
 
@@ -129,4 +146,5 @@ def from_xargs(xargs: dict) -> ProgramFields | None:
                          ends_program=bool(xargs.get(XARG_ENDS)), tool=xargs.get(XARG_TOOL),
                          parent_program_id=xargs.get(XARG_PARENT),
                          tools_done=msgspec.json.decode(done, type=list[ToolRun]) if done else None,
-                         inferred=bool(xargs.get(XARG_INFERRED)))
+                         inferred=bool(xargs.get(XARG_INFERRED)), ttl_s=xargs.get(XARG_TTL_ASKED),
+                         expected_tool_s=xargs.get(XARG_EXPECTED_TOOL), output_tokens=xargs.get(XARG_OUTPUT))

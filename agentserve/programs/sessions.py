@@ -7,7 +7,10 @@ Precedence, first found wins (vLLM's own order for the last three):
 3. the `X-Session-ID` header (vLLM's name; Ray Serve LLM's session router reads the same header,
    `x-session-id`: HTTP header names are case-insensitive);
 4. `vllm_xargs.session_id` (vLLM reads it there too);
-5. `metadata.session_id`, or the session in `metadata.user_id` (`..._session_<id>`, as Claude Code
+5. the request-hint conventions (programs/hints.py): `agent_hint.session_id` (vLLM RFC 52113, with its
+   `parent_session_id`), then Dynamo's `nvext.agent_context` (`program_id` or `trajectory_id`, with
+   `parent_program_id` or `parent_trajectory_id`): the parent makes the program its sub-agent;
+6. `metadata.session_id`, or the session in `metadata.user_id` (`..._session_<id>`, as Claude Code
    sends it on the Messages API; a user id without a session names a person, not a program).
 A request with none of them is not a program's: the conversation it continues may name it
 (programs/continuity.py), else it is served as stock vLLM serves it.
@@ -50,13 +53,14 @@ def program_fields(fields: ProgramFields | None, body: dict[str, Any],
     ends = _flag(headers.get(END_HEADER), END_HEADER)
     named_by = "agentserve" if fields is not None else None
     if fields is None:
-        session, named_by = _session(body, headers)
+        session, named_by, parent = _session(body, headers)
         if session is None:
             if ends:
                 raise SessionError(f"{END_HEADER} needs a program: send agentserve.program_id, session_id "
                                    f"or {SESSION_HEADER}", END_HEADER)
             return None, None
-        fields = ProgramFields(program_id=_checked(session, named_by))
+        fields = ProgramFields(program_id=_checked(session, named_by),
+                               parent_program_id=_checked(parent, named_by + ".parent") if parent is not None else None)
     if ends:
         fields = msgspec.structs.replace(fields, ends_program=True)
     if fields.ends_program and not fields.is_last_turn:
@@ -64,22 +68,32 @@ def program_fields(fields: ProgramFields | None, body: dict[str, Any],
     return fields, named_by
 
 
-def _session(body: dict[str, Any], headers: dict[str, str]) -> tuple[Any, str | None]:
+def _session(body: dict[str, Any], headers: dict[str, str]) -> tuple[Any, str | None, Any]:
+    """(the session id, the convention that named it, the parent's id) of the first convention given."""
     if body.get("session_id") is not None:
-        return body["session_id"], "session_id"
+        return body["session_id"], "session_id", None
     if headers.get(SESSION_HEADER):
-        return headers[SESSION_HEADER], SESSION_HEADER
+        return headers[SESSION_HEADER], SESSION_HEADER, None
     xargs = body.get("vllm_xargs")
     if isinstance(xargs, dict) and xargs.get("session_id") is not None:
-        return xargs["session_id"], "vllm_xargs.session_id"
+        return xargs["session_id"], "vllm_xargs.session_id", None
+    hint = body.get("agent_hint")
+    if isinstance(hint, dict) and hint.get("session_id") is not None:
+        return hint["session_id"], "agent_hint.session_id", hint.get("parent_session_id")
+    nvext = body.get("nvext")
+    context = nvext.get("agent_context") if isinstance(nvext, dict) else None
+    if isinstance(context, dict):
+        program = context.get("program_id", context.get("trajectory_id"))
+        if program is not None:
+            return program, "nvext.agent_context", context.get("parent_program_id", context.get("parent_trajectory_id"))
     metadata = body.get("metadata")
     if isinstance(metadata, dict):
         if metadata.get("session_id") is not None:
-            return metadata["session_id"], "metadata.session_id"
+            return metadata["session_id"], "metadata.session_id", None
         user = metadata.get("user_id")
         if isinstance(user, str) and (found := _SESSION_IN_USER.search(user)):
-            return found.group(1), "metadata.user_id"
-    return None, None
+            return found.group(1), "metadata.user_id", None
+    return None, None, None
 
 
 def _checked(session: Any, param: str) -> str:

@@ -105,6 +105,7 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
     from agentserve.rayserve.control_plane import ControlPlaneDeployment
     from agentserve.rayserve.ingress import ProgramIngress, program_ingress_cls
     from agentserve.programs.continuity import conversations_for
+    from agentserve.programs.hints import rules_for
 
     options = options or ProgramOptions()
     check_cluster_options(options)
@@ -119,7 +120,7 @@ def build_app(settings: EngineSettings, *, model_id: str, options: ProgramOption
         "pins": POLICIES[options.policy].plugin})
     # one gate (so one cache-salt secret) for every ingress replica
     gate = TenantGate(options.tenants) if options.tenants is not None else None
-    ingress = serve.deployment(program_ingress_cls(gate, conversations_for(options)),
+    ingress = serve.deployment(program_ingress_cls(gate, conversations_for(options), rules_for(options)),
                                **ProgramIngress.get_deployment_options([config]))
     return ingress.bind(llm_deployments={model_id: llm}, model_cards={model_id: to_model_metadata(model_id, config)})
 

@@ -30,6 +30,7 @@ from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, Open
 
 from agentserve.observability.exposition import merge, this_process
 from agentserve.programs.continuity import Conversations
+from agentserve.programs.hints import HintRules
 from agentserve.rayserve.replica import ReplicaTag
 from agentserve.rayserve.remote import RemoteControl
 from agentserve.server.middleware import AgentFieldsMiddleware, error_response
@@ -87,14 +88,16 @@ def remote_admit(control: RemoteControl):
     return admit
 
 
-def program_ingress_cls(gate: TenantGate | None = None, conversations: Conversations | None = None):
+def program_ingress_cls(gate: TenantGate | None = None, conversations: Conversations | None = None,
+                        hint_rules: HintRules | None = None):
     """`ProgramIngress` as a Serve ingress class: vLLM-compatible OpenAI routes + program routes,
     behind the tenant gate if there is one; `conversations`: the index that names the programs of
-    conversations that name none (each ingress replica holds its own)."""
+    conversations that name none (each ingress replica holds its own); `hint_rules`: what the servers do
+    with request hints (programs/hints.py)."""
     app: FastAPI = init()
     programs = RemoteControl()
     app.add_middleware(AgentFieldsMiddleware, gate=gate, admit=remote_admit(programs) if gate is not None else None,
-                       conversations=conversations)
+                       conversations=conversations, hint_rules=hint_rules)
     add_program_routes(app, programs, record_metrics=False)
 
     @app.get("/metrics")

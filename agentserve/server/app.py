@@ -122,6 +122,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
     from agentserve.programs.continuity import conversations_for
+    from agentserve.programs.hints import rules_for
     from agentserve.server.middleware import AgentFieldsMiddleware
     from agentserve.programs.control import LocalControl
     from agentserve.server.engine_client import ProgramEngineClient
@@ -145,7 +146,7 @@ async def serve(settings: EngineSettings, *, host: str = "127.0.0.1", port: int 
         app.add_middleware(AgentFieldsMiddleware, gate=gate,
                            admit=admit_under_limits(control) if gate is not None else None, shares=shares,
                            cross=cross, lineage_error=control.lineage_error,
-                           conversations=conversations_for(options))
+                           conversations=conversations_for(options), hint_rules=rules_for(options))
         add_program_routes(app, LocalControl(control))
         if shares is not None:
             add_kvshare_routes(app, engine, cross)

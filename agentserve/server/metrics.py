@@ -23,6 +23,8 @@ REQUESTS_AGED = Counter("agentserve_requests_aged", "Requests that waited past -
                         "programs and were then served in arrival order")
 SUB_AGENTS_BY_WORKFLOW = Counter("agentserve_sub_agents_ranked_by_workflow", "Sub-agents whose requests took "
                                  "their workflow's rank (--order other than program)")
+PRIORITY_HINTS = Counter("agentserve_priority_hints", "Requests the engine ordered by a priority hint's level "
+                         "ahead of program rank (programs/hints.py)")
 PINS_HELD_FOR_SUB_AGENTS = Counter("agentserve_pins_held_for_sub_agents", "Pins kept past their TTL because "
                                    "their program's sub-agents were live (the prefix they fork from)")
 REQUESTS_OUTLIVING_PROGRAM_END = Counter(
@@ -40,7 +42,10 @@ ADMISSION = Counter("agentserve_admission_decisions", "Working-set admission (--
                     "guests_at_contention", ["reason"])
 PROGRAM_REQUESTS = Counter("agentserve_program_requests", "LLM requests of programs, by what named the "
                            "program: agentserve (the object), session_id, x-session-id, vllm_xargs.session_id, "
-                           "metadata.session_id, metadata.user_id (its session), inferred (the conversation it continues)", ["named_by"])
+                           "metadata.session_id, agent_hint.session_id, nvext.agent_context, metadata.user_id (its session), inferred (the conversation it continues)", ["named_by"])
+HINTS = Counter("agentserve_hints", "Request hints read (programs/hints.py), by convention field (unknown: one "
+                "nothing here reads; kv_hints.actions: an action of vLLM's envelope) and outcome: applied, clipped "
+                "(to the value used) or ignored", ["hint", "outcome"])
 CONVERSATION_TURNS = Counter("agentserve_conversation_turns", "Chat requests naming no program, by what the "
                              "conversation index made of them: first (a one-off, until a next turn continues it), "
                              "continued, resent (the same turn sent again), forked (a second, different extension of "
@@ -76,7 +81,7 @@ _last_engine_counters: dict[str, float] = {}
 # the scheduler plugin's counters that map one to one onto a Prometheus counter
 _ENGINE_COUNTERS = {"pins_created": PINS_CREATED, "pins_refused": PINS_REFUSED,
                     "pinned_tokens_served": PINNED_TOKENS_SERVED, "requests_aged": REQUESTS_AGED,
-                    "sub_agents_ranked_by_workflow": SUB_AGENTS_BY_WORKFLOW,
+                    "sub_agents_ranked_by_workflow": SUB_AGENTS_BY_WORKFLOW, "priority_hints": PRIORITY_HINTS,
                     "pins_held_for_sub_agents": PINS_HELD_FOR_SUB_AGENTS,
                     "requests_outliving_program_end": REQUESTS_OUTLIVING_PROGRAM_END,
                     "blocks_demoted": BLOCKS_DEMOTED, "blocks_evicted_first": BLOCKS_EVICTED_FIRST}
@@ -136,3 +141,13 @@ def record_engine_stats(stats: dict) -> None:
             ADMISSION.labels(name.removeprefix("admission_")).inc(delta)
         elif name.startswith("pins_released_"):
             PINS_RELEASED.labels(name.removeprefix("pins_released_")).inc(delta)
+
+
+def hint_counts() -> dict[str, dict[str, int]]:
+    """The request hints this process judged: {convention field: {outcome: count}} (the stats route's)."""
+    out: dict[str, dict[str, int]] = {}
+    for metric in HINTS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                out.setdefault(sample.labels["hint"], {})[sample.labels["outcome"]] = int(sample.value)
+    return out

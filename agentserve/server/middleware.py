@@ -29,8 +29,9 @@ import inspect
 import msgspec
 from fastapi.responses import JSONResponse
 
+from agentserve.programs import hints
 from agentserve.programs.continuity import Conversations, Pending
-from agentserve.programs.fields import XARG_CONVERSATION, XARG_PREFIX, ProgramFields, SharedPrompt, to_xargs
+from agentserve.programs.fields import XARG_CONVERSATION, XARG_PREFIX, XARG_PRIORITY, ProgramFields, SharedPrompt, to_xargs
 from agentserve.programs.sessions import HEADERS as SESSION_HEADERS, SessionError, program_fields
 from agentserve.server import metrics, routes
 from agentserve.server.transcripts import TRANSCRIPTS, Transcript
@@ -42,7 +43,9 @@ from agentserve.server.tenants import TenantGate
 
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
 _PROGRAMS_PREFIX = "/v1/programs/"
-PROGRAM_HEADER = b"x-agentserve-program"  # names the program inferred for a request, in its response
+PROGRAM_HEADER = b"x-agentserve-program"
+# Conventions whose parent id is passive identity (a trace's): a parent this server cannot take is dropped
+ADVISORY_PARENTS = ("agent_hint.session_id", "nvext.agent_context")  # names the program inferred for a request, in its response
 # Body fields a tenant may not send: they name state that is not scoped by tenant (vLLM's stored
 # responses, a KV connector's transfer handles).
 _UNSCOPED_FIELDS = {
@@ -68,15 +71,16 @@ class AgentFieldsMiddleware:
     def __init__(self, app, gate: TenantGate | None = None,
                  admit: Callable[[Tenant, str], bool] | None = None, shares: SharedPrompts | None = None,
                  cross: CrossModelFront | None = None, lineage_error: LineageCheck | None = None,
-                 conversations: Conversations | None = None):
+                 conversations: Conversations | None = None, hint_rules: hints.HintRules | None = None):
         self.app = app
         self.conversations = conversations
+        self.hint_rules = hint_rules
         self.cross = cross
         self.gate = gate
         self.shares = shares
         self.max_body = gate.config.max_body_bytes if gate is not None else MAX_BODY_BYTES
         self.rewriters = {path: rewriters(path, shares=shares, gate=gate, admit=admit, lineage_error=lineage_error,
-                                          conversations=conversations)
+                                          conversations=conversations, hint_rules=hint_rules)
                           for path in routes.ENGINE_ROUTES}
 
     async def __call__(self, scope, receive, send):
@@ -112,7 +116,8 @@ class AgentFieldsMiddleware:
         body = b"".join(chunks)
         incoming = None
         headers = _session_headers(scope)
-        mentions = tenant is not None or self.cross is not None or headers or _mentions_program(body)
+        mentions = (tenant is not None or self.cross is not None or headers or _mentions_program(body)
+                    or (self.hint_rules is not None and _mentions_hints(body, self.hint_rules)))
         if mentions or (self.conversations is not None and path in TRANSCRIPTS):
             incoming = Incoming.decode(body, tenant, headers)
         if incoming is not None:
@@ -127,6 +132,8 @@ class AgentFieldsMiddleware:
                 body = incoming.encode()
             if incoming.produce:
                 await self.shares.produce(incoming.produce, incoming.scope)
+            if incoming.outcomes:
+                send = with_header(send, hints.HEADER, hints.header_value(incoming.outcomes))
             if incoming.pending is not None:
                 send = answer_recorder(send, self.conversations, TRANSCRIPTS[path], incoming.pending,
                                        incoming.pending.program_id if incoming.inferred else None)
@@ -147,7 +154,13 @@ def _mentions_program(body: bytes) -> bool:
     """Cheap test before any decode: the object, a client's own agentserve_* xargs (refused), or a
     session id or a user id's session (programs/sessions.py); or any escape, which could spell one of
     them (`"\\u0061gent..."`)."""
-    return b"agentserve" in body or b"session_" in body or b"\\u" in body
+    return b"agentserve" in body or b"session_" in body or b"nvext" in body or b"\\u" in body
+
+
+def _mentions_hints(body: bytes, rules: hints.HintRules) -> bool:
+    """Cheap test: a hint convention's object, or vLLM's own priority where the plugin orders by it."""
+    return (b"nvext" in body or b"agent_hint" in body or b"kv_hints" in body
+            or (rules.orders_by_priority and b'"priority"' in body))
 
 
 def _session_headers(scope) -> dict[str, str]:
@@ -179,7 +192,8 @@ class Incoming:
     """A chat / completion body, decoded once. `data` is the body as builtins (rewriters edit it in
     place); `fields` and `share` are the `agentserve` object as typed structs (None when absent)."""
 
-    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers", "admission", "pending")
+    __slots__ = ("data", "fields", "share", "tenant", "scope", "produce", "headers", "admission", "pending", "asked",
+                 "rules", "priority", "outcomes", "named_by")
 
     def __init__(self, data: dict[str, Any], fields: ProgramFields | None, share: SharedPrompt | None,
                  tenant: Tenant | None, headers: dict[str, str] | None = None):
@@ -192,6 +206,11 @@ class Incoming:
         self.produce: list[list[int]] = []  # shared parts to produce before the request runs
         self.admission: Awaitable[bool] | None = None  # a tenant limit answered elsewhere (Ray Serve)
         self.pending: Pending | None = None  # a turn of a conversation whose answer the index awaits
+        self.asked: list = []  # the request's hints (programs/hints.py), judged into the next three
+        self.rules: hints.HintRules | None = None
+        self.priority: int | None = None  # the priority level the engine's book orders by
+        self.outcomes: list[hints.Outcome] = []  # each hint applied, clipped or ignored (the response says)
+        self.named_by: str | None = None  # what named the program (programs/sessions.py)
 
     @property
     def inferred(self) -> bool:
@@ -229,10 +248,11 @@ def apply(incoming: Incoming, steps: list[Rewriter]) -> JSONResponse | None:
 
 def rewriters(path: str, *, shares: SharedPrompts | None = None, gate: TenantGate | None = None,
               admit: Callable[[Tenant, str], bool] | None = None,
-              lineage_error: LineageCheck | None = None, conversations: Conversations | None = None) -> list[Rewriter]:
+              lineage_error: LineageCheck | None = None, conversations: Conversations | None = None,
+              hint_rules: hints.HintRules | None = None) -> list[Rewriter]:
     """The rewriters of a route, in order: typed fields, the session conventions, the program inferred
     from the conversation (chat), the shared prompt (completions with --kvshare), the tenant (salt,
-    scoping, limits), the sub-agent's parent, the program fields into vllm_xargs."""
+    scoping, limits), the sub-agent's parent, the request hints, the program fields into vllm_xargs."""
     steps: list[Rewriter] = [typed_fields, sessions]
     if conversations is not None and path in TRANSCRIPTS:
         steps.append(inferred(conversations, TRANSCRIPTS[path]))
@@ -244,6 +264,8 @@ def rewriters(path: str, *, shares: SharedPrompts | None = None, gate: TenantGat
         steps.append(tenancy(gate, admit, _UNSCOPED_FIELDS.get(path, ())))
     if lineage_error is not None:
         steps.append(lineage(lineage_error))
+    if hint_rules is not None:
+        steps.append(request_hints(hint_rules))
     steps.append(program_xargs)
     return steps
 
@@ -268,6 +290,9 @@ def lineage(check: LineageCheck) -> Rewriter:
         if fields is None or fields.parent_program_id is None:
             return None
         problem = check(fields.program_id, fields.parent_program_id)
+        if problem is not None and incoming.named_by in ADVISORY_PARENTS:
+            incoming.fields = msgspec.structs.replace(fields, parent_program_id=None)  # a hint: dropped, not refused
+            return None
         return error_response(*problem, "agentserve.parent_program_id") if problem is not None else None
 
     return rewrite
@@ -303,6 +328,7 @@ def sessions(incoming: Incoming) -> JSONResponse | None:
         incoming.fields, named_by = program_fields(incoming.fields, incoming.data, incoming.headers)
     except SessionError as e:
         return error_response(400, str(e), e.param)
+    incoming.named_by = named_by
     if named_by is not None:
         metrics.PROGRAM_REQUESTS.labels(named_by).inc()
     return None
@@ -355,13 +381,57 @@ def answer_recorder(send, conversations: Conversations, transcript: Transcript, 
 
 def served_as_one_off(incoming: Incoming) -> None:
     """An inferred program its tenant has no room for: the request is served without one (a client
-    that named no program is never refused for the program it was given)."""
+    that named no program is never refused for the program it was given); its hints are judged again,
+    as a one-off's."""
     xargs = incoming.data.get("vllm_xargs") or {}
     for key in [k for k in xargs if str(k).startswith(XARG_PREFIX)]:
         del xargs[key]
     incoming.fields = None
     metrics.CONVERSATION_TURNS.labels("over_limit").inc()
+    if incoming.rules is not None:
+        _judge(incoming)
+        if incoming.priority is not None:
+            incoming.data.setdefault("vllm_xargs", {})[XARG_PRIORITY] = incoming.priority
     return None
+
+
+def request_hints(rules: hints.HintRules) -> Rewriter:
+    """The hint conventions a request carries (programs/hints.py), judged: the values applied go into
+    its program fields and priority level, and the response will say what became of each."""
+
+    def rewrite(incoming: Incoming) -> JSONResponse | None:
+        try:
+            incoming.asked = hints.take(incoming.data, incoming.fields, rules)
+        except hints.HintError as e:
+            return error_response(400, str(e), e.param)
+        if incoming.asked:
+            incoming.rules = rules
+            _judge(incoming)
+        return None
+
+    return rewrite
+
+
+def _judge(incoming: Incoming) -> None:
+    data = incoming.data
+    bound = next((data[k] for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                  if isinstance(data.get(k), int)), None)
+    judged = hints.judge(incoming.asked, incoming.rules, fields=incoming.fields, tenant=incoming.tenant,
+                         max_tokens=bound)
+    incoming.fields, incoming.priority, incoming.outcomes = judged.fields, judged.priority_level, judged.outcomes
+    for o in judged.outcomes:
+        metrics.HINTS.labels(hints.label(o.hint), o.status).inc()
+
+
+def with_header(send, name: bytes, value: bytes):
+    """`send`, adding a header to the response."""
+
+    async def sending(message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (name, value)]}
+        await send(message)
+
+    return sending
 
 
 def shared_prompt(shares: SharedPrompts) -> Rewriter:
@@ -433,6 +503,8 @@ def program_xargs(incoming: Incoming) -> JSONResponse | None:
     if incoming.share is not None:  # not taken by shared_prompt
         return error_response(400, "agentserve.share needs a server started with --kvshare, on /v1/completions",
                               "agentserve.share")
+    if incoming.priority is not None:
+        data["vllm_xargs"] = xargs = {**(xargs or {}), XARG_PRIORITY: incoming.priority}
     if incoming.fields is not None:
         data["vllm_xargs"] = {**(xargs or {}), **to_xargs(incoming.fields)}
     elif incoming.pending is not None:  # a conversation's first turn: its next turn may come, as this program

@@ -86,7 +86,7 @@ def add_program_routes(app: FastAPI, control: Control, *, record_metrics: bool =
         result = await control.stats()
         if record_metrics:
             metrics.record_engine_stats(result["engine"])
-        return result
+        return {**result, "hints": metrics.hint_counts()}  # judged where requests enter: this process
 
 
 async def tick_loop(control: ControlPlane) -> None:

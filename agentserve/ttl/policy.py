@@ -29,6 +29,7 @@ CONTINUUM_TTL_S = 2.0
 CONTINUUM_SHORT_TOOL_S = 2.0
 # Cold-start model of tool time: Exp with this mean (SWE bash tools are ~0.5-1 s).
 DEFAULT_TOOL_MEAN_S = 1.0
+MIN_TOOL_MEAN_S = 0.001  # a tool said to take 0 s is modelled as taking this long (the rule divides by it)
 # Sliding windows for the online estimates of T and eta.
 QUEUE_DELAY_WINDOW = 256
 ETA_WINDOW = 256
@@ -43,14 +44,18 @@ DEFAULT_MAX_TTL_S = ProgramOptions().max_ttl_s
 class TTLPolicy(ABC):
     name: str
     max_ttl_s: float = DEFAULT_MAX_TTL_S  # no policy pins longer (the operator's bound)
+    predictive = False  # the rule reads tool-time estimates and the context size (programs/hints.py asks)
 
-    def ttl(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
+    def ttl(self, tool: str | None, context_tokens: int, expected_s: float | None = None, *,
+            told: bool = False) -> float:
         """Seconds to keep the program's KV pinned after this turn (0 = do not pin), at most max_ttl_s.
-        `expected_s`: the tool's expected duration where the caller knows better than a cold start."""
-        return min(self.max_ttl_s, self.choose(tool, context_tokens, expected_s))
+        `expected_s`: the tool's expected duration where the caller knows better than a cold start;
+        `told`: the client said so for this very call (a hint), which beats the tool's history too."""
+        return min(self.max_ttl_s, self.choose(tool, context_tokens, expected_s, told=told))
 
     @abstractmethod
-    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
+    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None, *,
+               told: bool = False) -> float:
         """The policy's own TTL for this turn, before the bound."""
 
     @classmethod
@@ -76,7 +81,8 @@ class FixedTTL(TTLPolicy):
         self.ttl_s = ttl_s
         self.max_ttl_s = max_ttl_s
 
-    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
+    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None, *,
+               told: bool = False) -> float:
         return self.ttl_s
 
 
@@ -91,7 +97,8 @@ class ContinuumDemoTTL(TTLPolicy):
         self.predictor = predictor
         self.max_ttl_s = max_ttl_s
 
-    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
+    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None, *,
+               told: bool = False) -> float:
         mean = self.predictor.predict_mean(tool)
         return CONTINUUM_TTL_S if mean is None or mean <= CONTINUUM_SHORT_TOOL_S else 0.0
 
@@ -148,6 +155,7 @@ class CostBenefitTTL(TTLPolicy):
     (`decide`: device, host or drop)."""
 
     name = "agentserve"
+    predictive = True
 
     @classmethod
     def build(cls, *, predictor: ToolDurationPredictor, reload: ReloadProfile | None,
@@ -182,13 +190,14 @@ class CostBenefitTTL(TTLPolicy):
             return self.miss_cost(context_tokens)
         return self.benefit.T * self.benefit.eta + self.miss_cost(context_tokens)
 
-    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None) -> float:
+    def choose(self, tool: str | None, context_tokens: int, expected_s: float | None = None, *,
+               told: bool = False) -> float:
         b = self.gain(context_tokens)
         dist = self.predictor.distribution(tool)
-        if expected_s and not dist.own:  # the tool's own history beats the caller's guess
-            dist = Distribution([], "none")
+        if expected_s is not None and (told or (expected_s and not dist.own)):
+            dist = Distribution([], "none")  # the tool's own history beats a guess, not the client's word
         if not len(dist):
-            mu = expected_s if expected_s else DEFAULT_TOOL_MEAN_S
+            mu = max(MIN_TOOL_MEAN_S, expected_s or 0.0) if told or expected_s else DEFAULT_TOOL_MEAN_S
             return min(self.max_ttl_s, mu * math.log(b / mu)) if b > mu else 0.0
         best_tau, best = 0.0, 0.0
         for tau in dist.values:  # sorted; duplicates are harmless
