@@ -282,8 +282,9 @@ def test_on_the_real_server_the_response_says_what_became_of_each_hint_and_the_p
     assert _ttl_sum(server.base_url) - before == pytest.approx(7.5)
     metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
     assert 'agentserve_hints_total{hint="agent_hint.cache_control.ttl",outcome="applied"}' in metrics
-    stats = httpx.get(server.base_url + "/v1/agentserve/stats", timeout=30).json()["hints"]
-    assert stats["nvext.agent_hints.speculative_prefill"]["ignored"] >= 1
+    stats = httpx.get(server.base_url + "/v1/agentserve/stats", timeout=30).json()
+    assert stats["hints"]["nvext.agent_hints.speculative_prefill"]["ignored"] >= 1
+    assert stats["engine"]["counters"]["priority_hints"] >= 1  # the level reached the engine's book
 
 
 def test_the_sdk_sends_a_turns_hints_in_its_object_and_refuses_unknown_ones():
@@ -311,3 +312,34 @@ def test_an_sdk_turns_ttl_hint_is_its_pins_ttl_on_the_real_server(server):
     finally:
         client.close()
     assert _ttl_sum(server.base_url) - before == pytest.approx(3.25)
+
+
+@pytest.mark.parametrize("hinted, expected", [(True, ["A", "C", "B"]), (False, ["A", "B", "C"])])
+def test_a_priority_hint_lets_a_later_request_go_first_in_vllms_scheduler(both_schedulers, hinted, expected):
+    """vLLM's real scheduler with the plugin, one seat: A runs; B arrives, then C with a priority level.
+    C is served before B, which arrived first (program order serves B first without the hint)."""
+    import time
+
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    from agentserve.engine import offline
+    from agentserve.engine.settings import EngineSettings
+
+    settings = EngineSettings(model="tiny", kv_tokens=4096, max_model_len=2048, max_num_seqs=1,
+                              scheduling_policy="priority", scheduler_cls="agentserve.engine.scheduler.ProgramScheduler",
+                              additional_config={"agentserve": {"max_wait_s": 60.0}})
+    scheduler, hasher = offline.build_scheduler(settings)
+
+    def request(rid: str, base: int, xargs: dict) -> Request:
+        params = SamplingParams(max_tokens=4, ignore_eos=True, extra_args=xargs or None)
+        return Request(rid, [(base + i) % 3900 + 10 for i in range(64)], params, None, arrival_time=time.time(),
+                       block_hasher=hasher)
+
+    scheduler.add_request(request("A", 0, {}))
+    finished = offline.step(scheduler, lambda: 7)[1]  # A takes the one seat
+    scheduler.add_request(request("B", 1000, {}))
+    scheduler.add_request(request("C", 2000, {XARG_PRIORITY: 5} if hinted else {}))
+    while scheduler.has_requests():
+        finished += offline.step(scheduler, lambda: 7)[1]
+    assert finished == expected
