@@ -143,6 +143,23 @@ def test_admission_holds_a_new_program_while_admitted_contexts_fill_the_budget()
     assert [e["kind"] for e in b.stats()["events"]].count("admission_hold") == 2
 
 
+def test_admission_neither_holds_nor_counts_an_inferred_program():
+    """Nobody ends an inferred program: a finished conversation would stay admitted until it falls
+    silent and hold newer programs out (the BFCL TTFT tail, docs/benchmarks.md)."""
+    from agentserve.programs.fields import XARG_INFERRED, XARG_PROGRAM
+
+    clock = Clock()
+    b = book(clock, admission=AdmissionOptions(mode="on", share=0.5, max_hold_s=10.0))
+    b.arrive_request("c0", {XARG_PROGRAM: "conv-1", XARG_INFERRED: True}, 1000)
+    assert b.may_start("c0", 1000, clock.now) and "conv-1" not in b.admission
+    b.arrive("a0", "A", 1000)
+    assert b.may_start("a0", 1000, clock.now)  # the gate is empty: the conversation took no room
+    b.arrive_request("c1", {XARG_PROGRAM: "conv-2", XARG_INFERRED: True}, 1000)
+    assert b.may_start("c1", 1000, clock.now)  # the gate is full (A), but it does not hold conversations
+    b.arrive("b0", "B", 1000)
+    assert not b.may_start("b0", 1000, clock.now)  # a named program still waits for room
+
+
 def test_ranks_of_idle_programs_are_forgotten_past_the_cap(monkeypatch):
     import agentserve.programs.book as module
 

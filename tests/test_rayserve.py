@@ -132,6 +132,12 @@ def test_program_routes_and_wire_contract_through_the_ingress(ray_app):
                                                           "messages": [{"role": "user", "content": "plain"}]})
     assert status == 200 and headers["x-agentserve-replica"]  # requests without a program: served as usual
     assert get("/health") == {}  # every replica started
+    # request hints are judged at the ingress as on the embedded server (programs/hints.py)
+    status, headers, body = post("/v1/chat/completions", {
+        "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hinted"}],
+        "agent_hint": {"session_id": "hinted-1", "cache_control": {"type": "ephemeral", "ttl": 600}}})
+    assert status == 200 and headers["x-agentserve-hints"] == f"agent_hint.cache_control.ttl=clipped:{OPTIONS.max_ttl_s:g}"
+    assert post("/v1/programs/hinted-1/end", None)[0] == 200
 
 
 def test_a_session_header_names_a_program_that_stays_on_its_replica_and_ends_by_header(ray_app):

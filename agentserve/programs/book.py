@@ -15,7 +15,8 @@ rules:
   overdue first come first served); the book notices requests crossing it (`age`).
 - admission (`AdmissionGate`, working-set admission; on while the engine is contended by default): a
   request of a program outside the admitted set may be held, and admitted programs in a tool call may
-  be paused (their pin goes, and the core evicts their blocks first: `take_paused`).
+  be paused (their pin goes, and the core evicts their blocks first: `take_paused`). Programs inferred
+  from conversations are not gated: nobody says when they end.
 - pins (`PinTable`): whether a finished turn pins, which pin goes under pressure and who may take
   it (pin mode), expiry, and the release when the next turn is admitted.
 - the end: nothing of an ended program stays. A request still in the engine when its program ends, or
@@ -42,8 +43,8 @@ from typing import Any
 from agentserve.options import SchedulerConfig
 from agentserve.programs.admission import AdmissionGate
 from agentserve.programs.contention import Contention
-from agentserve.programs.fields import (XARG_IS_LAST, XARG_LIFE, XARG_NEXT_USE, XARG_PARENT, XARG_PRIORITY, XARG_PROGRAM,
-                                       XARG_TTL, XARG_WORKFLOW)
+from agentserve.programs.fields import (XARG_INFERRED, XARG_IS_LAST, XARG_LIFE, XARG_NEXT_USE, XARG_PARENT,
+                                       XARG_PRIORITY, XARG_PROGRAM, XARG_TTL, XARG_WORKFLOW)
 from agentserve.programs.ids import tenant_of
 from agentserve.programs.next_use import NEVER, NextUse
 from agentserve.ttl.pins import Pin, PinTable, Release
@@ -105,7 +106,7 @@ class ProgramBook:
         """`arrive`, with the program fields read from a request's xargs (what the front end attached)."""
         x = xargs or {}
         priority = self.arrive(request_id, x.get(XARG_PROGRAM), prompt_tokens, x.get(XARG_WORKFLOW),
-                               x.get(XARG_PARENT), x.get(XARG_LIFE))
+                               x.get(XARG_PARENT), x.get(XARG_LIFE), gated=not x.get(XARG_INFERRED))
         level = x.get(XARG_PRIORITY)
         if level:  # a priority hint (programs/hints.py): its level goes before any rank
             self.counters["priority_hints"] += 1
@@ -113,10 +114,12 @@ class ProgramBook:
         return priority
 
     def arrive(self, request_id: str, program: str | None, prompt_tokens: int, workflow: str | None = None,
-               parent: str | None = None, life: int | None = None) -> int:
+               parent: str | None = None, life: int | None = None, gated: bool = True) -> int:
         """A request entered the engine; returns its priority (its program's, or workflow's, arrival
         rank; with "las" its workflow's attained service). `parent`: the sub-agent's parent program;
-        `life`: the program's life the request belongs to (None: not known)."""
+        `life`: the program's life the request belongs to (None: not known); `gated`: admission may
+        hold its program (not an inferred program's: nobody says when it ends, and a finished
+        conversation admitted until it falls silent would hold newer programs out)."""
         if program is not None and life is not None:
             if life <= self._ended.get(program, -1):  # the program ended before its request got here
                 self._orphan(request_id, program)
@@ -139,11 +142,11 @@ class ProgramBook:
             self._ranks[key] = next(self._rank_seq)
             if len(self._ranks) > MAX_PROGRAM_RANKS:
                 self._forget_idle_programs()
-            if self.admission is not None:
+            if self.admission is not None and gated:
                 self._newcomers[request_id] = program
         else:
             self._returning.add(request_id)
-            if self.admission is not None:
+            if self.admission is not None and gated:
                 if program in self.admission:
                     self.admission.started(program, prompt_tokens, self.clock())
                 elif key != program and program not in self.admission.paused:
