@@ -43,9 +43,9 @@ from agentserve.server.tenants import TenantGate
 
 MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is refused (413)
 _PROGRAMS_PREFIX = "/v1/programs/"
-PROGRAM_HEADER = b"x-agentserve-program"
+PROGRAM_HEADER = b"x-agentserve-program"  # names the program inferred for a request, in its response
 # Conventions whose parent id is passive identity (a trace's): a parent this server cannot take is dropped
-ADVISORY_PARENTS = ("agent_hint.session_id", "nvext.agent_context")  # names the program inferred for a request, in its response
+ADVISORY_PARENTS = ("agent_hint.session_id", "nvext.agent_context")
 # Body fields a tenant may not send: they name state that is not scoped by tenant (vLLM's stored
 # responses, a KV connector's transfer handles).
 _UNSCOPED_FIELDS = {
@@ -158,9 +158,9 @@ def _mentions_program(body: bytes) -> bool:
 
 
 def _mentions_hints(body: bytes, rules: hints.HintRules) -> bool:
-    """Cheap test: a hint convention's object, or vLLM's own priority where the plugin orders by it."""
-    return (b"nvext" in body or b"agent_hint" in body or b"kv_hints" in body
-            or (rules.orders_by_priority and b'"priority"' in body))
+    """Cheap test: a hint convention's object (`nvext` is `_mentions_program`'s: it names programs too), or
+    vLLM's own priority where the plugin orders by it."""
+    return b"agent_hint" in body or b"kv_hints" in body or (rules.orders_by_priority and b'"priority"' in body)
 
 
 def _session_headers(scope) -> dict[str, str]:
