@@ -143,21 +143,36 @@ def test_admission_holds_a_new_program_while_admitted_contexts_fill_the_budget()
     assert [e["kind"] for e in b.stats()["events"]].count("admission_hold") == 2
 
 
-def test_admission_neither_holds_nor_counts_an_inferred_program():
-    """Nobody ends an inferred program: a finished conversation would stay admitted until it falls
-    silent and hold newer programs out (the BFCL TTFT tail, docs/benchmarks.md)."""
-    from agentserve.programs.fields import XARG_INFERRED, XARG_PROGRAM
+def test_admission_stops_counting_an_inferred_conversation_silent_past_its_expected_next_turn():
+    """Nobody ends an inferred program: counted until the control plane ends it, a finished
+    conversation would hold newer programs out (the BFCL TTFT tail, docs/benchmarks.md). A named
+    program idle as long still counts: its client says when it ends."""
+    from agentserve.programs.book import INFERRED_QUIET_FACTOR
+    from agentserve.programs.fields import XARG_INFERRED, XARG_NEXT_USE, XARG_PROGRAM
 
     clock = Clock()
     b = book(clock, admission=AdmissionOptions(mode="on", share=0.5, max_hold_s=10.0))
     b.arrive_request("c0", {XARG_PROGRAM: "conv-1", XARG_INFERRED: True}, 1000)
-    assert b.may_start("c0", 1000, clock.now) and "conv-1" not in b.admission
-    b.arrive("a0", "A", 1000)
-    assert b.may_start("a0", 1000, clock.now)  # the gate is empty: the conversation took no room
-    b.arrive_request("c1", {XARG_PROGRAM: "conv-2", XARG_INFERRED: True}, 1000)
-    assert b.may_start("c1", 1000, clock.now)  # the gate is full (A), but it does not hold conversations
+    assert b.may_start("c0", 1000, clock.now) and "conv-1" in b.admission  # gated like any program
+    b.started("c0", "conv-1", 0, 1000, clock.now)
+    b.leave_request("c0", {XARG_PROGRAM: "conv-1", XARG_INFERRED: True, XARG_NEXT_USE: 2.0}, 1100, aborted=False)
     b.arrive("b0", "B", 1000)
-    assert not b.may_start("b0", 1000, clock.now)  # a named program still waits for room
+    clock.now += INFERRED_QUIET_FACTOR * 2.0 - 0.1
+    assert not b.may_start("b0", 1000, clock.now - 0.1)  # within its expected gap: it keeps its room
+    clock.now += 0.2
+    assert b.may_start("b0", 1000, clock.now - 0.3) and "conv-1" not in b.admission  # silent past it
+    # its late next turn asks again, like a new program (held: B fills the budget now)
+    b.arrive_request("c1", {XARG_PROGRAM: "conv-1", XARG_INFERRED: True}, 1200)
+    assert not b.may_start("c1", 1200, clock.now)
+
+    named = book(clock, admission=AdmissionOptions(mode="on", share=0.5, max_hold_s=10.0))
+    named.arrive("a0", "A", 1000)
+    assert named.may_start("a0", 1000, clock.now)
+    named.started("a0", "A", 0, 1000, clock.now)
+    named.leave_request("a0", {XARG_PROGRAM: "A", XARG_NEXT_USE: 2.0}, 1100, aborted=False)
+    named.arrive("b0", "B", 1000)
+    clock.now += INFERRED_QUIET_FACTOR * 2.0 + 0.1
+    assert not named.may_start("b0", 1000, clock.now) and "A" in named.admission
 
 
 def test_ranks_of_idle_programs_are_forgotten_past_the_cap(monkeypatch):

@@ -30,7 +30,8 @@ contended, and admits everything otherwise, so an engine with room never pays fo
 begins, the earliest ranks that fit are members and the rest guests. Without it, the
 gate always acts (the opt-in). With `pause` off, it is the older gate: only new programs are held,
 admitted ones run until they end. Programs leave at their end, or when idle for `idle_s` with no
-request in the engine (clients that never end programs). Time is the caller's (`now`).
+request in the engine (clients that never end programs), or sooner for a program whose end nobody
+will say (one inferred from its conversation: `finished(quiet_s=)`). Time is the caller's (`now`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Admitted:
     last_active: float
     live: int = 0  # its requests in the engine now
     guest: bool = False  # admitted past the hold bound while the set was full: paused first
+    quiet_s: float | None = None  # idle this long, it no longer counts (None: the gate's `idle_s`)
 
 
 class AdmissionGate:
@@ -194,10 +196,13 @@ class AdmissionGate:
             p.tokens, p.last_active, p.live = max(p.tokens, tokens), now, p.live + 1
             self._load_now = None
 
-    def finished(self, program: str, tokens: int, now: float) -> None:
-        """A request of an admitted program left the engine; its context is now `tokens`."""
+    def finished(self, program: str, tokens: int, now: float, quiet_s: float | None = None) -> None:
+        """A request of an admitted program left the engine; its context is now `tokens`. `quiet_s`:
+        idle this long, the program has most likely ended (a conversation nobody will say has ended,
+        silent past its expected next turn): it stops counting then; back later, it asks again."""
         if (p := self.programs.get(program)) is not None:
             p.tokens, p.last_active, p.live = max(p.tokens, tokens), now, max(0, p.live - 1)
+            p.quiet_s = quiet_s
             self._load_now = None
 
     def end(self, program: str) -> None:
@@ -214,7 +219,8 @@ class AdmissionGate:
         self.waiting.pop(program, None)
 
     def expire_idle(self, now: float) -> None:
-        idle = [name for name, p in self.programs.items() if p.live == 0 and now - p.last_active >= self.idle_s]
+        idle = [name for name, p in self.programs.items()
+                if p.live == 0 and now - p.last_active >= min(self.idle_s, p.quiet_s or self.idle_s)]
         for name in idle:
             del self.programs[name]
             self._load_now = None

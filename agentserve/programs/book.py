@@ -15,8 +15,9 @@ rules:
   overdue first come first served); the book notices requests crossing it (`age`).
 - admission (`AdmissionGate`, working-set admission; on while the engine is contended by default): a
   request of a program outside the admitted set may be held, and admitted programs in a tool call may
-  be paused (their pin goes, and the core evicts their blocks first: `take_paused`). Programs inferred
-  from conversations are not gated: nobody says when they end.
+  be paused (their pin goes, and the core evicts their blocks first: `take_paused`). A program inferred
+  from its conversation stops counting once silent past twice its expected next turn: nobody says
+  when it ends, and a finished conversation counted until it ends would hold newer programs out.
 - pins (`PinTable`): whether a finished turn pins, which pin goes under pressure and who may take
   it (pin mode), expiry, and the release when the next turn is admitted.
 - the end: nothing of an ended program stays. A request still in the engine when its program ends, or
@@ -57,6 +58,8 @@ MAX_PROGRAM_RANKS = 65536
 # A priority hint's level outweighs any rank or attained service (both stay far below this).
 PRIORITY_SPAN = 1 << 48
 WORKFLOW_SIZE_WINDOW = 64  # ended workflows whose mean size a new workflow's admission expects
+# An inferred conversation silent past this many times its expected gap has most likely ended.
+INFERRED_QUIET_FACTOR = 2.0
 
 
 class ProgramBook:
@@ -106,7 +109,7 @@ class ProgramBook:
         """`arrive`, with the program fields read from a request's xargs (what the front end attached)."""
         x = xargs or {}
         priority = self.arrive(request_id, x.get(XARG_PROGRAM), prompt_tokens, x.get(XARG_WORKFLOW),
-                               x.get(XARG_PARENT), x.get(XARG_LIFE), gated=not x.get(XARG_INFERRED))
+                               x.get(XARG_PARENT), x.get(XARG_LIFE))
         level = x.get(XARG_PRIORITY)
         if level:  # a priority hint (programs/hints.py): its level goes before any rank
             self.counters["priority_hints"] += 1
@@ -114,12 +117,10 @@ class ProgramBook:
         return priority
 
     def arrive(self, request_id: str, program: str | None, prompt_tokens: int, workflow: str | None = None,
-               parent: str | None = None, life: int | None = None, gated: bool = True) -> int:
+               parent: str | None = None, life: int | None = None) -> int:
         """A request entered the engine; returns its priority (its program's, or workflow's, arrival
         rank; with "las" its workflow's attained service). `parent`: the sub-agent's parent program;
-        `life`: the program's life the request belongs to (None: not known); `gated`: admission may
-        hold its program (not an inferred program's: nobody says when it ends, and a finished
-        conversation admitted until it falls silent would hold newer programs out)."""
+        `life`: the program's life the request belongs to (None: not known)."""
         if program is not None and life is not None:
             if life <= self._ended.get(program, -1):  # the program ended before its request got here
                 self._orphan(request_id, program)
@@ -142,11 +143,11 @@ class ProgramBook:
             self._ranks[key] = next(self._rank_seq)
             if len(self._ranks) > MAX_PROGRAM_RANKS:
                 self._forget_idle_programs()
-            if self.admission is not None and gated:
+            if self.admission is not None:
                 self._newcomers[request_id] = program
         else:
             self._returning.add(request_id)
-            if self.admission is not None and gated:
+            if self.admission is not None:
                 if program in self.admission:
                     self.admission.started(program, prompt_tokens, self.clock())
                 elif key != program and program not in self.admission.paused:
@@ -207,14 +208,16 @@ class ProgramBook:
         return self.leave(request_id, x.get(XARG_PROGRAM), context_tokens, aborted=aborted,
                           is_last=bool(x.get(XARG_IS_LAST)), ttl_s=float(x.get(XARG_TTL, 0.0) or 0.0),
                           next_use_s=float(next_use) if next_use is not None else None,
-                          computed_tokens=computed_tokens)
+                          computed_tokens=computed_tokens, inferred=bool(x.get(XARG_INFERRED)))
 
     def leave(self, request_id: str, program: str | None, context_tokens: int, *, aborted: bool,
               is_last: bool, ttl_s: float, next_use_s: float | None = None,
-              computed_tokens: int = 0) -> tuple[list[Release], float]:
+              computed_tokens: int = 0, inferred: bool = False) -> tuple[list[Release], float]:
         """A request left the engine after `computed_tokens` of work (prompt not served from cache, and
         output); its program's next turn is predicted `next_use_s` from now (the tool's predicted
-        duration). Returns (pins to release, TTL to pin its blocks for: 0 = none)."""
+        duration; `inferred`: the program was inferred from its conversation, so admission stops
+        counting it once silent past INFERRED_QUIET_FACTOR times that). Returns (pins to release, TTL
+        to pin its blocks for: 0 = none)."""
         for ids in (self._returning, self._aged, self._held):
             ids.discard(request_id)
         if (held := self._newcomers.pop(request_id, None)) is not None and held not in self._newcomers.values():
@@ -229,7 +232,8 @@ class ProgramBook:
             self._service[key] += max(0, computed_tokens)
         if self.admission is not None:
             self._context[program] = context_tokens
-            self.admission.finished(program, context_tokens, self.clock())
+            quiet_s = INFERRED_QUIET_FACTOR * next_use_s if inferred and next_use_s is not None else None
+            self.admission.finished(program, context_tokens, self.clock(), quiet_s)
             self.admission.rebalance(self.clock())
             self._pause(self.admission.take_paused())
         requests = self._live.get(program, set())
