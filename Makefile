@@ -27,7 +27,7 @@ RAY_BENCH_ARGS ?= --model tiny --kv-tokens 8192 --programs 16 --rate 1.0 --token
 	--seed 0 --no-progress --policies agentserve+replicas=2+router=affinity,agentserve+replicas=2+router=prefix,agentserve+replicas=2+router=pow2
 
 comma := ,
-.PHONY: install run bench ablation bench-kv bench-ray swe-trace test test-fast models clean
+.PHONY: install run bench ablation bench-kv bench-ray swe-trace soak test test-fast models clean
 
 install: $(STAMP)
 
@@ -116,6 +116,13 @@ bench-ray: install swe-trace
 # The whole suite, engine and server integration tests included.
 test: install
 	$(PY) -m pytest -q
+
+# The soak (workloads/soak.py): random agent traffic against one server with the host tier for MINUTES,
+# checking live programs, pins, host chunks, open streams and each process's RSS every minute; fails on a
+# 5xx or a leak. A 2-minute version runs in `make test` (tests/test_soak.py).
+MINUTES ?= 30
+soak: install
+	$(PY) -m workloads.soak --minutes $(MINUTES) --out soak-out
 
 # Unit tests only (no engine): seconds.
 test-fast: install

@@ -222,6 +222,10 @@ class HostTierOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     copy_throttle: Annotated[float, Meta(ge=1), _help(
         "make every host-tier copy this many times slower (a slower host link, e.g. a GPU's PCIe "
         "relative to its prefill; 1 = as fast as this machine copies)")] = 1.0
+    verify: Annotated[bool, _help(
+        "check every block loaded back from the host tier against the bytes stored for it (a digest per "
+        "block at store and at load; vLLM-CPU's copy worker; costs a hash per copied block): counted in "
+        "the stats route's host_tier.verify")] = False
 
 
 # ---- tenants --------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ def test_new_program_goes_to_most_free_kv_then_stays():
     a = ProgramAffinity()
     a.report([load("r1", 20), load("r2", 80)])
     first = a.place("p", ["r1", "r2"])
-    assert first.ranked == ["r2", "r1"] and first.moved_from is None
+    assert first.ranked == ["r2", "r1"] and first.moved_from is None and first.decision == "new"
     a.report([load("r1", 90), load("r2", 10)])  # r1 is emptier now, but p's KV is on r2
-    assert a.place("p", ["r1", "r2"]).ranked == ["r2", "r1"]
+    again = a.place("p", ["r1", "r2"])
+    assert again.ranked == ["r2", "r1"] and again.decision == "home"
     assert a.place("q", ["r1", "r2"]).ranked[0] == "r1"  # a new program follows load
 
 
@@ -43,8 +44,9 @@ def test_program_moves_when_its_replica_is_gone():
     assert a.place("p", ["r1", "r2"]).ranked[0] == "r1"
     assert a.replica_gone("r1") == ["p"]
     moved = a.place("p", ["r2"])
-    assert moved.ranked == ["r2"] and moved.moved_from == "r1"
-    assert a.place("p", ["r2"]).moved_from is None  # settled on r2
+    assert moved.ranked == ["r2"] and moved.moved_from == "r1" and moved.decision == "moved"
+    settled = a.place("p", ["r2"])
+    assert settled.moved_from is None and settled.decision == "home"  # settled on r2
 
 
 def test_program_whose_home_is_not_a_candidate_moves():
@@ -57,7 +59,8 @@ def test_program_whose_home_is_not_a_candidate_moves():
 def test_requests_without_program_and_no_replicas():
     a = ProgramAffinity()
     a.report([load("r1", 10), load("r2", 70)])
-    assert a.place(None, ["r1", "r2"]).ranked[0] == "r2" and not a.home
+    unnamed = a.place(None, ["r1", "r2"])
+    assert unnamed.ranked[0] == "r2" and unnamed.decision == "unnamed" and not a.home
     assert a.place("p", []).ranked == []
 
 

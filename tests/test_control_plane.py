@@ -10,6 +10,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from agentserve.programs.fields import XARG_TTL, ProgramFields
 from agentserve.rayserve import control_plane as cp_module
@@ -67,9 +68,14 @@ def test_a_program_served_elsewhere_releases_its_old_pin():
         cp.sync(r, stats())
     cp.begin_call("r1", fields("p"), 100, 10)
     cp.end_call("p", 110)
+    fallbacks = REGISTRY.get_sample_value("agentserve_routing_decisions_total", {"decision": "fallback"}) or 0.0
     cp.begin_call("r2", fields("p"), 120, 10)  # a fallback under backpressure, say
     assert cp.sync("r1", stats()) == [("release", {"program_id": "p", "reason": "moved"})]
     assert cp.affinity.home["p"] == "r2"
+    assert REGISTRY.get_sample_value("agentserve_routing_decisions_total", {"decision": "fallback"}) == fallbacks + 1
+    homes = REGISTRY.get_sample_value("agentserve_routing_decisions_total", {"decision": "home"}) or 0.0
+    assert cp.place("p", ["r1", "r2"])[0] == "r2"
+    assert REGISTRY.get_sample_value("agentserve_routing_decisions_total", {"decision": "home"}) == homes + 1
 
 
 def test_dead_replica_is_forgotten_and_its_programs_move(monkeypatch):

@@ -128,3 +128,51 @@ def test_the_default_policy_keeps_a_context_through_churn():
         first, second = program_after_churn(srv, "default-1", churn_tokens=6144, seed=6)
     full = first["usage"]["prompt_tokens"] // BLOCK * BLOCK
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0.9 * full
+
+
+TOOLS = [{"type": "function", "function": {"name": "bash", "description": "run a shell command",
+                                           "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}},
+                                                          "required": ["cmd"]}}}]
+
+
+def exact_program(srv, i: int) -> tuple[int, int]:
+    """A 3-turn tool-calling program; returns (turns, turns whose served prompt differs from the one sent:
+    the engine's prompt token ids against vLLM's own rendering of the messages and tools sent)."""
+    messages = [{"role": "system", "content": words(1000 + i % 4, 200)},  # shared by a quarter of the programs
+                {"role": "user", "content": words(2000 + i, 250)}]
+    differing = 0
+    for turn in range(3):
+        body = {"model": "tiny", "messages": messages, "tools": TOOLS, "tool_choice": "none", "max_tokens": 8, "temperature": 0,
+                "return_token_ids": True, "agentserve": {"program_id": f"exact-{i}", "tool": "bash",
+                                                         "is_last_turn": turn == 2}}
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        sent = httpx.post(srv.base_url + "/tokenize", json={"model": "tiny", "messages": messages, "tools": TOOLS,
+                                                            "add_generation_prompt": True}, timeout=60)
+        assert sent.status_code == 200, sent.text
+        differing += r.json()["prompt_token_ids"] != sent.json()["tokens"]
+        call = {"id": f"call-{i}-{turn}", "type": "function",
+                "function": {"name": "bash", "arguments": '{"cmd": "ls %d"}' % turn}}
+        messages = messages + [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"] or "",
+                                "tool_calls": [call]},
+                               {"role": "tool", "tool_call_id": call["id"], "content": words(3000 + 10 * i + turn, 120)}]
+    httpx.post(f"{srv.base_url}/v1/programs/exact-{i}/end", timeout=60)
+    return 3, differing
+
+
+def test_under_churn_every_block_loaded_back_is_the_block_stored_and_every_prompt_the_one_sent():
+    """64 tool-calling programs, 8 at a time, on 2,048 tokens of device KV and a tier of twice that
+    (`--host-verify`): every block loaded back from host memory is checked against the bytes stored
+    for it (block contents, not greedy tokens: CPU fp32 batches are not batch-invariant), and every
+    prompt served against the messages and tools sent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ServerProcess(DEVICE + ["--host-kv-tokens", "4096", "--host-verify"]) as srv:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: exact_program(srv, i), range(64)))
+        tier = host_tier(srv)
+    checks = tier["verify"]
+    assert sum(turns for turns, _ in results) == 192 and sum(d for _, d in results) == 0, results
+    assert checks["blocks_checked"] > 0, checks  # blocks did come back from the tier
+    assert not {k: v for k, v in checks.items() if k not in ("blocks_stored", "blocks_checked")}, checks
+    assert tier["in_use"] == 0, tier

@@ -59,16 +59,17 @@ def test_health_and_metrics(server):
 
 
 def test_metrics_are_documented(server):
-    """docs/metrics.md lists every metric family the server exports."""
+    """docs/metrics.md lists every metric family the server exports, and the Grafana dashboard
+    queries only metrics it exports."""
     import re
-    from pathlib import Path
+
+    from tests.test_dashboard import documented, queried
 
     text = httpx.get(server.base_url + "/metrics").text
     families = {n for n in re.findall(r"^# HELP (\S+) ", text, re.M) if not n.endswith("_created")}
-    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
-    documented = set(re.findall(r"^\| `([^`]+)` \|", doc, re.M))
     assert any(n.startswith("agentserve_") for n in families) and any(n.startswith("vllm:") for n in families)
-    assert not families - documented, f"exported but not in docs/metrics.md: {sorted(families - documented)}"
+    assert not families - documented(), f"exported but not in docs/metrics.md: {sorted(families - documented())}"
+    assert not queried() - families, f"on the dashboard but not exported: {sorted(queried() - families)}"
 
 
 def test_unknown_model_is_404_naming_the_model(openai_client):

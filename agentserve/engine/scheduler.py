@@ -40,6 +40,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from agentserve.engine import utilities
+from agentserve.engine.orphan import exit_with_parent
 from agentserve.engine.program_queue import ProgramQueue
 from agentserve.programs.queue_order import ProgramFCFS
 from agentserve.options import SchedulerConfig
@@ -124,6 +125,7 @@ class ProgramScheduler(AsyncVariant, Scheduler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        exit_with_parent()  # a killed front end (a Ray replica at shutdown) must not leave this engine core running
         config = msgspec.convert((self.vllm_config.additional_config or {}).get("agentserve", {}), SchedulerConfig)
         self.block_pool = self.kv_cache_manager.block_pool
         book = ProgramBook(config, total_blocks=self.block_pool.num_gpu_blocks - 1,  # minus the null block

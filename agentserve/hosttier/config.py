@@ -27,7 +27,7 @@ def offloading_config(o: HostTierOptions, *, block_size: int, kv_bytes_per_token
     name, module = POLICIES[o.policy if programs else "lru"]
     extra = {"spec_name": SPEC[0], "spec_module_path": SPEC[1], "eviction_policy": name,
              "cpu_bytes_to_use": host_bytes(o.kv_tokens, block_size, kv_bytes_per_token),
-             "copy_throttle": o.copy_throttle}
+             "copy_throttle": o.copy_throttle, "verify": o.verify}
     if module is not None:
         extra["cache_policy_module_path"] = module
     return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}

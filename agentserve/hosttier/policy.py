@@ -26,6 +26,7 @@ from vllm.v1.kv_offload.base import OffloadKey, ReqContext
 from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
 from vllm.v1.kv_offload.cpu.policies.lru import LRUCachePolicy
 
+from agentserve.hosttier import worker
 from agentserve.hosttier.owners import ChunkOwners
 from agentserve.programs.next_use import NextUse
 
@@ -122,4 +123,6 @@ def tier_stats(connector) -> dict | None:
              "in_use": sum(1 for chunk in chunks.values() if chunk.ref_cnt != 0)}
     if isinstance(policy, NextUseCachePolicy):
         stats["evicted"] = dict(policy.evicted_by_reason)
+    if (checks := worker.verification()) is not None:  # --host-verify (the copy worker runs in this process)
+        stats["verify"] = checks
     return stats

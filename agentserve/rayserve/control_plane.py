@@ -34,6 +34,7 @@ from agentserve.programs.tracker import ProgramError, ProgramTracker
 from agentserve.routing.affinity import ProgramAffinity, ReplicaLoad
 from agentserve.observability.events import program_events
 from agentserve.options import ProgramOptions
+from agentserve.server import metrics
 from agentserve.server.tenants import TenantGate, ttl_caps, under_limit
 from agentserve.policies import POLICIES, make_ttl
 from agentserve.ttl.policy import OnlineBenefit
@@ -152,12 +153,15 @@ class ClusterControlPlane:
     # ---- router -------------------------------------------------------------------------------
     def place(self, program_id: str | None, candidates: list[str]) -> list[str]:
         placement = self.affinity.place(program_id, candidates)
+        metrics.ROUTING.labels(placement.decision).inc()
         return placement.ranked
 
     # ---- LLM calls (from the replica serving them) ---------------------------------------------
     def begin_call(self, replica_id: str, fields: bytes, prompt_tokens: int, max_tokens: int) -> dict:
         decoded = msgspec.json.decode(fields, type=ProgramFields)
         previous = self.affinity.served(decoded.program_id, replica_id)
+        if previous is not None:
+            metrics.ROUTING.labels("fallback").inc()
         if previous is not None and previous in self.replicas:  # served elsewhere: the old pin is useless
             self._queue(previous, "release", {"program_id": decoded.program_id, "reason": "moved"})
         return self.control.begin_call(decoded, prompt_tokens, max_tokens)

@@ -42,6 +42,9 @@ class ReplicaLoad(msgspec.Struct, frozen=True):
 class Placement(msgspec.Struct, frozen=True):
     ranked: list[str]  # replica ids, best first; later ones are fallbacks under backpressure
     moved_from: str | None = None  # the program's previous replica, gone: its pins died with it
+    # why the first replica: home (the program's KV is there), new (a new program, by load), moved (its
+    # replica is gone: by load), unnamed (a request of no program, by load), none (no replica can take it)
+    decision: str = "none"
 
 
 class ProgramAffinity:
@@ -91,14 +94,14 @@ class ProgramAffinity:
         by_load = sorted(alive, key=self._score, reverse=True)
         if program_id is None:
             self._count(by_load[0])
-            return Placement(by_load)
+            return Placement(by_load, decision="unnamed")
         home = self.home.get(program_id)
         if home in alive:
             self.home.move_to_end(program_id)
-            return Placement([home] + [r for r in by_load if r != home])
+            return Placement([home] + [r for r in by_load if r != home], decision="home")
         self.served(program_id, by_load[0])
         self._count(by_load[0])
-        return Placement(by_load, moved_from=home)
+        return Placement(by_load, moved_from=home, decision="new" if home is None else "moved")
 
     def _count(self, replica_id: str) -> None:
         self.placed_since_report[replica_id] = self.placed_since_report.get(replica_id, 0) + 1

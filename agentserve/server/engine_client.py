@@ -16,6 +16,7 @@ import msgspec
 from agentserve.programs.control import TRACEPARENT, Control
 from agentserve.programs.tracker import ProgramError
 from agentserve.programs.fields import XARG_LIFE, XARG_TURN, ProgramFields, from_xargs
+from agentserve.server import metrics
 from agentserve.server.streams import track
 
 log = logging.getLogger("agentserve.server")
@@ -66,6 +67,18 @@ class ProgramEngineClient:
         return track(self._stream(prompt, sampling_params, request_id, *args, **kwargs))
 
     async def _stream(self, prompt, sampling_params, request_id, *args, **kwargs):
+        metrics.ENGINE_STREAMS_OPEN.inc()  # a leak check's input (the soak): 0 once every response has ended
+        stream = self._program_stream(prompt, sampling_params, request_id, *args, **kwargs)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            try:
+                await stream.aclose()  # at once, not at garbage collection: its end aborts and unpins
+            finally:
+                metrics.ENGINE_STREAMS_OPEN.dec()
+
+    async def _program_stream(self, prompt, sampling_params, request_id, *args, **kwargs):
         program, life = await self._begin_call(prompt, sampling_params, kwargs)  # None: not a program's call
         out, finished, engine_ids, t0 = None, False, [], time.perf_counter()
         try:

@@ -51,6 +51,14 @@ CONVERSATION_TURNS = Counter("agentserve_conversation_turns", "Chat requests nam
                              "continued, resent (the same turn sent again), forked (a second, different extension of "
                              "one answer), over_limit (an inferred program its tenant had no room for: a one-off)",
                              ["kind"])
+ROUTING = Counter("agentserve_routing_decisions", "Replica choices of the program-affinity router (Ray Serve, "
+                  "router affinity), by decision: home (the program's replica, where its KV is), new (a new program, "
+                  "by load), moved (its replica gone: by load), unnamed (a request of no program, by load), "
+                  "fallback (a program's call served on another replica than its home: Serve's fallback under "
+                  "backpressure, or another router's choice; its home moves there)",
+                  ["decision"])
+ENGINE_STREAMS_OPEN = Gauge("agentserve_engine_streams_open", "LLM requests the front end is generating now "
+                            "(streamed or not): 0 once every response has ended or its client has gone")
 PROGRAMS_LIVE = Gauge("agentserve_programs_live", "Programs being tracked now")
 PROGRAMS_ENDED = Counter("agentserve_programs_ended", "Programs ended, by reason", ["reason"])
 TTL_CHOSEN = Histogram("agentserve_ttl_seconds", "TTL chosen for a turn's pin", buckets=(0,) + _TIME_BUCKETS)
