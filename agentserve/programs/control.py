@@ -98,7 +98,7 @@ class ControlPlane:
                 ttl = min(ttl, cap)
             xargs[XARG_TTL] = float(ttl)
             predicted = self.predictor.predict_mean(tool)
-            if expected is not None and (told or not self.predictor.distribution(tool).own):
+            if self.predictor.trusts(tool, expected, told=told):
                 predicted = expected
             if predicted is not None:  # when the program's KV is next needed (the host tier's eviction order)
                 xargs[XARG_NEXT_USE] = float(predicted)

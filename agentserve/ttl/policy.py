@@ -194,8 +194,8 @@ class CostBenefitTTL(TTLPolicy):
                told: bool = False) -> float:
         b = self.gain(context_tokens)
         dist = self.predictor.distribution(tool)
-        if expected_s is not None and (told or (expected_s and not dist.own)):
-            dist = Distribution([], "none")  # the tool's own history beats a guess, not the client's word
+        if self.predictor.trusts(tool, expected_s, told=told):
+            dist = Distribution([], "none")
         if not len(dist):
             mu = max(MIN_TOOL_MEAN_S, expected_s or 0.0) if told or expected_s else DEFAULT_TOOL_MEAN_S
             return min(self.max_ttl_s, mu * math.log(b / mu)) if b > mu else 0.0

@@ -98,6 +98,12 @@ class ToolDurationPredictor:
     def predict_mean(self, tool: str | None) -> float | None:
         return self.distribution(tool).mean()
 
+    def trusts(self, tool: str | None, expected_s: float | None, *, told: bool) -> bool:
+        """Whether a caller's estimate of this call's tool beats the tool's history: the client's word
+        (`told`: a hint for this very call) always; a guess (a join's sub-agents' expected length) only
+        where the tool has no history of its own."""
+        return expected_s is not None and (told or (bool(expected_s) and not self.distribution(tool).own))
+
     def tools(self) -> list[str]:
         return sorted(set(self._client) | set(self._gap))
 
