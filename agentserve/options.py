@@ -306,8 +306,8 @@ class ProgramOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "--max-wait; running work always may")] = "soft"
     idle_timeout_s: Annotated[float, Meta(gt=0), _help(
         "seconds after which a silent program is abandoned and its pin released")] = 600.0
-    # Off by default: on the standard BFCL load an inferred plain client is slower than the same client
-    # without inference, its finished programs held in the admission gate (docs/benchmarks.md).
+    # Off by default: an inferred plain client now matches a named one on the standard loads, but what
+    # inference costs traffic that is not agentic is measured for the front end only (docs/benchmarks.md).
     infer_programs: Annotated[bool, _help(
         "a chat or Messages request that names no program continues the program of the conversation it "
         "extends (its messages are an earlier request's plus that request's answer); without it such "
