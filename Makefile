@@ -121,8 +121,9 @@ test: install
 # checking live programs, pins, host chunks, open streams and each process's RSS every minute; fails on a
 # 5xx or a leak. A 2-minute version runs in `make test` (tests/test_soak.py).
 MINUTES ?= 30
+SOAK_SERVE_ARGS ?=
 soak: install
-	$(PY) -m workloads.soak --minutes $(MINUTES) --out soak-out
+	$(PY) -m workloads.soak --minutes $(MINUTES) --out soak-out $(if $(SOAK_SERVE_ARGS),-- $(SOAK_SERVE_ARGS))
 
 # Unit tests only (no engine): seconds.
 test-fast: install

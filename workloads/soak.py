@@ -1,7 +1,7 @@
 """A soak: random agent traffic against one served engine with the host KV tier, for minutes, checking
 what must not grow.
 
-    python -m workloads.soak --minutes 30 --out soak-out        (make soak MINUTES=30)
+    python -m workloads.soak --minutes 30 --out soak-out [-- SERVE FLAGS]     (make soak MINUTES=30)
 
 The load mixes every way a client reaches agentserve, a few at a time (`--clients`), each picking its
 next job at random:
@@ -49,6 +49,7 @@ class SoakConfig:
     idle_timeout_s: float = 20.0  # session programs end by idle expiry: short, so the end state settles
     sample_s: float = 60.0
     seed: int = 0
+    serve_args: tuple[str, ...] = ()  # more `agentserve serve` flags, e.g. ("--policy", "fixed") to pin every turn
 
 
 @dataclass
@@ -263,7 +264,7 @@ def soak(config: SoakConfig, out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     args = ["--model", MODEL, "--kv-tokens", str(config.kv_tokens), "--host-kv-tokens", str(config.host_kv_tokens),
-            "--idle-timeout", str(config.idle_timeout_s), "--infer-programs"]
+            "--idle-timeout", str(config.idle_timeout_s), "--infer-programs", *config.serve_args]
     tally, samples = Tally(), []
     with ServerProcess(args, log_path=str(out / "server.log")) as server:
         model_dir, _ = resolve_model(MODEL)
@@ -316,7 +317,7 @@ def plot(samples: list[Sample], path: Path) -> None:
     right = ax.twinx()
     right.plot(t, [s.programs for s in samples], color="tab:green", linestyle="--", label="live programs")
     right.set_ylabel("live programs")
-    fig.legend(loc="lower right")
+    fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.18))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -329,11 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=defaults.clients)
     p.add_argument("--sample", type=float, default=defaults.sample_s, help="seconds between samples")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("serve_args", nargs=argparse.REMAINDER,
+                   help="after --: more `agentserve serve` flags (e.g. -- --policy fixed)")
     p.add_argument("--out", default="soak-out")
     a = p.parse_args(argv)
     if a.minutes <= 0 or a.clients < 1 or a.sample <= 0:
         p.error("--minutes and --sample must be > 0, --clients >= 1")
-    result = soak(SoakConfig(minutes=a.minutes, clients=a.clients, sample_s=a.sample, seed=a.seed), Path(a.out))
+    serve_args = tuple(a.serve_args[1:] if a.serve_args[:1] == ["--"] else a.serve_args)
+    result = soak(SoakConfig(minutes=a.minutes, clients=a.clients, sample_s=a.sample, seed=a.seed,
+                             serve_args=serve_args), Path(a.out))
     print((Path(a.out) / "soak.md").read_text())
     ok = result["server_alive"] and not result["tally"]["server_errors"] and not any(result["leaks"].values())
     return 0 if ok else 1
