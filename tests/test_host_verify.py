@@ -35,7 +35,7 @@ def test_blocks_loaded_back_equal_the_bytes_stored(monkeypatch, tmp_path):
     monkeypatch.setattr(module.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(module, "_reports", None)  # restored after the test
     engine = "test-engine"
-    module.expect_reports(engine)
+    module.expect_reports(module.report_path(engine))
     assert module.verification() == {"blocks_stored": 0, "blocks_checked": 0}  # nothing copied yet
     w, kv = copy_worker(module.report_path(engine))
     original = kv[[0, 1, 2, 3]].clone()

@@ -52,10 +52,10 @@ def report_path(engine_id: str) -> Path:
     return Path(tempfile.gettempdir()) / f"agentserve-host-verify-{engine_id}.json"
 
 
-def expect_reports(engine_id: str) -> None:
-    """Scheduler side: this engine's copy worker verifies (`verification()` reads its counts)."""
+def expect_reports(path: Path) -> None:
+    """Scheduler side: this engine's copy worker verifies and reports to `path` (`verification()` reads it)."""
     global _reports
-    _reports = report_path(engine_id)
+    _reports = path
 
 
 def verification() -> dict[str, int] | None:
